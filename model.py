@@ -1,0 +1,490 @@
+"""HTCL model: the audio and text towers, the heads, and the one contrastive loss.
+
+Implements Sec. 2 and Fig. 1b of "Bridging the Gap Between Semantic and User
+Preference Spaces for Multi-modal Music Representation Learning" (Pan et al.,
+ICMR 2025), reading top to bottom in the order of the figure:
+
+    configs -> conv stem -> Transformer audio encoder -> BERT wrapper
+    -> projection / fusion MLPs -> symmetric InfoNCE (Eq. 2-4) -> HTCL (Eq. 5)
+    -> artifact save / load (the hand-off between the two stages)
+
+Nothing here trains; pretrain.py and finetune.py do. Quick check of the paper
+default (88.5M-parameter audio encoder):
+
+    python model.py
+"""
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field, fields
+
+import torch
+import torch.distributed as dist
+import torch.distributed.nn.functional as dist_nn
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+# -----------------------------------------------------------------------------
+# Configs. Every number is the paper's (Sec. 3.1.3) or, where the paper is
+# silent, the authors' released code's (see ../shared/paper-notes.md).
+
+
+@dataclass
+class AudioConfig:
+    n_mels: int = 128                         # Sec. 3.1.3: 128 mel bins
+    conv_channels: int = 512                  # Sec. 3.1.3: 1-D conv stem, 512 channels
+    conv_kernels: tuple = (5, 3, 3)           # Sec. 3.1.3
+    conv_strides: tuple = (2, 2, 2)           # Sec. 3.1.3: 1251 frames -> 155 tokens
+    hidden: int = 768                         # Sec. 3.1.3: Transformer width
+    layers: int = 12                          # Sec. 3.1.3
+    heads: int = 12                           # Sec. 3.1.3
+    ffn: int = 3072                           # released code (nn.TransformerEncoder, 4x width)
+    dropout: float = 0.1                      # released code
+    pos_conv_kernel: int = 31                 # released code (wav2vec2-style positional conv)
+    pos_conv_groups: int = 16                 # released code
+    gradient_checkpointing: bool = False      # memory knob, not a model change
+
+
+@dataclass
+class HTCLConfig:
+    audio: AudioConfig = field(default_factory=AudioConfig)
+    text_model: str = "bert-base-multilingual-uncased"  # Sec. 3.1.3; hub name or local folder
+    text_pretrained: bool = True              # False: build the text model from its config (random init)
+    text_pooling: str = "auto"                # auto = pooler_output if the model has a pooler (paper), else cls; or cls / mean
+    text_gradient_checkpointing: bool = False
+    proj_dims: tuple = (384, 192, 100)        # released code: 768 -> 384 -> 192 -> 100, ReLU between
+    fusion_dims: tuple = (200, 100, 100)      # released code: concat(100, 100) -> 200 -> 100 -> 100
+    logit_scale_init: float = 2.6             # released code: exp(2.6) ~ 13.5, tau ~ 0.074
+    logit_scale_max: float = math.log(100)    # NOTE(paper): released code does not clamp; CLIP/open_clip clamp to ln 100
+    text_model_config: dict = field(default_factory=dict)  # filled in when saved, so loading needs no hub
+
+    @property
+    def embed_dim(self):
+        return self.proj_dims[-1]
+
+    @classmethod
+    def from_dict(cls, d):
+        d = dict(d)
+        audio = AudioConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.pop("audio", {}).items()})
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown HTCLConfig keys: {sorted(unknown)}")
+        d = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
+        return cls(audio=audio, **d)
+
+
+# -----------------------------------------------------------------------------
+# Audio encoder E_audio (Fig. 1b, left): conv stem -> Transformer -> mean pool.
+
+
+class ConvStem(nn.Module):
+    """Three 1-D convolutions over time (Sec. 3.1.3), each Conv -> LayerNorm -> GELU.
+
+    (B, T, n_mels) -> (B, T', conv_channels), T' = token_lengths(T); 1251 -> 155.
+    No padding, so output token i only sees input frames of the song itself as
+    long as i < token_lengths(song length): that is what makes masking exact.
+    """
+
+    def __init__(self, cfg: AudioConfig):
+        super().__init__()
+        self.kernels, self.strides = cfg.conv_kernels, cfg.conv_strides
+        c_in = cfg.n_mels
+        self.convs, self.norms = nn.ModuleList(), nn.ModuleList()
+        for k, s in zip(cfg.conv_kernels, cfg.conv_strides):
+            self.convs.append(nn.Conv1d(c_in, cfg.conv_channels, k, stride=s, bias=False))  # bias-free: LN follows
+            self.norms.append(nn.LayerNorm(cfg.conv_channels))
+            c_in = cfg.conv_channels
+
+    def token_lengths(self, frame_lengths):
+        """Frames -> tokens through the stem: L' = floor((L - k) / s) + 1 per conv."""
+        n = frame_lengths
+        for k, s in zip(self.kernels, self.strides):
+            n = torch.div(n - k, s, rounding_mode="floor") + 1
+        return n
+
+    def forward(self, mel):
+        x = mel.transpose(1, 2)  # (B, n_mels, T)
+        for conv, norm in zip(self.convs, self.norms):
+            x = conv(x)  # (B, C, T')
+            x = F.gelu(norm(x.transpose(1, 2)).transpose(1, 2))  # LayerNorm over channels
+        return x.transpose(1, 2)  # (B, T', C)
+
+
+class ConvPositionalEmbedding(nn.Module):
+    """wav2vec2-style relative position: a grouped, weight-normed conv whose GELU output is added to x.
+
+    (B, T, D) -> (B, T, D). The kernel is odd, so 'same' padding keeps T.
+    """
+
+    def __init__(self, cfg: AudioConfig):
+        super().__init__()
+        conv = nn.Conv1d(cfg.hidden, cfg.hidden, cfg.pos_conv_kernel,
+                         padding=cfg.pos_conv_kernel // 2, groups=cfg.pos_conv_groups)
+        self.conv = nn.utils.parametrizations.weight_norm(conv, name="weight", dim=2)
+
+    def forward(self, x):
+        return F.gelu(self.conv(x.transpose(1, 2))).transpose(1, 2)  # (B, T, D)
+
+
+class TransformerLayer(nn.Module):
+    """Post-LN Transformer layer with the parameter layout of nn.TransformerEncoderLayer
+    (released code: post-LN, GELU, FFN 3072, dropout 0.1), written out so that the
+    key-padding mask goes straight into F.scaled_dot_product_attention.
+
+    x (B, T, D), attn_mask (B, 1, 1, T) bool, True = attend -> (B, T, D)
+    """
+
+    def __init__(self, cfg: AudioConfig):
+        super().__init__()
+        self.heads, self.dropout = cfg.heads, cfg.dropout
+        self.in_proj = nn.Linear(cfg.hidden, 3 * cfg.hidden)
+        self.out_proj = nn.Linear(cfg.hidden, cfg.hidden)
+        self.linear1 = nn.Linear(cfg.hidden, cfg.ffn)
+        self.linear2 = nn.Linear(cfg.ffn, cfg.hidden)
+        self.norm1 = nn.LayerNorm(cfg.hidden)
+        self.norm2 = nn.LayerNorm(cfg.hidden)
+
+    def attention(self, x, attn_mask):
+        B, T, D = x.shape
+        q, k, v = self.in_proj(x).view(B, T, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)  # 3 x (B, h, T, hd)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
+                                           dropout_p=self.dropout if self.training else 0.0)
+        return self.out_proj(y.transpose(1, 2).reshape(B, T, D))  # (B, T, D)
+
+    def forward(self, x, attn_mask):
+        x = self.norm1(x + F.dropout(self.attention(x, attn_mask), self.dropout, self.training))
+        h = self.linear2(F.dropout(F.gelu(self.linear1(x)), self.dropout, self.training))
+        return self.norm2(x + F.dropout(h, self.dropout, self.training))
+
+
+class AudioEncoder(nn.Module):
+    """E_audio (Fig. 1b, Sec. 3.1.3): log-mel of a whole song -> one 768-d vector.
+
+    mel (B, T, n_mels), padding_mask (B, T) bool with True at padded frames (or None)
+    -> (B, hidden). Paper default: 1251 frames -> 155 tokens + [CLS], 88.5M parameters.
+
+    NOTE(paper): the released code pools over every token, padded ones included,
+    with no attention mask, so a song's embedding depends on how much silence it
+    was padded with. Here padded tokens are masked in attention and in the mean,
+    so a 30 s song gives the same embedding padded to 60 s or to 120 s.
+    """
+
+    def __init__(self, cfg: AudioConfig = None):
+        super().__init__()
+        cfg = cfg or AudioConfig()
+        self.cfg = cfg
+        self.stem = ConvStem(cfg)
+        self.feature_norm = nn.LayerNorm(cfg.conv_channels)
+        self.feature_proj = nn.Linear(cfg.conv_channels, cfg.hidden)
+        self.pos_conv = ConvPositionalEmbedding(cfg)
+        self.pos_norm = nn.LayerNorm(cfg.hidden)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.hidden))
+        nn.init.normal_(self.cls_token, std=0.02)
+        self.layers = nn.ModuleList(TransformerLayer(cfg) for _ in range(cfg.layers))
+
+    def forward(self, mel, padding_mask=None):
+        B, T, _ = mel.shape
+        if padding_mask is None:
+            frame_lengths = torch.full((B,), T, device=mel.device)
+        else:
+            frame_lengths = (~padding_mask).sum(1)
+        # A song shorter than the stem's receptive field (17 frames at the defaults)
+        # still gets one token; data.py pads such songs with silence first.
+        token_lengths = self.stem.token_lengths(frame_lengths).clamp(min=1)
+
+        x = self.stem(mel)  # (B, N, C)
+        N = x.shape[1]
+        valid = torch.arange(N, device=mel.device)[None, :] < token_lengths[:, None]  # (B, N)
+        x = self.feature_proj(self.feature_norm(x))  # (B, N, D)
+        # Zero the padded tokens so the positional conv sees the same zero padding at
+        # a song's end whatever the batch's length is.
+        x = x * valid[..., None]
+        x = x + self.pos_conv(x)
+        x = F.dropout(self.pos_norm(x), self.cfg.dropout, self.training)
+        x = torch.cat([self.cls_token.expand(B, -1, -1).to(x.dtype), x], dim=1)  # (B, 1 + N, D)
+        valid = F.pad(valid, (1, 0), value=True)  # [CLS] is always attended
+        attn_mask = valid[:, None, None, :]  # (B, 1, 1, 1 + N), broadcast over heads and queries
+
+        for layer in self.layers:
+            if self.cfg.gradient_checkpointing and self.training:
+                x = checkpoint(layer, x, attn_mask, use_reentrant=False)
+            else:
+                x = layer(x, attn_mask)
+
+        # Mean over [CLS] and the song's tokens (released code: mean over all tokens).
+        w = valid.to(x.dtype)[..., None]  # (B, 1 + N, 1)
+        return (x * w).sum(1) / w.sum(1)  # (B, D)
+
+
+# -----------------------------------------------------------------------------
+# Text encoder E_text (Fig. 1b, right): any transformers checkpoint.
+
+
+class TextEncoder(nn.Module):
+    """E_text: a pretrained BERT (paper: bert-base-multilingual-uncased) -> one vector.
+
+    tokens: the tokenizer's dict (input_ids (B, L), attention_mask (B, L), ...) -> (B, hidden).
+    Pooling: pooler_output when the model has a pooler (paper), else [CLS]; mean
+    pooling over real tokens on request.
+    """
+
+    def __init__(self, name_or_path, pretrained=True, pooling="auto", model_config=None,
+                 gradient_checkpointing=False):
+        super().__init__()
+        from transformers import AutoConfig, AutoModel
+        if model_config:  # loading an artifact: architecture from the saved config, weights from its safetensors
+            config = AutoConfig.for_model(**model_config)
+            self.model = AutoModel.from_config(config)
+        elif pretrained:
+            self.model = AutoModel.from_pretrained(name_or_path)
+        else:
+            self.model = AutoModel.from_config(AutoConfig.from_pretrained(name_or_path))
+        has_pooler = getattr(self.model, "pooler", None) is not None
+        if pooling == "auto":
+            pooling = "pooler" if has_pooler else "cls"
+        if pooling not in ("pooler", "cls", "mean"):
+            raise ValueError(f"text_pooling must be auto, pooler, cls or mean, got {pooling!r}")
+        if pooling == "pooler" and not has_pooler:
+            raise ValueError(f"text_pooling='pooler' but {name_or_path} has no pooler; use cls or mean")
+        self.pooling = pooling
+        self.hidden = self.model.config.hidden_size
+        if gradient_checkpointing:
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+    def forward(self, tokens):
+        out = self.model(**tokens)
+        if self.pooling == "pooler":
+            return out.pooler_output  # (B, H)
+        h = out.last_hidden_state  # (B, L, H)
+        if self.pooling == "cls":
+            return h[:, 0]
+        m = tokens["attention_mask"].to(h.dtype)[..., None]  # (B, L, 1)
+        return (h * m).sum(1) / m.sum(1).clamp(min=1)
+
+
+# -----------------------------------------------------------------------------
+# Projection and fusion heads (released code).
+
+
+def mlp(dims):
+    """Linear layers through `dims` with ReLU between them (none after the last)."""
+    layers = []
+    for i, (a, b) in enumerate(zip(dims[:-1], dims[1:])):
+        if i:
+            layers.append(nn.ReLU())
+        layers.append(nn.Linear(a, b))
+    return nn.Sequential(*layers)
+
+
+# -----------------------------------------------------------------------------
+# The symmetric InfoNCE (Eq. 2-4), shared by both stages.
+
+
+def gather_with_grad(x):
+    """Concatenate x from every process, keeping the autograd graph.
+
+    (B_local, D) -> (world * B_local, D). The backward pass sums each rank's
+    gradient into its own slot (torch.distributed.nn's all_gather), so with DDP's
+    gradient averaging the result equals the single-process gradient on the global
+    batch (test_smoke.py::test_two_processes_match_one).
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x
+    return torch.cat(dist_nn.all_gather(x), dim=0)
+
+
+def contrastive_loss(x, y, logit_scale, gather=True):
+    """Symmetric InfoNCE, Eq. 2-4: 0.5 * CE(S) + 0.5 * CE(S^T), S = exp(logit_scale) * cos(x, y).
+
+    x, y: (B, D) paired embeddings (row i of x goes with row i of y); logit_scale: scalar.
+    Returns a scalar; ln(B_global) when every embedding is equal (chance level).
+
+    Under several processes each rank scores its own rows against the embeddings
+    of every rank ("local loss" form of open_clip): negatives come from the whole
+    global batch at B_local x B_global cost. The mean over ranks is the global loss.
+    NOTE(paper): the released code gathers under no_grad and puts its local slot
+    back, which drops the gradient that flows through the other ranks' negatives.
+    """
+    dtype = torch.promote_types(x.dtype, torch.float32)  # bf16 in -> fp32 loss; fp64 stays fp64
+    x, y = F.normalize(x.to(dtype), dim=-1), F.normalize(y.to(dtype), dim=-1)
+    all_x, all_y = (gather_with_grad(x), gather_with_grad(y)) if gather else (x, y)
+    offset = dist.get_rank() * x.shape[0] if all_x.shape[0] != x.shape[0] else 0
+    labels = torch.arange(x.shape[0], device=x.device) + offset
+    scale = logit_scale.to(dtype).exp()
+    logits_xy = scale * x @ all_y.T  # (B_local, B_global)
+    logits_yx = scale * y @ all_x.T  # (B_local, B_global)
+    # cross_entropy works on log-softmax, so large logits cannot overflow.
+    return 0.5 * (F.cross_entropy(logits_xy, labels) + F.cross_entropy(logits_yx, labels))
+
+
+# -----------------------------------------------------------------------------
+# HTCL (Fig. 1b): both towers, both heads, the fusion layer, the stage losses.
+
+
+class HTCL(nn.Module):
+    """The full model of Fig. 1b.
+
+    encode_audio: mel (B, T, 128), padding_mask (B, T) -> audio_emb (B, 100)
+    encode_text:  tokens {input_ids (B, L), attention_mask (B, L)} -> text_emb (B, 100)
+    fuse:         audio_emb (B, 100), text_emb (B, 100) -> fused_emb (B, 100)
+    stage1_loss:  L_at (Sec. 2.1)
+    stage2_loss:  w_aa * L_aa + w_af * L_af + w_at * L_at (Eq. 5, Sec. 2.2)
+
+    Each loss has its own learnable temperature, kept as a log logit scale in
+    self.logit_scale[name] for name in ("at", "aa", "af").
+    """
+
+    LOSSES = ("at", "aa", "af")
+
+    def __init__(self, cfg: HTCLConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.audio_encoder = AudioEncoder(cfg.audio)
+        self.text_encoder = TextEncoder(cfg.text_model, cfg.text_pretrained, cfg.text_pooling,
+                                        cfg.text_model_config, cfg.text_gradient_checkpointing)
+        cfg.text_model_config = self.text_encoder.model.config.to_dict()  # so an artifact rebuilds offline
+        self.audio_proj = mlp((cfg.audio.hidden, *cfg.proj_dims))
+        self.text_proj = mlp((self.text_encoder.hidden, *cfg.proj_dims))
+        self.fusion = mlp((2 * cfg.embed_dim, *cfg.fusion_dims))
+        self.logit_scale = nn.ParameterDict(
+            {name: nn.Parameter(torch.tensor(cfg.logit_scale_init)) for name in self.LOSSES})
+
+    def encode_audio(self, mel, padding_mask=None, normalize=True):
+        z = self.audio_proj(self.audio_encoder(mel, padding_mask))
+        return F.normalize(z, dim=-1) if normalize else z
+
+    def encode_text(self, tokens, normalize=True):
+        z = self.text_proj(self.text_encoder(tokens))
+        return F.normalize(z, dim=-1) if normalize else z
+
+    def fuse(self, audio_emb, text_emb, normalize=True):
+        """z_f = Fusion([z_a; z_t]) (Sec. 2.2); inputs are the un-normalized projections."""
+        z = self.fusion(torch.cat([audio_emb, text_emb], dim=-1))  # (B, 2D) -> (B, D)
+        return F.normalize(z, dim=-1) if normalize else z
+
+    def forward(self, batch, stage=1, **stage2_kw):
+        """(loss, parts) of one stage. Training goes through forward() so DDP syncs gradients."""
+        return self.stage1_loss(batch) if stage == 1 else self.stage2_loss(batch, **stage2_kw)
+
+    def freeze_unused(self, stage, use_text=True):
+        """Turn off gradients of what a stage's loss never touches, so DDP finds no unused
+        parameter and the optimizer holds no dead state: the fusion MLP and the aa/af
+        temperatures in stage 1, the whole text side in HTCL_w/o_text, and a text pooler
+        that the chosen pooling skips."""
+        unused = []
+        if stage == 1:
+            unused = ["fusion.", "logit_scale.aa", "logit_scale.af"]
+        elif not use_text:
+            unused = ["text_encoder.", "text_proj.", "fusion.", "logit_scale.at", "logit_scale.af"]
+        if self.text_encoder.pooling != "pooler":
+            unused.append("text_encoder.model.pooler.")
+        for name, p in self.named_parameters():
+            p.requires_grad_(not any(name.startswith(u) for u in unused))
+
+    @torch.no_grad()
+    def clamp_logit_scales(self):
+        """Call after every optimizer step: temperature stays >= 1/100 (CLIP)."""
+        for p in self.logit_scale.values():
+            p.clamp_(max=self.cfg.logit_scale_max)
+
+    def stage1_loss(self, batch):
+        """Stage 1 (Sec. 2.1): L_at between a song's audio and its text."""
+        audio_emb = self.encode_audio(batch["mel"], batch["padding_mask"], normalize=False)
+        text_emb = self.encode_text(batch["tokens"], normalize=False)
+        loss = contrastive_loss(audio_emb, text_emb, self.logit_scale["at"])
+        return loss, {"at": loss.detach()}
+
+    def stage2_loss(self, batch, weights=(1.0, 1.0, 1.0), use_text=True, use_trigger_text=False):
+        """Stage 2 (Sec. 2.2, Eq. 5) on <trigger audio, rec audio, rec text> triplets.
+
+        L_aa ties the trigger's audio to the recommended song's audio, L_af the
+        trigger's audio to the recommended song's fused embedding, L_at the
+        recommended song's audio to its text. use_text=False is HTCL_w/o_text
+        (L_aa only). use_trigger_text=True is the released code's variant: L_at
+        over both songs and L_af in both directions, at the cost of the trigger's text.
+        """
+        B = batch["trig_mel"].shape[0]
+        # One audio pass over both songs of each pair: pad to a common length.
+        T = max(batch["trig_mel"].shape[1], batch["rec_mel"].shape[1])
+        mel = torch.cat([F.pad(batch["trig_mel"], (0, 0, 0, T - batch["trig_mel"].shape[1])),
+                         F.pad(batch["rec_mel"], (0, 0, 0, T - batch["rec_mel"].shape[1]))])  # (2B, T, M)
+        mask = torch.cat([F.pad(batch["trig_padding_mask"], (0, T - batch["trig_mel"].shape[1]), value=True),
+                          F.pad(batch["rec_padding_mask"], (0, T - batch["rec_mel"].shape[1]), value=True)])
+        audio_emb = self.encode_audio(mel, mask, normalize=False)  # (2B, D)
+        trig_audio, rec_audio = audio_emb[:B], audio_emb[B:]
+
+        w_aa, w_af, w_at = weights
+        parts = {"aa": contrastive_loss(trig_audio, rec_audio, self.logit_scale["aa"])}
+        if use_text:
+            rec_text = self.encode_text(batch["rec_tokens"], normalize=False)
+            rec_fused = self.fuse(rec_audio, rec_text, normalize=False)
+            if use_trigger_text:
+                trig_text = self.encode_text(batch["trig_tokens"], normalize=False)
+                trig_fused = self.fuse(trig_audio, trig_text, normalize=False)
+                parts["af"] = 0.5 * (contrastive_loss(trig_audio, rec_fused, self.logit_scale["af"])
+                                     + contrastive_loss(rec_audio, trig_fused, self.logit_scale["af"]))
+                parts["at"] = contrastive_loss(audio_emb, torch.cat([trig_text, rec_text]), self.logit_scale["at"])
+            else:
+                parts["af"] = contrastive_loss(trig_audio, rec_fused, self.logit_scale["af"])
+                parts["at"] = contrastive_loss(rec_audio, rec_text, self.logit_scale["at"])
+        loss = w_aa * parts["aa"]
+        if use_text:
+            loss = loss + w_af * parts["af"] + w_at * parts["at"]
+        return loss, {k: v.detach() for k, v in parts.items()}
+
+
+# -----------------------------------------------------------------------------
+# Stage hand-off: one folder = config.json + model.safetensors + the tokenizer.
+
+
+def clean_state_dict(state_dict):
+    """Drop wrapper prefixes (DDP's module., torch.compile's _orig_mod.) and make tensors savable."""
+    out = {}
+    for k, v in state_dict.items():
+        for prefix in ("module.", "_orig_mod."):
+            k = k.replace(prefix, "")
+        out[k] = v.detach().cpu().contiguous()
+    return out
+
+
+def save_artifact(model, tokenizer, folder, extra=None):
+    """Write `folder`/{config.json, model.safetensors, tokenizer files}; `extra` goes into config.json too."""
+    from safetensors.torch import save_file
+    os.makedirs(folder, exist_ok=True)
+    config = asdict(model.cfg)
+    if extra:
+        config["training"] = extra
+    tmp = os.path.join(folder, "model.safetensors.tmp")
+    save_file(clean_state_dict(model.state_dict()), tmp)
+    os.replace(tmp, os.path.join(folder, "model.safetensors"))  # a crash never leaves half a file
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+    tokenizer.save_pretrained(folder)
+
+
+def load_artifact(folder, device="cpu"):
+    """Inverse of save_artifact -> (HTCL in eval mode, tokenizer). Needs no hub access."""
+    from safetensors.torch import load_file
+    from transformers import AutoTokenizer
+    path = os.path.join(folder, "config.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{folder} is not an HTCL artifact: no config.json (expected the final/ "
+                                f"folder written by pretrain.py or finetune.py)")
+    with open(path) as f:
+        config = json.load(f)
+    config.pop("training", None)
+    model = HTCL(HTCLConfig.from_dict(config))
+    state = load_file(os.path.join(folder, "model.safetensors"))  # safetensors: no pickle, no code
+    model.load_state_dict(state, strict=True)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    return model.to(device).eval(), tokenizer
+
+
+if __name__ == "__main__":
+    enc = AudioEncoder()
+    n = sum(p.numel() for p in enc.parameters())
+    print(f"AudioEncoder (paper default): {n:,} parameters")
+    with torch.no_grad():
+        print("1251 frames ->", int(enc.stem.token_lengths(torch.tensor(1251))), "tokens (+ [CLS])")
