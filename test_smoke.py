@@ -166,3 +166,137 @@ def test_two_processes_match_one(tmp_path):
         torch.testing.assert_close(got["loss"], loss.detach(), rtol=1e-12, atol=1e-12)
         for a, b in zip(got["grads"], [net.weight.grad, net.bias.grad, scale.grad]):
             torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+# -----------------------------------------------------------------------------
+# Stage hand-off
+
+
+def test_artifact_round_trip_gives_identical_embeddings(tmp_path):
+    from transformers import AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(TINY_BERT)
+    m = tiny_model().eval()
+    htcl.save_artifact(m, tokenizer, tmp_path / "art")
+    assert sorted(os.listdir(tmp_path / "art")) >= ["config.json", "model.safetensors"]
+    from safetensors.torch import load_file
+    keys = load_file(tmp_path / "art" / "model.safetensors").keys()
+    assert not [k for k in keys if k.startswith(("module.", "_orig_mod."))]
+    assert set(keys) == set(m.state_dict().keys())
+
+    loaded, tok2 = htcl.load_artifact(tmp_path / "art")
+    assert not loaded.training
+    tokens = tok2(["title: a; artists: b; lyrics: c d e"], return_tensors="pt")
+    assert tokens["input_ids"].tolist() == tokenizer(["title: a; artists: b; lyrics: c d e"],
+                                                     return_tensors="pt")["input_ids"].tolist()
+    mel = torch.randn(2, 60, 128)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.encode_audio(mel), m.encode_audio(mel), atol=0, rtol=0)
+        torch.testing.assert_close(loaded.encode_text(tokens), m.encode_text(tokens), atol=0, rtol=0)
+    assert loaded.cfg == m.cfg
+
+
+def test_wrapper_prefixes_are_stripped_from_saved_weights():
+    state = {"module._orig_mod.audio_proj.0.weight": torch.ones(2), "module.logit_scale.at": torch.zeros(())}
+    assert sorted(htcl.clean_state_dict(state)) == ["audio_proj.0.weight", "logit_scale.at"]
+
+
+# -----------------------------------------------------------------------------
+# End to end on sample_data, through the command lines a user types
+
+PRESET = os.path.join("sample_data", "preset.toml")
+
+
+def run(*cmd, timeout=600):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    p = subprocess.run([str(c) for c in cmd], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    assert p.returncode == 0, f"{' '.join(map(str, cmd))} failed:\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}"
+    return p.stdout + p.stderr
+
+
+def read_log(out_dir):
+    import json
+    rows = [json.loads(line) for line in open(os.path.join(out_dir, "log.jsonl"))]
+    return [r for r in rows if "loss" in r], [r for r in rows if "val_loss" in r]
+
+
+@pytest.fixture(scope="module")
+def demo_cache(tmp_path_factory):
+    cache = tmp_path_factory.mktemp("cache")
+    run(sys.executable, "data.py", "prepare", "--catalog", "sample_data/catalog.csv", "--cache", cache)
+    return cache
+
+
+@pytest.fixture(scope="module")
+def stage1(tmp_path_factory, demo_cache):
+    out = tmp_path_factory.mktemp("pretrain")
+    run(sys.executable, "pretrain.py", "--preset", PRESET, "--cache", demo_cache, "--out_dir", out, "--epochs", 6)
+    return out
+
+
+def test_stage1_learns_below_chance_and_beats_chance_retrieval(stage1):
+    train, val = read_log(stage1)
+    assert len(val) == 6
+    ln_b = math.log(64)
+    assert train[-1]["ln_B"] == pytest.approx(ln_b)
+    assert train[-1]["loss"] < 0.8 * ln_b, train[-1]
+    assert val[-1]["val_loss"] < 0.8 * ln_b, val[-1]
+    # 63 held-out songs: chance R@10 is 10/63 = 0.16
+    assert val[-1]["a2t_R@10"] > 2 * val[-1]["chance_R@10"], val[-1]
+
+
+def test_stage2_trains_from_the_stage1_artifact_and_its_artifact_loads(tmp_path, stage1, demo_cache):
+    out = tmp_path / "finetune"
+    log = run(sys.executable, "finetune.py", "--preset", PRESET, "--cache", demo_cache,
+              "--init_from", stage1 / "final", "--out_dir", out, "--epochs", 1, "--max_steps", 12)
+    assert "init_from" in log
+    train, val = read_log(out)
+    assert {"loss_aa", "loss_af", "loss_at"} <= set(train[-1])
+    assert train[-1]["loss_at"] < math.log(64)  # the text alignment of stage 1 carried over
+    m1, _ = htcl.load_artifact(stage1 / "final")
+    m2, tok = htcl.load_artifact(out / "final")
+    assert m2.cfg == m1.cfg
+    changed = [k for k, v in m2.state_dict().items() if not torch.equal(v, m1.state_dict()[k])]
+    assert any(k.startswith("audio_encoder.") for k in changed) and any(k.startswith("fusion.") for k in changed)
+
+
+def test_resume_after_kill_replays_the_same_losses(tmp_path, demo_cache):
+    import signal
+    import time
+    common = [sys.executable, "pretrain.py", "--preset", PRESET, "--cache", demo_cache, "--epochs", 3, "--log_every", 1]
+    run(*common, "--out_dir", tmp_path / "full")
+    # Kill -9 the second run as soon as its epoch-1 checkpoint exists, then --resume it.
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    p = subprocess.Popen([str(c) for c in common + ["--out_dir", tmp_path / "cut"]], cwd=ROOT, env=env,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpt = tmp_path / "cut" / "checkpoints" / "epoch_0001"
+    deadline = time.time() + 300
+    while not ckpt.exists() and p.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    assert ckpt.exists() and not (tmp_path / "cut" / "final").exists(), "the run finished before the kill"
+    out = run(*common, "--out_dir", tmp_path / "cut", "--resume")
+    assert "resumed from" in out and "epoch_0001" in out
+    full, _ = read_log(tmp_path / "full")
+    cut = {r["step"]: r for r in read_log(tmp_path / "cut")[0]}  # the resumed run rewrites the killed steps
+    assert sorted(cut) == [r["step"] for r in full] == list(range(1, 22))
+    for b in full:
+        a = cut[b["step"]]
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-6), (a, b)
+        assert a["lr"] == pytest.approx(b["lr"], rel=1e-9)
+
+
+def test_accelerate_launch_with_two_cpu_processes(tmp_path, demo_cache):
+    out = tmp_path / "ddp"
+    # On a machine without GPUs, --multi_gpu is how accelerate starts several processes (torchrun);
+    # the scripts then run gloo on CPU. (`--cpu --num_processes 2` starts one process unless mpirun is set up.)
+    log = run(sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", 2,
+              "--num_machines", 1, "--mixed_precision", "no", "--dynamo_backend", "no",
+              "pretrain.py", "--preset", PRESET, "--cache", demo_cache, "--out_dir", out,
+              "--batch_per_device", 16, "--global_batch", 64, "--epochs", 1, "--max_steps", 3, "--log_every", 1)
+    assert "2 process(es) x 16 x 2 accumulation = global batch 64" in log
+    assert log.count("step      3/3") == 1  # logged by the main process only
+    train, val = read_log(out)
+    assert [r["step"] for r in train] == [1, 2, 3]
+    assert val[-1]["val_songs"] == 63  # every held-out song embedded exactly once over 2 processes
+    htcl.load_artifact(out / "final")
