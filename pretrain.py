@@ -55,7 +55,9 @@ class TrainConfig:
     mixed_precision: str = ""         # "" = whatever `accelerate launch --mixed_precision` says; or no / bf16 / fp16
     num_workers: int = 4              # DataLoader workers per process
     log_every: int = 50               # optimizer steps between log lines
-    keep_checkpoints: int = 2         # checkpoints/epoch_* kept for --resume (each holds optimizer state)
+    checkpoint_every: int = 2000      # optimizer steps between mid-epoch checkpoints (an epoch at paper scale is ~62k steps); 0 = epoch ends only
+    keep_checkpoints: int = 2         # newest checkpoints/step_* kept for --resume (each holds optimizer state)
+    max_nonfinite_steps: int = 10     # skip a step whose loss/gradient is NaN/inf; stop after this many in a row
     resume: bool = False              # continue from the last checkpoint in out_dir
     max_steps: int = 0                # > 0: stop after this many optimizer steps (smoke runs)
 
@@ -210,7 +212,7 @@ def build_optimizer(model, cfg, on_cuda):
 
 
 def _checkpoints(out_dir):
-    return sorted(glob.glob(os.path.join(out_dir, "checkpoints", "epoch_*")))
+    return sorted(glob.glob(os.path.join(out_dir, "checkpoints", "step_*")))  # zero-padded: sorted = by step
 
 
 def train(cfg, model, tokenizer, loss_fn, train_set, val_set, song_set, stage):
@@ -247,7 +249,10 @@ def train(cfg, model, tokenizer, loss_fn, train_set, val_set, song_set, stage):
         raise SystemExit(f"{len(train_set)} training samples are fewer than one batch "
                          f"({cfg.batch_per_device} x {world} processes)")
     # drop_last: the gathered contrastive loss needs the same batch on every process.
-    train_loader = torch.utils.data.DataLoader(train_set, cfg.batch_per_device, shuffle=True, drop_last=True, **loader_kw)
+    # Own generator: creating a loader iterator then draws no number from the global RNG, so
+    # dropout after a mid-epoch resume sees the same random stream as an uninterrupted run.
+    train_loader = torch.utils.data.DataLoader(train_set, cfg.batch_per_device, shuffle=True, drop_last=True,
+                                               generator=torch.Generator().manual_seed(cfg.seed), **loader_kw)
     # Validation keeps every sample: Accelerate's even_batches tops up the last batch from the
     # start so every process gathers the same size, and gather_for_metrics drops the extras.
     val_loader = torch.utils.data.DataLoader(val_set, cfg.batch_per_device, **loader_kw)
@@ -266,14 +271,16 @@ def train(cfg, model, tokenizer, loss_fn, train_set, val_set, song_set, stage):
     accelerator.register_for_checkpointing(scheduler)
     net = accelerator.unwrap_model(model)
 
-    start_epoch, step = 0, 0
+    # progress = where the next batch starts: the epoch, optimizer steps so far, and micro-batches
+    # already consumed in that epoch (non-zero after a mid-epoch checkpoint).
+    progress = {"epoch": 0, "step": 0, "batches": 0}
     if cfg.resume and _checkpoints(cfg.out_dir):
         last = _checkpoints(cfg.out_dir)[-1]
-        accelerator.load_state(last)
+        accelerator.load_state(last)  # model, optimizer, scheduler, RNG states
         with open(os.path.join(last, "progress.json")) as f:
             progress = json.load(f)
-        start_epoch, step = progress["epoch"] + 1, progress["step"]
-        say(f"resumed from {last}: epoch {start_epoch}, step {step}")
+        say(f"resumed from {last}: epoch {progress['epoch']}, step {progress['step']}, "
+            f"{progress['batches']} batches into the epoch")
     elif cfg.resume:
         say(f"--resume: no checkpoint in {cfg.out_dir}/checkpoints, starting fresh")
 
@@ -281,84 +288,132 @@ def train(cfg, model, tokenizer, loss_fn, train_set, val_set, song_set, stage):
     say(f"stage {stage}: {len(train_set)} train / {len(val_set)} val samples, {len(song_set)} held-out songs | "
         f"{world} process(es) x {cfg.batch_per_device} x {accum} accumulation = global batch {cfg.global_batch} | "
         f"{steps_per_epoch} steps/epoch, {total_steps} steps | {sum(p.numel() for p in net.parameters()):,} params")
-    if is_main:
-        os.makedirs(cfg.out_dir, exist_ok=True)
-        log_file = open(os.path.join(cfg.out_dir, "log.jsonl"), "a")
+    log = IntervalLog(cfg.out_dir if is_main else None, say, stage, batch_global, total_steps)
 
-    metrics = {}
+    metrics, step, nonfinite_run = {}, progress["step"], 0
     model.train()
-    for epoch in range(start_epoch, cfg.epochs):
+    for epoch in range(progress["epoch"], cfg.epochs):
         if step >= total_steps:
             break
-        train_loader.set_epoch(epoch)
-        t0, seen, interval_loss, interval_parts, interval_n = time.time(), 0, 0.0, {}, 0
-        bar = tqdm(train_loader, desc=f"epoch {epoch}", disable=None if is_main else True, leave=False)  # None: off when not a terminal
-        for batch in bar:
+        skip = progress["batches"] if epoch == progress["epoch"] else 0
+        loader = accelerator.skip_first_batches(train_loader, skip) if skip else train_loader
+        loader.set_epoch(epoch)  # the same shuffle as an uninterrupted run, also for the skipping loader
+        batches = skip
+        for batch in tqdm(loader, desc=f"epoch {epoch}", initial=skip, total=len(train_loader),
+                          disable=None if is_main else True, leave=False):  # None: no bar unless a terminal
+            batches += 1
             with accelerator.accumulate(model):
                 loss, parts = loss_fn(model, batch)
                 accelerator.backward(loss)
-                if accelerator.sync_gradients and cfg.max_grad_norm:
-                    accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            seen += batch_global
-            interval_loss += loss.item()
-            for k, v in parts.items():
-                interval_parts[k] = interval_parts.get(k, 0.0) + v.item()
-            interval_n += 1
+                if accelerator.sync_gradients:
+                    # The norm of the all-reduced gradient is the same on every process, so all
+                    # of them skip a non-finite step together (no DDP hang).
+                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm or math.inf)
+                    finite = bool(torch.isfinite(grad_norm))
+                    if finite:
+                        optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+            log.add(loss, parts)
             if not accelerator.sync_gradients:
                 continue
+            if not finite:
+                nonfinite_run += 1
+                log.skipped += 1
+                say(f"step {step + 1}: non-finite loss/gradient (loss {loss.item()}), update skipped "
+                    f"({nonfinite_run} in a row, {log.skipped} in all)")
+                if nonfinite_run >= cfg.max_nonfinite_steps:
+                    raise SystemExit(f"{nonfinite_run} non-finite steps in a row: stopping. The last checkpoint "
+                                     f"in {cfg.out_dir}/checkpoints is intact; try a lower --lr, "
+                                     f"--mixed_precision no, or check the data.")
+                continue
+            nonfinite_run = 0
             scheduler.step()
             net.clamp_logit_scales()
             step += 1
-            if step % cfg.log_every == 0 or step == total_steps:
-                temps = " ".join(f"{k} {1 / v.exp().item():.4f}" for k, v in net.logit_scale.items() if v.requires_grad)
-                rec = {"stage": stage, "epoch": epoch, "step": step, "loss": interval_loss / interval_n,
-                       "ln_B": math.log(batch_global), "lr": scheduler.get_last_lr()[0],
-                       "samples_per_s": seen / (time.time() - t0),
-                       **{f"loss_{k}": v / interval_n for k, v in interval_parts.items()}}
-                detail = f" ({' '.join(f'{k} {v / interval_n:.3f}' for k, v in interval_parts.items())})" \
-                    if len(interval_parts) > 1 else ""
-                say(f"step {step:>6}/{total_steps} | loss {rec['loss']:.4f}{detail} | ln(B) {rec['ln_B']:.4f} | "
-                    f"lr {rec['lr']:.2e} | temp {temps} | {rec['samples_per_s']:.1f} samples/s")
-                if is_main:
-                    log_file.write(json.dumps(rec) + "\n")
-                    log_file.flush()
-                t0, seen, interval_loss, interval_parts, interval_n = time.time(), 0, 0.0, {}, 0
+            log.step(epoch, step, scheduler.get_last_lr()[0], net, force=step % cfg.log_every == 0 or step == total_steps)
+            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and batches < len(train_loader):
+                save_checkpoint(accelerator, cfg, {"epoch": epoch, "step": step, "batches": batches})
             if step >= total_steps:
                 break
-        bar.close()
 
         metrics = validate(accelerator, model, loss_fn, val_loader, song_loader)
         say(f"epoch {epoch} | " + " | ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
                                               for k, v in metrics.items()))
-        if is_main:
-            log_file.write(json.dumps({"stage": stage, "epoch": epoch, "step": step, **metrics}) + "\n")
-            log_file.flush()
-        save_checkpoint(accelerator, cfg, epoch, step)
+        log.write({"stage": stage, "epoch": epoch, "step": step, "skipped_nonfinite": log.skipped, **metrics})
+        save_checkpoint(accelerator, cfg, {"epoch": epoch + 1, "step": step, "batches": 0})
 
     accelerator.wait_for_everyone()
     if is_main:
         final = os.path.join(cfg.out_dir, "final")
         htcl.save_artifact(net, tokenizer, final, extra={"stage": stage, **asdict(cfg), **metrics})
         say(f"wrote {final}")
-        log_file.close()
+    log.close()
     accelerator.end_training()
-    return metrics
+    return {**metrics, "skipped_nonfinite": log.skipped}
 
 
-def save_checkpoint(accelerator, cfg, epoch, step):
+class IntervalLog:
+    """One line per log interval: step, loss (parts), chance level ln(B), lr, temperatures,
+    samples/s; also appended to out_dir/log.jsonl. Non-finite losses are left out of the means."""
+
+    def __init__(self, out_dir, say, stage, batch_global, total_steps):
+        self.say, self.stage, self.batch_global, self.total_steps = say, stage, batch_global, total_steps
+        if out_dir:
+            os.makedirs(out_dir, exist_ok=True)
+        self.file = open(os.path.join(out_dir, "log.jsonl"), "a") if out_dir else None
+        self.skipped = 0
+        self.reset()
+
+    def reset(self):
+        self.t0, self.n, self.loss, self.parts = time.time(), 0, 0.0, {}
+
+    def add(self, loss, parts):
+        loss = loss.item()
+        if math.isfinite(loss):
+            self.n += 1
+            self.loss += loss
+            for k, v in parts.items():
+                self.parts[k] = self.parts.get(k, 0.0) + v.item()
+
+    def step(self, epoch, step, lr, net, force):
+        if not force or not self.n:
+            return
+        parts = {k: v / self.n for k, v in self.parts.items()}
+        rec = {"stage": self.stage, "epoch": epoch, "step": step, "loss": self.loss / self.n,
+               "ln_B": math.log(self.batch_global), "lr": lr,
+               "samples_per_s": self.n * self.batch_global / (time.time() - self.t0),
+               **{f"loss_{k}": v for k, v in parts.items()}}
+        detail = f" ({' '.join(f'{k} {v:.3f}' for k, v in parts.items())})" if len(parts) > 1 else ""
+        temps = " ".join(f"{k} {1 / v.exp().item():.4f}" for k, v in net.logit_scale.items() if v.requires_grad)
+        self.say(f"step {step:>6}/{self.total_steps} | loss {rec['loss']:.4f}{detail} | ln(B) {rec['ln_B']:.4f} | "
+                 f"lr {lr:.2e} | temp {temps} | {rec['samples_per_s']:.1f} samples/s")
+        self.write(rec)
+        self.reset()
+
+    def write(self, rec):
+        if self.file:
+            self.file.write(json.dumps(rec) + "\n")
+            self.file.flush()
+
+    def close(self):
+        if self.file:
+            self.file.close()
+
+
+def save_checkpoint(accelerator, cfg, progress):
     """accelerator.save_state into a temporary folder, renamed when complete, so a
     kill at any moment leaves the previous checkpoint intact."""
     root = os.path.join(cfg.out_dir, "checkpoints")
-    final, tmp = os.path.join(root, f"epoch_{epoch:04d}"), os.path.join(root, f".tmp_epoch_{epoch:04d}")
+    name = f"step_{progress['step']:09d}"
+    final, tmp = os.path.join(root, name), os.path.join(root, ".tmp_" + name)
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
     accelerator.wait_for_everyone()
     accelerator.save_state(tmp)
     if accelerator.is_main_process:
         with open(os.path.join(tmp, "progress.json"), "w") as f:
-            json.dump({"epoch": epoch, "step": step}, f)
+            json.dump(progress, f)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         for old in _checkpoints(cfg.out_dir)[:-cfg.keep_checkpoints]:

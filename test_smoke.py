@@ -150,6 +150,78 @@ def _two_process_worker(rank, world, init_file, x_all, y_all, out_dir):
     dist.destroy_process_group()
 
 
+def _pair_batch(tokenizer, B=6, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(20, 60, (2, B), generator=g)
+    batch = {}
+    for i, side in enumerate(("trig", "rec")):
+        T = int(lengths[i].max())
+        batch[f"{side}_mel"] = torch.randn(B, T, 128, generator=g)
+        batch[f"{side}_padding_mask"] = torch.arange(T)[None, :] >= lengths[i][:, None]
+        words = [" ".join(f"w{int(v)}" for v in torch.randint(0, 50, (int(n),), generator=g))
+                 for n in torch.randint(3, 12, (B,), generator=g)]
+        batch[f"{side}_tokens"] = dict(tokenizer(words, padding="longest", return_tensors="pt"))
+    return batch
+
+
+def _slice_batch(batch, sl):
+    """Rows `sl` of a batch, re-trimmed to their own longest item as a per-process collator would."""
+    out = {}
+    for k, v in batch.items():
+        if isinstance(v, dict):
+            keep = int(v["attention_mask"][sl].sum(1).max())
+            out[k] = {kk: vv[sl, :keep] for kk, vv in v.items()}
+        elif k.endswith("mel"):
+            keep = int((~batch[k.replace("mel", "padding_mask")][sl]).sum(1).max())
+            out[k] = v[sl, :keep]
+            out[k.replace("mel", "padding_mask")] = batch[k.replace("mel", "padding_mask")][sl, :keep]
+    return out
+
+
+def _stage_loss(m, batch, stage):
+    if stage == 1:
+        b = {"mel": batch["rec_mel"], "padding_mask": batch["rec_padding_mask"], "tokens": batch["rec_tokens"]}
+        return m(b, stage=1)[0]
+    return m(batch, stage=2, use_trigger_text=True)[0]
+
+
+def _ddp_worker(rank, world, init_file, stage, out_dir):
+    import torch.distributed as dist
+    from transformers import AutoTokenizer
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    m = tiny_model().eval()  # eval: no dropout, so both runs are deterministic
+    m.freeze_unused(stage=stage)
+    ddp = torch.nn.parallel.DistributedDataParallel(m)
+    batch = _pair_batch(AutoTokenizer.from_pretrained(TINY_BERT))
+    B = batch["rec_mel"].shape[0] // world
+    loss = _stage_loss(ddp, _slice_batch(batch, slice(rank * B, (rank + 1) * B)), stage)
+    loss.backward()  # DDP averages the gradients over the processes
+    dist.all_reduce(loss := loss.detach())
+    grads = {k: p.grad for k, p in m.named_parameters() if p.requires_grad}
+    torch.save({"loss": loss / world, "grads": grads}, os.path.join(out_dir, f"ddp{rank}.pt"))
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_ddp_stage_losses_and_gradients_match_one_process(tmp_path, stage):
+    from transformers import AutoTokenizer
+    torch.multiprocessing.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), stage, str(tmp_path)), nprocs=2)
+    m = tiny_model().eval()
+    m.freeze_unused(stage=stage)
+    loss = _stage_loss(m, _pair_batch(AutoTokenizer.from_pretrained(TINY_BERT)), stage)
+    loss.backward()
+    for rank in range(2):
+        got = torch.load(tmp_path / f"ddp{rank}.pt", weights_only=True)
+        torch.testing.assert_close(got["loss"], loss.detach(), rtol=1e-5, atol=1e-6)
+        assert set(got["grads"]) == {k for k, p in m.named_parameters() if p.requires_grad}
+        for k, p in m.named_parameters():
+            if p.requires_grad:
+                # fp32 sums in another order (DDP buckets): tolerance relative to the tensor's scale
+                scale = p.grad.abs().max().item()
+                torch.testing.assert_close(got["grads"][k], p.grad, rtol=1e-4, atol=1e-5 * max(scale, 1e-3), msg=k)
+
+
 def test_two_processes_match_one(tmp_path):
     """Negatives from every process and correct gradients: loss and gradients of 2 gloo
     processes (each holding half the batch) equal 1 process on the whole batch."""
@@ -229,13 +301,13 @@ def demo_cache(tmp_path_factory):
 @pytest.fixture(scope="module")
 def stage1(tmp_path_factory, demo_cache):
     out = tmp_path_factory.mktemp("pretrain")
-    run(sys.executable, "pretrain.py", "--preset", PRESET, "--cache", demo_cache, "--out_dir", out, "--epochs", 6)
+    run(sys.executable, "pretrain.py", "--preset", PRESET, "--cache", demo_cache, "--out_dir", out)  # the demo's run
     return out
 
 
 def test_stage1_learns_below_chance_and_beats_chance_retrieval(stage1):
     train, val = read_log(stage1)
-    assert len(val) == 6
+    assert len(val) == 12
     ln_b = math.log(64)
     assert train[-1]["ln_B"] == pytest.approx(ln_b)
     assert train[-1]["loss"] < 0.8 * ln_b, train[-1]
@@ -259,31 +331,79 @@ def test_stage2_trains_from_the_stage1_artifact_and_its_artifact_loads(tmp_path,
     assert any(k.startswith("audio_encoder.") for k in changed) and any(k.startswith("fusion.") for k in changed)
 
 
-def test_resume_after_kill_replays_the_same_losses(tmp_path, demo_cache):
+def test_resume_after_kill_mid_epoch_replays_the_same_losses(tmp_path, demo_cache):
+    """kill -9 in the middle of an epoch, --resume: model, optimizer, scheduler, RNG and data
+    order come back, so every later step has the loss of an uninterrupted run."""
     import signal
     import time
-    common = [sys.executable, "pretrain.py", "--preset", PRESET, "--cache", demo_cache, "--epochs", 3, "--log_every", 1]
+    common = [sys.executable, "pretrain.py", "--preset", PRESET, "--cache", demo_cache, "--epochs", 3,
+              "--log_every", 1, "--checkpoint_every", 3]
     run(*common, "--out_dir", tmp_path / "full")
-    # Kill -9 the second run as soon as its epoch-1 checkpoint exists, then --resume it.
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     p = subprocess.Popen([str(c) for c in common + ["--out_dir", tmp_path / "cut"]], cwd=ROOT, env=env,
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    ckpt = tmp_path / "cut" / "checkpoints" / "epoch_0001"
+    ckpt = tmp_path / "cut" / "checkpoints" / "step_000000009"  # 7 steps/epoch: step 9 is 2 batches into epoch 1
     deadline = time.time() + 300
     while not ckpt.exists() and p.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
+        time.sleep(0.02)
     p.send_signal(signal.SIGKILL)
     p.wait()
     assert ckpt.exists() and not (tmp_path / "cut" / "final").exists(), "the run finished before the kill"
     out = run(*common, "--out_dir", tmp_path / "cut", "--resume")
-    assert "resumed from" in out and "epoch_0001" in out
-    full, _ = read_log(tmp_path / "full")
-    cut = {r["step"]: r for r in read_log(tmp_path / "cut")[0]}  # the resumed run rewrites the killed steps
+    import re
+    resumed = re.search(r"resumed from .*step_(\d+): epoch (\d+), step \d+, (\d+) batches into the epoch", out)
+    assert resumed and int(resumed.group(3)) > 0, out[-2000:]  # really mid-epoch
+    full, full_val = read_log(tmp_path / "full")
+    cut_rows, cut_val = read_log(tmp_path / "cut")
+    cut = {r["step"]: r for r in cut_rows}  # the resumed run rewrites the steps the killed one logged
     assert sorted(cut) == [r["step"] for r in full] == list(range(1, 22))
     for b in full:
         a = cut[b["step"]]
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-6), (a, b)
         assert a["lr"] == pytest.approx(b["lr"], rel=1e-9)
+    assert cut_val[-1]["val_loss"] == pytest.approx(full_val[-1]["val_loss"], rel=1e-5)
+
+
+def test_nonfinite_steps_are_skipped_counted_and_abort_when_persistent(tmp_path, demo_cache):
+    import pretrain
+    from transformers import AutoTokenizer
+
+    def setup(out):
+        cfg = pretrain.parse_config(pretrain.PretrainConfig, "pretrain", [
+            "--preset", PRESET, "--cache", str(demo_cache), "--out_dir", str(out), "--epochs", "2",
+            "--max_steps", "6", "--log_every", "1", "--max_nonfinite_steps", "3"])
+        catalog, cache, train_rows, val_rows = pretrain.load_songs(cfg)
+        model = htcl.HTCL(cfg.model)
+        model.freeze_unused(stage=1)
+        val = data.SongDataset(catalog, val_rows, cache)
+        return cfg, model, AutoTokenizer.from_pretrained(cfg.model.text_model), \
+            data.SongDataset(catalog, train_rows, cache), val
+
+    import data
+    calls = []
+
+    def nan_on_calls(bad):
+        def loss_fn(m, batch):
+            loss, parts = m(batch, stage=1)
+            if m.training:
+                calls.append(1)
+                if bad(len(calls)):
+                    loss = loss * float("nan")
+            return loss, parts
+        return loss_fn
+
+    cfg, model, tok, train_set, val = setup(tmp_path / "a")
+    metrics = pretrain.train(cfg, model, tok, nan_on_calls(lambda i: i in (2, 3)), train_set, val, val, stage=1)
+    assert metrics["skipped_nonfinite"] == 2
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    train, _ = read_log(tmp_path / "a")
+    assert [r["step"] for r in train] == [1, 2, 3, 4, 5, 6]  # 8 batches, 2 of them skipped
+    assert all(math.isfinite(r["loss"]) for r in train)
+
+    calls.clear()
+    cfg, model, tok, train_set, val = setup(tmp_path / "b")
+    with pytest.raises(SystemExit, match="3 non-finite steps in a row"):
+        pretrain.train(cfg, model, tok, nan_on_calls(lambda i: i >= 2), train_set, val, val, stage=1)
 
 
 def test_accelerate_launch_with_two_cpu_processes(tmp_path, demo_cache):
