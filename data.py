@@ -28,6 +28,7 @@ import json
 import math
 import os
 import shutil
+import stat
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -57,24 +58,42 @@ MIN_SAMPLES = (MIN_FRAMES - 1) * HOP_LENGTH  # centred STFT: frames = 1 + sample
 assert MAX_FRAMES == 1251
 
 
+class AudioError(ValueError):
+    """An audio file that cannot be used as a song; the message names the file and says why."""
+
+
 def load_audio(path, max_seconds=MAX_SECONDS):
     """Decode the first `max_seconds` of an audio file -> float32 mono numpy array at 16 kHz.
 
     Only a bounded number of frames is read, so a 20-minute file never sits in memory.
     Channels are averaged; other sample rates are resampled with soxr (high quality).
+    A file that cannot be used raises with the path and the reason: FileNotFoundError or
+    PermissionError (the OS's words), or AudioError (empty, not a file, not audio, corrupt, no frames).
     """
-    with sf.SoundFile(path) as f:
-        sr = f.samplerate
-        x = f.read(frames=int(math.ceil(max_seconds * sr)), dtype="float32", always_2d=True)
+    st = os.stat(path)  # FileNotFoundError here, not libsndfile's vague "System error"
+    if not stat.S_ISREG(st.st_mode):  # a directory, or a pipe that would block the reader forever
+        raise AudioError(f"{path}: not a regular file")
+    if st.st_size == 0:
+        raise AudioError(f"{path}: empty file (0 bytes)")
+    # Python opens the file and libsndfile reads from the handle, so "permission denied" comes
+    # out as a PermissionError rather than as a format error
+    with open(path, "rb") as fh:
+        try:
+            with sf.SoundFile(fh) as f:
+                sr = f.samplerate
+                x = f.read(frames=int(math.ceil(max_seconds * sr)), dtype="float32", always_2d=True)
+        except sf.LibsndfileError as e:  # unknown container, truncated header, FLAC lost sync, ...
+            raise AudioError(f"{path}: cannot decode: {e.error_string.strip()}") from None
+    if len(x) == 0:  # e.g. a WAV header with no data: padding it would invent a silent song
+        raise AudioError(f"{path}: no audio frames")
     x = x.mean(axis=1)  # (samples,) downmix
-    if sr != SAMPLE_RATE:
-        x = soxr.resample(x, sr, SAMPLE_RATE)
-    x = np.ascontiguousarray(x[: int(max_seconds * SAMPLE_RATE)], dtype=np.float32)
     bad = ~np.isfinite(x)
-    if bad.any():  # float WAV/FLAC can hold NaN/inf; say so here, where the path is known
+    if bad.any():  # float WAV/FLAC can hold NaN/inf; zero them before the resampler smears them
         warnings.warn(f"{path}: {int(bad.sum())} non-finite samples replaced with 0")
         x[bad] = 0.0
-    return x
+    if sr != SAMPLE_RATE:
+        x = soxr.resample(x, sr, SAMPLE_RATE)
+    return np.ascontiguousarray(x[: int(max_seconds * SAMPLE_RATE)], dtype=np.float32)
 
 
 _MEL_FILTERS = None  # (1025, 128) float64, built once per process
@@ -197,14 +216,38 @@ class Catalog:
 
 
 def _read_text(path):
-    """File -> str, with a CatalogError naming the line and byte offset of any non-UTF-8 byte."""
+    """File -> str, with a CatalogError naming the line, row, column and byte offset of the
+    first non-UTF-8 byte."""
     data = open(path, "rb").read()
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         line = data[: e.start].count(b"\n") + 1
-        raise CatalogError(f"{path}: line {line} (byte offset {e.start}): bytes {data[e.start:e.end]!r} "
-                           f"are not UTF-8; re-save the file as UTF-8") from None
+        where = _field_with_bad_bytes(path, data.decode("utf-8-sig", errors="surrogateescape"))
+        raise CatalogError(f"{path}: line {line}{where} (byte offset {e.start}): bytes "
+                           f"{data[e.start:e.end]!r} are not UTF-8; re-save the file as UTF-8") from None
+
+
+def _field_with_bad_bytes(path, text):
+    """' (row R), column C' of the first field holding an undecodable byte, for the error message.
+    `text` was decoded with errors='surrogateescape', so each bad byte is a lone surrogate."""
+    bad = lambda v: any("\udc80" <= ch <= "\udcff" for ch in str(v))  # noqa: E731
+    try:
+        if path.endswith((".jsonl", ".json")):
+            rows = [json.loads(raw) for raw in text.splitlines() if raw.strip()]
+            header = []
+        else:
+            rows = [v for v in csv.reader(io.StringIO(text, newline="")) if v]
+            header, rows = rows[0], [dict(zip(rows[0], v)) for v in rows[1:]]
+            if bad("".join(header)):
+                return " (header)"
+        for row, rec in enumerate(rows):
+            for column, value in (rec.items() if isinstance(rec, dict) else []):
+                if bad(column) or bad(value):
+                    return f" (row {row}), column '{column}'"
+    except (ValueError, IndexError, csv.Error):  # the file is broken in another way too; the line will do
+        pass
+    return ""
 
 
 def _read_records(path, required):
@@ -241,14 +284,17 @@ def _read_records(path, required):
         raise CatalogError(f"{path}: line 1 (header): missing required column(s) {', '.join(missing)}; "
                            f"found: {', '.join(header)}")
     start = reader.line_num + 1
-    for values in reader:
-        line, start = start, reader.line_num + 1  # first line of this record (it may span lines)
-        if not values:
-            continue
-        if len(values) != len(header):
-            raise CatalogError(f"{path}: line {line} (row {len(records)}): {len(values)} fields but the "
-                               f"header has {len(header)}; is a comma inside a field unquoted?")
-        records.append((line, dict(zip(header, values))))
+    try:
+        for values in reader:
+            line, start = start, reader.line_num + 1  # first line of this record (it may span lines)
+            if not values:
+                continue
+            if len(values) != len(header):
+                raise CatalogError(f"{path}: line {line} (row {len(records)}): {len(values)} fields but the "
+                                   f"header has {len(header)}; is a comma inside a field unquoted?")
+            records.append((line, dict(zip(header, values))))
+    except csv.Error as e:  # e.g. an unbalanced quote swallowing the rest of the file into one field
+        raise CatalogError(f"{path}: line {start} (row {len(records)}): {e}; is a quote unbalanced?") from None
     return header, records
 
 
@@ -332,10 +378,13 @@ def load_pairs(path, catalog):
 
 def _parse_time(value):
     try:
-        return float(value)  # unix seconds
+        t = float(value)  # unix seconds
     except ValueError:
         from datetime import datetime
         return datetime.fromisoformat(value.strip()).timestamp()  # e.g. 2024-05-01T12:00:00
+    if not math.isfinite(t):  # float() takes "nan" and "inf", which would scramble the time order
+        raise ValueError(value)
+    return t
 
 
 def load_favourites(path, catalog):
@@ -356,6 +405,9 @@ def load_favourites(path, catalog):
             continue
         favs.append((rec["user_id"].strip(), catalog.index[sid], ts))
     _warn_unknown(path, dropped, len(records), catalog.path)
+    if not favs:
+        raise CatalogError(f"{path}: no usable favourites ({len(records)} rows, {len(dropped)} naming songs "
+                           f"not in {catalog.path}); do the song ids match the catalog?")
     favs.sort(key=lambda f: (f[0], f[2]))  # stable: equal timestamps keep file order
     return favs
 
@@ -404,6 +456,7 @@ def mine_cooccurrence_pairs(favourites, window=5, max_pairs_per_user=None, seed=
 #   bad-{i:05d}-of-{n:05d}.csv   song_id,path,reason for files that failed to decode
 
 NOT_DONE, FAILED = -1, -2
+FLUSH_SECONDS = 30  # prepare declares finished slots at least this often; a kill -9 loses at most this much work
 
 
 def shard_bounds(num_rows, shard, num_shards):
@@ -421,6 +474,42 @@ def _save_lengths(path, lengths):
     os.replace(path + ".tmp", path)
 
 
+def _load_lengths(path, rows):
+    """A len-*.npy file -> int32 (rows,). Never unpickles: a cache folder may come from anywhere,
+    and an object array in a .npy file runs code when it is loaded with allow_pickle=True."""
+    try:
+        lengths = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        raise CatalogError(f"{path}: not a length file written by prepare ({e}); delete it and "
+                           f"prepare again") from None
+    if lengths.dtype != np.int32 or lengths.shape != (rows,):
+        raise CatalogError(f"{path}: expected int32 ({rows},), found {lengths.dtype} {lengths.shape}; "
+                           f"delete it and prepare again")
+    return lengths
+
+
+def _load_meta(path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (ValueError, OSError) as e:  # a half-written or foreign file: say which one
+        raise CatalogError(f"{path}: unreadable cache metadata ({e}); delete the cache folder and "
+                           f"prepare again") from None
+
+
+def _open_mels(path, rows, mode="r"):
+    """A mel-*.npy file -> float16 memmap (rows, 1251, 128), its header checked, no unpickling."""
+    try:
+        mels = np.load(path, mmap_mode=mode, allow_pickle=False)
+    except (ValueError, OSError) as e:
+        raise CatalogError(f"{path}: not a log-mel file written by prepare ({e}); delete it and "
+                           f"prepare again") from None
+    if mels.dtype != np.float16 or mels.shape != (rows, MAX_FRAMES, N_MELS):
+        raise CatalogError(f"{path}: expected float16 {(rows, MAX_FRAMES, N_MELS)}, found {mels.dtype} "
+                           f"{mels.shape}; delete it and prepare again")
+    return mels
+
+
 class MelCache:
     """Read side of the cache. cache.mel(row) -> (frames, 128) float32; cache.has(row)."""
 
@@ -436,7 +525,7 @@ class MelCache:
         cmd = f"python data.py prepare --catalog {catalog.path} --cache {cache_dir}"
         if not metas:
             raise CatalogError(f"{cache_dir}: no log-mel cache here; build it with: {cmd}")
-        num_shards = {json.load(open(m))["num_shards"] for m in metas}
+        num_shards = {_load_meta(m)["num_shards"] for m in metas}
         if len(num_shards) != 1:
             raise CatalogError(f"{cache_dir}: shards of different runs ({sorted(num_shards)} shards); "
                                f"delete the folder and prepare again")
@@ -448,12 +537,12 @@ class MelCache:
             if not os.path.exists(meta_path) or not os.path.exists(len_path):
                 problems.append(f"shard {i}/{n} missing: {cmd} --shard {i}/{n}")
                 continue
-            meta = json.load(open(meta_path))
+            meta = _load_meta(meta_path)
             if meta["catalog_fingerprint"] != fp or meta["catalog_rows"] != len(catalog):
                 raise CatalogError(f"{meta_path}: built for another catalog ({meta['catalog_rows']} rows) "
                                    f"than {catalog.path} ({len(catalog)} rows, song_id/audio differ); "
                                    f"use another --cache folder or delete this one")
-            lens = np.load(len_path)
+            lens = _load_lengths(len_path, meta["stop_row"] - meta["start_row"])
             todo = np.flatnonzero(lens == NOT_DONE)
             if len(todo):
                 ids = ", ".join(catalog[meta["start_row"] + k].song_id for k in todo[:3])
@@ -475,8 +564,8 @@ class MelCache:
 
     def mel(self, row):
         if self._mels is None:
-            self._mels = [np.load(_shard_file(self.cache_dir, "mel", i, self.num_shards, "npy"),
-                                  mmap_mode="r") for i in range(self.num_shards)]
+            self._mels = [_open_mels(_shard_file(self.cache_dir, "mel", i, self.num_shards, "npy"),
+                                     len(self.lengths[i])) for i in range(self.num_shards)]
         i, k = self._locate(row)
         n = int(self.lengths[i][k])
         if n < 0:
@@ -507,18 +596,35 @@ class _DecodeRows(Dataset):
             return row, None, f"{type(e).__name__}: {e}".replace("\n", " ")
 
 
+class TooManyBadFiles(CatalogError):
+    """prepare: more songs failed to decode than max_bad allows. The good ones are cached."""
+
+    def __init__(self, message, counts):
+        super().__init__(message)
+        self.counts = counts
+
+
 def _as_is(item):  # a module-level function, not a lambda: spawned workers must pickle it
     return item
 
 
-def prepare(catalog_path, cache_dir, shard=(0, 1), num_workers=0):
-    """Compute song_mel for the rows of one shard into the cache. Resumable: rows already done
-    (len >= 0) are kept, rows not done or failed before are (re)computed. Returns counts."""
+def prepare(catalog_path, cache_dir, shard=(0, 1), num_workers=0, max_bad=0.01):
+    """Compute song_mel for the rows of one shard into the cache. Returns counts.
+
+    Resumable: rows already done (len >= 0) are kept, rows not done or failed before are
+    (re)computed; a run killed at any point loses at most FLUSH_SECONDS of work.
+    A file that cannot be decoded is skipped and listed in bad-*.csv (song_id, path, reason).
+    Only when more than `max_bad` of the shard's rows failed does it raise TooManyBadFiles,
+    after the good songs are saved, naming that report (default 1%, like the CLI's --max-bad;
+    max_bad=1.0 never raises, for callers that read counts["bad_fraction"] themselves).
+    """
     from tqdm import tqdm
     catalog = load_catalog(catalog_path)
     i, n = shard
     if not (n >= 1 and 0 <= i < n):
         raise ValueError(f"shard must be i/n with 0 <= i < n, got {i}/{n}")
+    if not 0.0 <= max_bad <= 1.0:
+        raise ValueError(f"max_bad is a fraction of the songs, 0 to 1; got {max_bad}")
     start, stop = shard_bounds(len(catalog), i, n)
     os.makedirs(cache_dir, exist_ok=True)
     others = {p for p in glob.glob(os.path.join(cache_dir, "meta-*-of-*.json"))
@@ -532,11 +638,11 @@ def prepare(catalog_path, cache_dir, shard=(0, 1), num_workers=0):
     mel_path = _shard_file(cache_dir, "mel", i, n, "npy")
     len_path = _shard_file(cache_dir, "len", i, n, "npy")
     if os.path.exists(meta_path) and os.path.exists(mel_path) and os.path.exists(len_path):
-        if json.load(open(meta_path)) != meta:
+        if _load_meta(meta_path) != meta:
             raise CatalogError(f"{meta_path}: built for another catalog or shard layout; use another "
                                f"--cache folder or delete this one")
-        mels = np.lib.format.open_memmap(mel_path, mode="r+")
-        lengths = np.load(len_path)
+        mels = _open_mels(mel_path, stop - start, mode="r+")
+        lengths = _load_lengths(len_path, stop - start)
     else:
         mels = np.lib.format.open_memmap(mel_path, mode="w+", dtype=np.float16,
                                          shape=(stop - start, MAX_FRAMES, N_MELS))
@@ -563,7 +669,7 @@ def prepare(catalog_path, cache_dir, shard=(0, 1), num_workers=0):
             mels[k, : len(mel)] = mel
             mels[k, len(mel):] = 0
             lengths[k] = len(mel)
-        if time.time() - last_flush > 30 or done == len(todo):
+        if time.time() - last_flush > FLUSH_SECONDS or done == len(todo):
             mels.flush()  # slots reach the disk before the lengths that declare them done
             _save_lengths(len_path, lengths)
             last_flush = time.time()
@@ -579,11 +685,20 @@ def prepare(catalog_path, cache_dir, shard=(0, 1), num_workers=0):
     elif os.path.exists(bad_path):
         os.remove(bad_path)  # every earlier failure decoded this time
     dt = time.time() - t0
+    bad_fraction = len(bad) / max(stop - start, 1)
     counts = {"rows": stop - start, "kept": kept, "computed": len(todo) - len(bad),
-              "failed": len(bad), "seconds": round(dt, 2)}
+              "failed": len(bad), "bad_fraction": bad_fraction, "report": bad_path if bad else None,
+              "seconds": round(dt, 2)}
     print(f"prepare shard {i}/{n} rows [{start}, {stop}): {counts['computed']} computed, {kept} kept "
-          f"from an earlier run, {len(bad)} failed" + (f" (see {bad_path})" if bad else "") +
+          f"from an earlier run, {len(bad)} failed" +
+          (f" ({bad_fraction:.1%}, max-bad {max_bad:.1%}; see {bad_path})" if bad else "") +
           f"; {dt:.1f} s, {len(todo) / max(dt, 1e-9):.1f} songs/s")
+    if bad_fraction > max_bad:
+        # the run is over and saved; the error is about the data, so the shell sees a failure
+        raise TooManyBadFiles(f"{bad_path}: {len(bad)} of {stop - start} songs ({bad_fraction:.1%}) failed "
+                              f"to decode, more than --max-bad {max_bad:.1%}; that file lists each one "
+                              f"and why. The other songs are cached: fix or drop the bad files and run "
+                              f"prepare again (only the failed rows are retried)", counts)
     return counts
 
 
@@ -604,10 +719,21 @@ def _failed_rows(rows, cache, what):
 
 class SongDataset(Dataset):
     """Stage 1: one song -> {"mel": (T, 128) float32, "text": X_t, "row": catalog row}.
-    Without a cache the audio is decoded on the fly (fine for small sets, slow for big ones)."""
 
-    def __init__(self, catalog, rows, cache=None):
-        self.catalog, self.cache = catalog, cache
+    With a cache, songs that failed in prepare are dropped up front (with a warning). Without
+    one the audio is decoded on the fly (fine for small sets, slow for big ones), so a bad file
+    is only found inside a DataLoader worker; `on_error` says what happens then:
+      "raise" (default): CatalogError naming the catalog row, the song, the file and the reason.
+               Evaluation needs this: every row must get an embedding, in order.
+      "skip":  the item is None, with a warning naming the song and the reason; Collator drops
+               None items and warns with the count. For training: one bad file should cost
+               one song, not the run. (A pre-scan would decode everything twice.)
+    """
+
+    def __init__(self, catalog, rows, cache=None, on_error="raise"):
+        if on_error not in ("raise", "skip"):
+            raise ValueError(f"on_error must be 'raise' or 'skip', not {on_error!r}")
+        self.catalog, self.cache, self.on_error = catalog, cache, on_error
         bad = set(_failed_rows(rows, cache, "songs"))
         self.rows = [r for r in rows if r not in bad]
 
@@ -615,25 +741,36 @@ class SongDataset(Dataset):
         return len(self.rows)
 
     def mel(self, row):
+        """(T, 128) log-mel of a catalog row; None when it cannot be decoded and on_error='skip'."""
         if self.cache is not None:
             return self.cache.mel(row)
         song = self.catalog[row]
         try:
             return song_mel(song.audio)
-        except Exception as e:
-            raise CatalogError(f"{self.catalog.path}: row {row} (song '{song.song_id}'), column 'audio': "
-                               f"cannot decode {song.audio}: {e}") from e
+        except Exception as e:  # whatever the decoder raised, the message says which row and why
+            msg = (f"{self.catalog.path}: row {row} (song '{song.song_id}'), column 'audio': "
+                   f"{type(e).__name__}: {e}")
+            if song.audio not in msg:  # AudioError and the OS errors name the file already
+                msg += f" ({song.audio})"
+            if self.on_error == "skip":
+                warnings.warn("skipping " + msg)
+                return None
+            raise CatalogError(msg) from e
 
     def __getitem__(self, k):
         row = self.rows[k]
-        return {"mel": self.mel(row), "text": self.catalog[row].text, "row": row}
+        mel = self.mel(row)
+        return None if mel is None else {"mel": mel, "text": self.catalog[row].text, "row": row}
 
 
 class PairDataset(SongDataset):
-    """Stage 2: one (trigger, recommended) pair -> the two songs' mels, texts and rows."""
+    """Stage 2: one (trigger, recommended) pair -> the two songs' mels, texts and rows.
+    on_error as in SongDataset; with "skip" a pair with a bad song is None."""
 
-    def __init__(self, catalog, pairs, cache=None):
-        self.catalog, self.cache = catalog, cache
+    def __init__(self, catalog, pairs, cache=None, on_error="raise"):
+        if on_error not in ("raise", "skip"):
+            raise ValueError(f"on_error must be 'raise' or 'skip', not {on_error!r}")
+        self.catalog, self.cache, self.on_error = catalog, cache, on_error
         bad = set(_failed_rows(sorted({r for p in pairs for r in p}), cache, "songs (and their pairs)"))
         self.pairs = [p for p in pairs if p[0] not in bad and p[1] not in bad]
 
@@ -642,7 +779,11 @@ class PairDataset(SongDataset):
 
     def __getitem__(self, k):
         t, r = self.pairs[k]
-        return {"trig_mel": self.mel(t), "rec_mel": self.mel(r),
+        trig_mel = self.mel(t)
+        rec_mel = None if trig_mel is None else self.mel(r)
+        if rec_mel is None:
+            return None
+        return {"trig_mel": trig_mel, "rec_mel": rec_mel,
                 "trig_text": self.catalog[t].text, "rec_text": self.catalog[r].text,
                 "trig_row": t, "rec_row": r}
 
@@ -655,6 +796,9 @@ class Collator:
     *text -> *tokens: the tokenizer's dict (input_ids, attention_mask[, token_type_ids]), padded
              to the batch's longest text, truncated at max_text_length (BERT: 512).
     *row  -> LongTensor (B,).
+    None items (songs that failed to decode, from a dataset with on_error="skip") are dropped
+    with a warning that counts them, so B can be smaller than the batch size. `skipped` counts
+    them per process: each DataLoader worker has its own copy and prints its own warnings.
     """
     # NOTE(paper): the released code pads/truncates every song to exactly 1251 frames with the
     # floor value; we pad to the batch max with zeros and hand the model a padding mask, which
@@ -662,8 +806,18 @@ class Collator:
 
     def __init__(self, tokenizer, max_text_length=512):
         self.tokenizer, self.max_text_length = tokenizer, max_text_length
+        self.skipped = 0
 
     def __call__(self, items):
+        kept = [it for it in items if it is not None]
+        if len(kept) < len(items):
+            self.skipped += len(items) - len(kept)
+            warnings.warn(f"Collator: dropped {len(items) - len(kept)} of {len(items)} items of this batch "
+                          f"whose audio failed to decode ({self.skipped} dropped so far in this process)")
+            if not kept:  # nothing to train on; an empty batch would fail later and less clearly
+                raise AudioError(f"all {len(items)} songs of this batch failed to decode; see the "
+                                 f"'skipping' warnings above (is the audio folder there?)")
+        items = kept
         batch = {}
         for key in items[0]:
             values = [it[key] for it in items]
@@ -1020,6 +1174,8 @@ def main(argv=None):
     q.add_argument("--cache", required=True, help="cache folder")
     q.add_argument("--shard", type=_shard_arg, default=(0, 1), help="i/n: rows [i*N//n, (i+1)*N//n) (default 0/1)")
     q.add_argument("--num_workers", type=int, default=0, help="decoding processes (default 0: in-process)")
+    q.add_argument("--max_bad", "--max-bad", type=float, default=0.01,
+                   help="fail (exit 1) when more than this fraction of songs cannot be decoded (default 0.01)")
     q = sub.add_parser("mine-pairs", allow_abbrev=False, help="co-occurrence pairs for HTCL_w_CF",
                        description="Mine (trigger, rec) pairs from users' favourite sequences (Table 2, HTCL_w_CF).")
     q.add_argument("--favourites", required=True, help="user log CSV: user_id,song_id,timestamp")
@@ -1041,7 +1197,7 @@ def main(argv=None):
     args = p.parse_args(argv)
 
     if args.command == "prepare":
-        prepare(args.catalog, args.cache, args.shard, args.num_workers)
+        prepare(args.catalog, args.cache, args.shard, args.num_workers, args.max_bad)
     elif args.command == "mine-pairs":
         catalog = load_catalog(args.catalog)
         pairs = mine_cooccurrence_pairs(load_favourites(args.favourites, catalog), args.window,

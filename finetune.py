@@ -63,7 +63,7 @@ def main(argv=None):
         return model(batch, stage=2, weights=weights, use_text=cfg.use_text,
                      use_trigger_text=cfg.use_trigger_text)
 
-    train(cfg, model, tokenizer, stage2_loss, data.PairDataset(catalog, train_pairs, cache),
+    train(cfg, model, tokenizer, stage2_loss, data.PairDataset(catalog, train_pairs, cache, on_error="skip"),
           data.PairDataset(catalog, val_pairs, cache), data.SongDataset(catalog, val_rows, cache), stage=2)
 
 

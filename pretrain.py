@@ -435,6 +435,11 @@ def load_songs(cfg):
         raise SystemExit("--catalog is required (or a --preset that sets it)")
     catalog = data.load_catalog(cfg.catalog)
     cache = data.MelCache.open(cfg.cache, catalog) if cfg.cache else None
+    if cache is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # Straight from audio, a song that fails to decode is dropped from its batch; the gathered
+        # loss needs equal batches on every process, and the cache drops such songs up front.
+        raise SystemExit(f"several processes need the log-mel cache: python data.py prepare "
+                         f"--catalog {cfg.catalog} --cache DIR, then --cache DIR")
     train_rows = data.split_rows(catalog, "train", seed=cfg.seed)
     val_rows = data.split_rows(catalog, "val", seed=cfg.seed)
     return catalog, cache, train_rows, val_rows
@@ -449,7 +454,10 @@ def main(argv=None):
     model = htcl.HTCL(cfg.model)
     model.freeze_unused(stage=1)
     val_set = data.SongDataset(catalog, val_rows, cache)
-    train(cfg, model, tokenizer, stage1_loss, data.SongDataset(catalog, train_rows, cache), val_set, val_set, stage=1)
+    # Straight from audio (no cache), a training song that fails to decode is skipped with a
+    # warning; held-out songs must all be there, so they raise.
+    train_set = data.SongDataset(catalog, train_rows, cache, on_error="skip")
+    train(cfg, model, tokenizer, stage1_loss, train_set, val_set, val_set, stage=1)
 
 
 if __name__ == "__main__":
