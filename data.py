@@ -1066,7 +1066,7 @@ def synth(out, songs=640, users=250, seed=3407, artists=60, max_pairs=4000):
 
     # users: a strong hidden-factor taste and a weak genre taste; 35-60 favourites each. Half the
     # favourites come from a "similar songs" channel, which also leans towards the previous song.
-    a_pref, b_pref = 0.7, 2.5  # b >> a
+    a_pref, b_pref = 0.7, 4.0  # b >> a: ~90% of a user's favourites carry their hidden factor
     favs, fav_rows = [], []
     for u in range(users):
         uid, ug, uh = f"u{u + 1:04d}", rng.integers(0, G), rng.integers(0, H)

@@ -1,18 +1,38 @@
 """Tests of behaviour, each against an independent computation (brute force, a hand-worked
-case, or a library reference). Run from the repo root:
+case, or a library reference), named for what they protect. Run from the repo root:
 
-    pip install -r requirements.txt && python -m pytest -q test_smoke.py
+    pip install -r requirements.txt pytest && python -m pytest -q test_smoke.py
+
+Sections: model (audio encoder, InfoNCE, distributed loss, hand-off) -> data (log-mel,
+catalogs, cache) -> faults (bad audio and files, security) -> evaluation metrics and
+protocols -> end to end on sample_data through the command lines (both stages, kill and
+resume, non-finite steps, accelerate launch with 2 processes).
 """
+import ast
+import csv
+import filecmp
+import importlib.util
+import json
 import math
 import os
+import pickle
+import signal
+import struct
 import subprocess
 import sys
+import time
+import warnings
 
+import numpy as np
 import pytest
+import soundfile as sf
 import torch
 import torch.nn.functional as F
 
+import data
+import evaluate as ev
 import model as htcl
+from data import AudioError, CatalogError
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 SAMPLE = os.path.join(ROOT, "sample_data")
@@ -271,6 +291,1442 @@ def test_wrapper_prefixes_are_stripped_from_saved_weights():
     state = {"module._orig_mod.audio_proj.0.weight": torch.ones(2), "module.logit_scale.at": torch.zeros(())}
     assert sorted(htcl.clean_state_dict(state)) == ["audio_proj.0.weight", "logit_scale.at"]
 
+# =============================================================================
+# data.py: audio front end, catalogs, behaviour files, cache, datasets
+# =============================================================================
+
+def tone(seconds, sr=16000, freq=440.0, amp=0.5):
+    t = np.arange(int(seconds * sr)) / sr
+    return (amp * np.sin(2 * np.pi * freq * t)).astype(np.float32)
+
+
+def write_catalog(path, rows, header=("song_id", "audio", "title", "artists", "lyrics")):
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        w.writerows(rows)
+    return str(path)
+
+
+# --- audio front end -------------------------------------------------------------------------
+
+def test_120s_song_gives_1251_frames_and_30s_gives_313():
+    rng = np.random.default_rng(0)
+    assert data.log_mel(torch.from_numpy(rng.standard_normal(120 * 16000).astype(np.float32)), 16000).shape == (1251, 128)
+    assert data.log_mel(torch.from_numpy(tone(30)), 16000).shape == (1 + 480000 // 1536, 128)
+
+
+def reference_log_mel(x):
+    """numpy reference: transformers' spectrogram with the same window, mel bank and power,
+    then librosa-style power_to_db(ref=max, top_db=80) and per-song standardization."""
+    from transformers.audio_utils import mel_filter_bank, spectrogram, window_function
+    fb = mel_filter_bank(1025, 128, 0.0, 8000.0, 16000, norm="slaney", mel_scale="slaney")
+    S = spectrogram(x.astype(np.float64), window_function(2048, "hann", periodic=True), 2048, 1536,
+                    power=2.0, center=True, pad_mode="constant", mel_filters=fb, mel_floor=1e-10,
+                    dtype=np.float64).T
+    db = 10 * np.log10(np.maximum(S, 1e-10)) - 10 * np.log10(max(S.max(), 1e-10))
+    db = np.maximum(db, db.max() - 80.0)
+    return (db - db.mean()) / (db.std() + 1e-8)
+
+
+def test_log_mel_matches_transformers_spectrogram():
+    rng = np.random.default_rng(1)
+    t = np.arange(10 * 16000) / 16000
+    x = (0.4 * np.sin(2 * np.pi * 330 * t) * (1 + np.sin(2 * np.pi * 0.5 * t))
+         + 0.05 * rng.standard_normal(t.size) * np.exp(-0.3 * t)).astype(np.float32)
+    ours = data.log_mel(torch.from_numpy(x), 16000)
+    assert ours.dtype == torch.float32
+    np.testing.assert_allclose(ours.numpy(), reference_log_mel(x), atol=1e-4)
+
+
+def test_log_mel_resamples_other_rates_first():
+    import soxr
+    x = tone(3, sr=22050, freq=1000.0)
+    ref = reference_log_mel(soxr.resample(x, 22050, 16000))
+    np.testing.assert_allclose(data.log_mel(torch.from_numpy(x), 22050).numpy(), ref, atol=1e-4)
+
+
+def test_silent_and_nan_input_give_finite_output():
+    silent = data.log_mel(torch.zeros(5 * 16000), 16000)
+    assert torch.equal(silent, torch.zeros_like(silent))
+    x = torch.from_numpy(tone(5))
+    x[1000:1100] = float("nan")
+    x[5] = float("inf")
+    with pytest.warns(UserWarning, match="101 non-finite"):
+        out = data.log_mel(x, 16000)
+    assert torch.isfinite(out).all() and out.std() > 0.5
+
+
+def test_load_audio_downmixes_stereo_and_resamples_44k(tmp_path):
+    left, right = tone(2, sr=44100, amp=0.6), tone(2, sr=44100, amp=0.2)
+    sf.write(tmp_path / "st.wav", np.stack([left, right], 1), 44100, subtype="FLOAT")
+    x = data.load_audio(str(tmp_path / "st.wav"))
+    assert x.dtype == np.float32 and x.ndim == 1 and abs(len(x) - 32000) <= 1
+    expected = tone(2, sr=16000, amp=0.4)  # mean of the channels, sampled at 16 kHz
+    np.testing.assert_allclose(x[2000:30000], expected[2000:30000], atol=2e-3)
+
+
+def test_long_file_reads_only_the_first_max_seconds(tmp_path, monkeypatch):
+    x = np.random.default_rng(2).uniform(-0.5, 0.5, 10 * 8000).astype(np.float32)
+    sf.write(tmp_path / "long.wav", x, 8000, subtype="FLOAT")
+    requested, read = [], sf.SoundFile.read
+
+    def spy(self, frames=-1, *args, **kwargs):
+        requested.append(frames)
+        return read(self, frames, *args, **kwargs)
+
+    monkeypatch.setattr(sf.SoundFile, "read", spy)
+    y = data.load_audio(str(tmp_path / "long.wav"), max_seconds=2)
+    assert requested == [2 * 8000]  # a bounded read, not the whole file
+    assert len(y) == 2 * 16000
+
+
+def test_short_song_is_padded_to_min_frames_and_long_song_clipped_to_1251(tmp_path):
+    sf.write(tmp_path / "short.wav", tone(0.5), 16000)
+    sf.write(tmp_path / "long.wav", tone(125, sr=8000), 8000)
+    assert data.song_mel(str(tmp_path / "short.wav")).shape == (data.MIN_FRAMES, 128)
+    assert data.song_mel(str(tmp_path / "long.wav")).shape == (1251, 128)
+
+
+# --- catalog and behaviour files -------------------------------------------------------------
+
+def test_catalog_reads_csv_and_jsonl_and_builds_text(tmp_path):
+    p = write_catalog(tmp_path / "c.csv", [["a", "x/a.wav", "T", "Ar", "la\nla"], ["b", "/abs/b.wav", "", "B", ""]],
+                      header=("song_id", "audio", "title", "artists", "lyrics", "genre")[:5])
+    cat = data.load_catalog(p)
+    assert len(cat) == 2 and cat.index == {"a": 0, "b": 1}
+    assert cat[0].audio == os.path.join(str(tmp_path), "x", "a.wav") and cat[1].audio == "/abs/b.wav"
+    assert cat[0].text == "title: T; artists: Ar; lyrics: la\nla"
+    with open(tmp_path / "c.jsonl", "w") as f:
+        f.write(json.dumps({"song_id": "a", "audio": "a.wav", "title": "T", "artists": "", "lyrics": "", "genre": "rock"}) + "\n")
+    cat = data.load_catalog(str(tmp_path / "c.jsonl"))
+    assert cat[0].labels == {"genre": "rock"} and cat.rows_with("genre", "rock") == [0]
+
+
+@pytest.mark.parametrize("case", ["missing_column", "duplicate", "empty_text", "non_utf8", "bad_json"])
+def test_catalog_errors_name_file_and_row(tmp_path, case):
+    p = str(tmp_path / "cat.csv")
+    if case == "missing_column":
+        write_catalog(p, [["a", "a.wav", "T", "A"]], header=("song_id", "audio", "title", "artists"))
+        expect = ["cat.csv", "line 1", "lyrics"]
+    elif case == "duplicate":
+        write_catalog(p, [["a", "a.wav", "T", "", ""], ["b", "b.wav", "T", "", ""], ["a", "c.wav", "T", "", ""]])
+        expect = ["cat.csv", "'a'", "row 0", "row 2", "song_id"]
+    elif case == "empty_text":
+        write_catalog(p, [["a", "a.wav", "T", "", ""], ["b", "b.wav", " ", "", ""]])
+        expect = ["cat.csv", "row 1", "line 3", "title"]
+    elif case == "non_utf8":
+        with open(p, "wb") as f:
+            f.write(b"song_id,audio,title,artists,lyrics\na,a.wav,T,,\nb,b.wav,Caf\xe9,,\n")
+        expect = ["cat.csv", "line 3", "byte offset 58"]  # 35 header + 12 row bytes + len("b,b.wav,Caf")
+    else:
+        p = str(tmp_path / "cat.jsonl")
+        with open(p, "w") as f:
+            f.write('{"song_id": "a", "audio": "a.wav", "title": "T", "artists": "", "lyrics": ""}\n{"song_id": "b",\n')
+        expect = ["cat.jsonl", "line 2", "malformed JSON"]
+    with pytest.raises(CatalogError) as e:
+        data.load_catalog(p)
+    for s in expect:
+        assert s in str(e.value), (s, str(e.value))
+
+
+def test_split_rows_uses_split_column_or_seeded_90_10(tmp_path):
+    rows = [[f"s{i}", f"{i}.wav", "t", "", ""] for i in range(50)]
+    cat = data.load_catalog(write_catalog(tmp_path / "c.csv", rows))
+    train, val = data.split_rows(cat, "train"), data.split_rows(cat, "val")
+    assert len(val) == 5 and sorted(train + val) == list(range(50))
+    assert data.split_rows(cat, "test") == [] and data.split_rows(cat, "val") == val
+    cat = data.load_catalog(write_catalog(tmp_path / "d.csv", [r + [("train", "val", "test")[i % 3]] for i, r in enumerate(rows)],
+                                          header=("song_id", "audio", "title", "artists", "lyrics", "split")))
+    assert data.split_rows(cat, "test") == list(range(2, 50, 3))
+
+
+def test_load_pairs_drops_unknown_ids_with_a_count_and_raises_when_none_left(tmp_path):
+    cat = data.load_catalog(write_catalog(tmp_path / "c.csv", [[s, f"{s}.wav", "t", "", ""] for s in "abc"]))
+    p = tmp_path / "pairs.csv"
+    p.write_text("trigger_song_id,rec_song_id\na,b\na,zz\nyy,c\nc,a\n")
+    with pytest.warns(UserWarning, match=r"dropped 2 of 4 rows.*line 3: 'zz'.*line 4: 'yy'"):
+        assert data.load_pairs(str(p), cat) == [(0, 1), (2, 0)]
+    p.write_text("trigger_song_id,rec_song_id\nzz,a\n")
+    with pytest.raises(CatalogError, match="pairs.csv: no usable pairs"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        data.load_pairs(str(p), cat)
+    p.write_text("trigger,rec_song_id\na,b\n")
+    with pytest.raises(CatalogError, match="pairs.csv: line 1.*trigger_song_id"):
+        data.load_pairs(str(p), cat)
+
+
+def test_favourites_sorted_by_user_then_time_and_bad_timestamp_named(tmp_path):
+    cat = data.load_catalog(write_catalog(tmp_path / "c.csv", [[s, f"{s}.wav", "t", "", ""] for s in "abc"]))
+    p = tmp_path / "fav.csv"
+    p.write_text("user_id,song_id,timestamp\nu2,a,5\nu1,c,20\nu1,b,2024-01-01T00:00:00\nu1,zz,1\nu1,a,10\n")
+    with pytest.warns(UserWarning, match="dropped 1 of 5"):
+        favs = data.load_favourites(str(p), cat)
+    assert [(u, r) for u, r, _ in favs] == [("u1", 0), ("u1", 2), ("u1", 1), ("u2", 0)]
+    p.write_text("user_id,song_id,timestamp\nu1,a,1\nu1,b,yesterday\n")
+    with pytest.raises(CatalogError, match="fav.csv: line 3 .*timestamp"):
+        data.load_favourites(str(p), cat)
+
+
+def test_cooccurrence_pairs_match_hand_worked_log():
+    favs = [("u1", 0, 1.0), ("u1", 1, 2.0), ("u1", 2, 3.0), ("u1", 3, 4.0),
+            ("u2", 1, 1.0), ("u2", 0, 2.0), ("u2", 4, 3.0),
+            ("u3", 5, 1.0), ("u3", 5, 2.0), ("u3", 6, 3.0)]
+    # window 3: u1 [0,1,2,3] -> 01 02 12 13 23; u2 [1,0,4] -> 10 (= 01, dropped) 14 04; u3 [5,5,6] -> 56 (55 is a self pair)
+    assert data.mine_cooccurrence_pairs(favs, window=3) == [(0, 1), (0, 2), (1, 2), (1, 3), (2, 3), (1, 4), (0, 4), (5, 6)]
+    # window 2 = consecutive favourites only
+    assert data.mine_cooccurrence_pairs(favs, window=2) == [(0, 1), (1, 2), (2, 3), (0, 4), (5, 6)]
+    capped = data.mine_cooccurrence_pairs(favs, window=3, max_pairs_per_user=2)
+    assert len(capped) <= 6 and set(capped) <= set(data.mine_cooccurrence_pairs(favs, window=3)) | {(1, 0)}
+
+
+# --- cache, datasets, collator ---------------------------------------------------------------
+
+def test_prepare_in_two_shards_round_trips_resumes_and_reports_bad_files(tmp_path, capsys):
+    audio = tmp_path / "audio"
+    audio.mkdir()
+    rng = np.random.default_rng(3)
+    sf.write(audio / "a.wav", tone(3.0), 16000)
+    sf.write(audio / "b.flac", np.stack([tone(2.0, sr=22050), tone(2.0, sr=22050, freq=660)], 1), 22050)
+    sf.write(audio / "c.wav", tone(0.4, freq=200), 16000)  # shorter than MIN_FRAMES
+    (audio / "d.wav").write_bytes(b"RIFF not really a wav file")
+    sf.write(audio / "e.wav", rng.uniform(-0.3, 0.3, 4 * 16000).astype(np.float32), 16000)
+    rows = [[s, f"audio/{f}", f"song {s}", "artist", ""] for s, f in
+            zip("abcde", ["a.wav", "b.flac", "c.wav", "d.wav", "e.wav"])]
+    cat_path = write_catalog(tmp_path / "cat.csv", rows)
+    cat, cache_dir = data.load_catalog(cat_path), str(tmp_path / "cache")
+
+    data.main(["prepare", "--catalog", cat_path, "--cache", cache_dir, "--shard", "0/2"])  # rows 0-1
+    with pytest.raises(CatalogError, match=r"shard 1/2 missing: .*--shard 1/2"):
+        data.MelCache.open(cache_dir, cat)
+    counts = data.prepare(cat_path, cache_dir, shard=(1, 2), num_workers=2, max_bad=0.5)  # rows 2-4, d fails
+    assert counts == {**counts, "rows": 3, "computed": 2, "failed": 1, "kept": 0}
+    with open(os.path.join(cache_dir, "bad-00001-of-00002.csv")) as f:
+        bad = list(csv.DictReader(f))
+    assert [b["song_id"] for b in bad] == ["d"] and bad[0]["path"].endswith("d.wav")
+
+    cache = data.MelCache.open(cache_dir, cat)
+    assert [cache.has(r) for r in range(5)] == [True, True, True, False, True]
+    for r in (0, 1, 2, 4):
+        np.testing.assert_allclose(cache.mel(r).numpy(), data.song_mel(cat[r].audio).numpy(), atol=5e-3)
+    assert cache.mel(2).shape == (data.MIN_FRAMES, 128)
+
+    again = data.prepare(cat_path, cache_dir, shard=(1, 2), max_bad=0.5)  # done rows are kept, the failure is retried
+    assert (again["kept"], again["computed"], again["failed"]) == (2, 0, 1)
+    assert "1 failed" in capsys.readouterr().out
+
+    # a cache built for another catalog is refused
+    other = data.load_catalog(write_catalog(tmp_path / "other.csv", rows[:4] + [["e", "audio/x.wav", "t", "", ""]]))
+    with pytest.raises(CatalogError, match="another catalog"):
+        data.MelCache.open(cache_dir, other)
+
+    # the datasets skip the failed song and its pairs; the collator batches what is left
+    from transformers import BertTokenizer
+    tok = BertTokenizer(vocab={w: i for i, w in enumerate(
+        ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "title", "artists", "lyrics", ":", ";", "song", "artist"] + list("abcde"))})
+    collate = data.Collator(tok)
+    with pytest.warns(UserWarning, match="skipping 1 songs"):
+        songs = data.SongDataset(cat, list(range(5)), cache)
+    assert len(songs) == 4
+    batch = collate([songs[k] for k in range(4)])
+    assert batch["mel"].shape == (4, 1 + 4 * 16000 // 1536, 128)  # e.wav, 4 s, is the longest and batch["row"].tolist() == [0, 1, 2, 4]
+    with pytest.warns(UserWarning):
+        pairs = data.PairDataset(cat, [(0, 1), (3, 0), (4, 2)], cache)
+    assert pairs.pairs == [(0, 1), (4, 2)]
+    assert torch.equal(pairs[1]["rec_mel"], cache.mel(2))
+    no_cache = data.SongDataset(cat, [0])
+    np.testing.assert_allclose(no_cache[0]["mel"].numpy(), cache.mel(0).numpy(), atol=5e-3)
+
+
+def test_collator_pads_mels_with_masks_and_tokenizes_texts():
+    from transformers import BertTokenizer
+    tok = BertTokenizer(vocab={w: i for i, w in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "x", "y"])})
+    collate = data.Collator(tok, max_text_length=6)
+    mels = [torch.randn(n, 128) for n in (20, 31, 5)]
+    batch = collate([{"mel": m, "text": t, "row": r} for m, t, r in zip(mels, ["x", "x y x y x y x y", "y"], [7, 8, 9])])
+    assert set(batch) == {"mel", "padding_mask", "tokens", "row"}
+    assert batch["mel"].shape == (3, 31, 128) and batch["mel"].dtype == torch.float32
+    assert batch["padding_mask"].sum(1).tolist() == [11, 0, 26] and batch["padding_mask"][0, 19:21].tolist() == [False, True]
+    assert torch.equal(batch["mel"][2, :5], mels[2]) and batch["mel"][2, 5:].abs().sum() == 0
+    assert batch["tokens"]["input_ids"].shape == (3, 6)  # the long text is truncated at 6
+    assert batch["tokens"]["attention_mask"].sum(1).tolist() == [3, 6, 3]
+    assert batch["row"].dtype == torch.long and batch["row"].tolist() == [7, 8, 9]
+    short = collate([{"trig_mel": torch.randn(4, 128), "rec_mel": torch.randn(6, 128), "trig_text": "x",
+                      "rec_text": "y", "trig_row": 0, "rec_row": 1}])
+    assert set(short) == {"trig_mel", "trig_padding_mask", "rec_mel", "rec_padding_mask",
+                          "trig_tokens", "rec_tokens", "trig_row", "rec_row"}
+    assert short["trig_mel"].shape == (1, data.MIN_FRAMES, 128) and short["trig_padding_mask"].sum() == data.MIN_FRAMES - 4
+
+
+# --- synthetic world ---------------------------------------------------------------------------
+
+def test_synth_is_deterministic_and_loads(tmp_path):
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    for out in (a, b):
+        data.synth(out, songs=14, users=3, seed=11, artists=6, max_pairs=50)
+    for name in ["catalog.csv", "favourites.csv", "pairs.csv", "impressions.csv", "artist_graph.csv",
+                 "artist_split.csv", "tiny-bert/tokenizer.json", "tiny-bert/tokenizer_config.json",
+                 "tiny-bert/config.json"]:
+        assert filecmp.cmp(os.path.join(a, name), os.path.join(b, name), shallow=False), name
+    cat = data.load_catalog(os.path.join(a, "catalog.csv"))
+    for song in cat.songs:
+        assert filecmp.cmp(song.audio, song.audio.replace(a, b), shallow=False), song.audio
+        assert song.labels["hidden_factor"] not in song.text  # the hidden factor is never written
+    favs = data.load_favourites(os.path.join(a, "favourites.csv"), cat)
+    assert len(favs) == 3 * 13  # 35-60 favourites, capped at songs - 1 for this tiny world
+    train = set(data.split_rows(cat, "train"))
+    assert all(t in train and r in train for t, r in data.load_pairs(os.path.join(a, "pairs.csv"), cat))
+    from transformers import AutoConfig, AutoTokenizer
+    tok, cfg = AutoTokenizer.from_pretrained(os.path.join(a, "tiny-bert")), AutoConfig.from_pretrained(os.path.join(a, "tiny-bert"))
+    assert cfg.vocab_size == len(tok) and cfg.hidden_size == 64
+    assert tok.unk_token_id not in tok(cat[0].text)["input_ids"]
+
+
+def test_cli_mine_pairs_writes_song_ids_and_typos_fail(tmp_path):
+    write_catalog(tmp_path / "c.csv", [[s, f"{s}.wav", "t", "", "", sp] for s, sp in zip("abcde", ["train"] * 4 + ["test"])],
+                  header=("song_id", "audio", "title", "artists", "lyrics", "split"))
+    (tmp_path / "fav.csv").write_text("user_id,song_id,timestamp\nu1,a,1\nu1,b,2\nu1,e,3\nu1,c,4\nu2,d,1\nu2,a,2\n")
+    args = ["mine-pairs", "--favourites", str(tmp_path / "fav.csv"), "--catalog", str(tmp_path / "c.csv"),
+            "--out", str(tmp_path / "p.csv"), "--window", "3"]
+    data.main(args)
+    # u1 a b e c: ab ae be bc ec -> without test song e: ab bc; u2 d a: da
+    assert (tmp_path / "p.csv").read_text() == "trigger_song_id,rec_song_id\na,b\nb,c\nd,a\n"
+    for bad in (["mine-pair"] + args[1:], args + ["--windw", "2"], ["prepare", "--catalog", "c", "--cache", "d", "--shard", "2/2"]):
+        with pytest.raises(SystemExit):
+            data.main(bad)
+
+
+# =============================================================================
+# data.py fault tolerance: bad audio, bad files, killed prepare, security
+# =============================================================================
+
+def tones(seconds, sr=16000):
+    t = np.arange(int(seconds * sr)) / sr
+    return (0.3 * np.sin(2 * np.pi * 440 * t) + 0.2 * np.sin(2 * np.pi * 1500 * t)).astype(np.float32)
+
+
+def music(seconds=3.0, sr=16000):
+    """Tones over broadband noise: every mel bin well above 8-bit quantization noise (-48 dBFS)."""
+    noise = np.random.default_rng(1).uniform(-0.2, 0.2, int(seconds * sr)).astype(np.float32)
+    return 0.6 * (tones(seconds, sr) + noise)
+
+
+def read_report(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def tokenizer():
+    from transformers import BertTokenizer
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "title", "artists", "lyrics", ":", ";"]
+    return BertTokenizer(vocab={w: i for i, w in enumerate(words + list("abcdefghijklmnopqrstuvwxyz"))})
+
+
+# --- bad audio: each kind through song_mel and through prepare --------------------------------
+#
+# A case writes its file to `path` (or leaves it missing) and says what must happen:
+#   ("bad", text): song_mel raises, prepare skips the song and reports it with `text` in the reason
+#   ("ok", check): song_mel and prepare both give a finite mel; check(mel, tmp_path) compares it
+
+def _wav_bytes(tmp_path, x, sr=16000, subtype="PCM_16"):
+    sf.write(tmp_path / "src.wav", x, sr, subtype=subtype)
+    return (tmp_path / "src.wav").read_bytes()
+
+
+def _flac_bytes(tmp_path):
+    sf.write(tmp_path / "src.flac", music(3.0), 16000)
+    return (tmp_path / "src.flac").read_bytes()
+
+
+def _close_to(reference, max_abs=None, mean_abs=None, skip_edge_frames=0):
+    """check(): the mel is near the reference waveform's (16 kHz, PCM_16 or float)."""
+    def check(mel, tmp_path):
+        ref = data.log_mel(torch.from_numpy(reference), 16000).numpy()
+        assert mel.shape == ref.shape
+        err = np.abs(mel.numpy() - ref)
+        if skip_edge_frames:  # the resampler's filter transient sits in the first/last frame
+            err = err[skip_edge_frames:-skip_edge_frames]
+        if max_abs is not None:
+            assert err.max() < max_abs, err.max()
+        if mean_abs is not None:
+            assert err.mean() < mean_abs, err.mean()
+    return check
+
+
+def _silent(mel, tmp_path):
+    assert torch.count_nonzero(mel) == 0  # the -80 dB floor everywhere, standardized to 0, not NaN
+
+
+def _nan_inf(mel, tmp_path):
+    clean = music(3.0)
+    clean[[100, 5000, 20000]] = 0.0  # the non-finite samples become 0
+    _close_to(clean, max_abs=1e-4)(mel, tmp_path)
+
+
+def _one_second(mel, tmp_path):
+    assert mel.shape == (data.MIN_FRAMES, 128)  # 1 s = 11 frames, padded with silence to 17
+
+
+def _truncated_data(mel, tmp_path):
+    assert mel.shape == (1 + 32000 // data.HOP_LENGTH, 128)  # the 2 s that are there
+
+
+def _write_case(case, path, tmp_path):
+    """Write the file for `case` at `path`; return its expectation."""
+    if case == "truncated_header":
+        path.write_bytes(_wav_bytes(tmp_path, music(1.0))[:30])
+        return "bad", "No 'data' chunk"
+    if case == "truncated_flac":
+        b = _flac_bytes(tmp_path)
+        path.write_bytes(b[: len(b) // 3])
+        return "bad", "flac decoder lost sync"
+    if case == "corrupt_flac":  # 2000 zeroed bytes in the middle of the stream
+        b = bytearray(_flac_bytes(tmp_path))
+        b[len(b) // 2: len(b) // 2 + 2000] = bytes(2000)
+        path.write_bytes(bytes(b))
+        return "bad", "flac decoder"
+    if case == "truncated_wav_data":  # header promises 4 s, 2 s present: the rest is just absent
+        b = _wav_bytes(tmp_path, music(4.0))
+        path.write_bytes(b[: 44 + 2 * 32000])
+        return "ok", _truncated_data
+    if case == "header_only_wav":
+        path.write_bytes(_wav_bytes(tmp_path, music(1.0))[:44])
+        return "bad", "no audio frames"
+    if case == "zero_length":
+        path.write_bytes(b"")
+        return "bad", "empty file (0 bytes)"
+    if case == "missing":
+        return "bad", "FileNotFoundError"
+    if case == "directory":
+        path.mkdir()
+        return "bad", "not a regular file"
+    if case == "unreadable_chmod":
+        if os.geteuid() == 0:
+            pytest.skip("running as root, which reads a chmod 000 file anyway; 'unreadable_simulated' covers it")
+        sf.write(path, music(1.0), 16000, format="WAV")
+        os.chmod(path, 0)
+        return "bad", "PermissionError"
+    if case == "random_bytes_xyz":  # no 0xFF byte, so no MP3 frame sync can be found by chance
+        path.write_bytes(bytes(np.random.default_rng(1).integers(0, 255, 5000).astype(np.uint8)))
+        return "bad", "Format not recognised"
+    if case == "text_as_wav":
+        path.write_text("song_id,title\nnot,audio\n" * 20)
+        return "bad", "Format not recognised"
+    if case == "silent":
+        sf.write(path, np.zeros(3 * 16000, np.float32), 16000, format="WAV")
+        return "ok", _silent
+    if case == "nan_inf":
+        x = music(3.0)
+        x[[100, 5000, 20000]] = [np.nan, np.inf, -np.inf]
+        sf.write(path, x, 16000, format="WAV", subtype="FLOAT")
+        return "ok", _nan_inf
+    if case in ("pcm_u8", "pcm_24", "float32"):
+        subtype = {"pcm_u8": "PCM_U8", "pcm_24": "PCM_24", "float32": "FLOAT"}[case]
+        sf.write(path, music(3.0), 16000, format="WAV", subtype=subtype)
+        sf.write(tmp_path / "ref16.wav", music(3.0), 16000, subtype="PCM_16")
+        ref16 = data.load_audio(str(tmp_path / "ref16.wav"))
+        # 8-bit has its own noise floor 48 dB down, so only the average may move; 24-bit and float
+        # differ from 16-bit by 16-bit's rounding alone
+        return "ok", _close_to(ref16, mean_abs=0.03) if case == "pcm_u8" else _close_to(ref16, max_abs=0.005)
+    if case in ("stereo", "six_channels"):
+        ch = 2 if case == "stereo" else 6
+        gains = np.linspace(0.5, 1.5, ch, dtype=np.float32)  # mean gain 1: the downmix is music()
+        sf.write(path, music(3.0)[:, None] * gains, 16000, format="WAV", subtype="FLOAT")
+        return "ok", _close_to(music(3.0), max_abs=1e-3)
+    if case in ("8khz", "48khz"):
+        sr = 8000 if case == "8khz" else 48000
+        sf.write(path, tones(3.0, sr), sr, format="WAV", subtype="FLOAT")  # both tones < 4 kHz
+        return "ok", _close_to(tones(3.0), max_abs=0.02, skip_edge_frames=1)
+    if case == "one_second":
+        sf.write(path, music(1.0), 16000, format="WAV")
+        return "ok", _one_second
+    raise AssertionError(case)
+
+
+AUDIO_CASES = ["truncated_header", "truncated_flac", "corrupt_flac", "truncated_wav_data", "header_only_wav",
+               "zero_length", "missing", "directory", "unreadable_chmod", "unreadable_simulated",
+               "random_bytes_xyz", "text_as_wav", "silent", "nan_inf", "pcm_u8", "pcm_24", "float32",
+               "stereo", "six_channels", "8khz", "48khz", "one_second"]
+
+
+@pytest.mark.parametrize("case", AUDIO_CASES)
+def test_bad_audio_is_skipped_and_reported_and_odd_audio_decodes(tmp_path, monkeypatch, case):
+    ext = {"random_bytes_xyz": ".xyz", "truncated_flac": ".flac", "corrupt_flac": ".flac"}.get(case, ".wav")
+    path = tmp_path / f"x{ext}"
+    if case == "unreadable_simulated":
+        # as root a chmod 000 file stays readable, so make open() of this one path fail the way it
+        # does for a normal user; this checks that data.py opens the file itself (not libsndfile)
+        # and that the OS's PermissionError becomes a reported skip, not a crash
+        sf.write(path, music(1.0), 16000, format="WAV")
+        real_open = open
+
+        def open_denied(file, *args, **kwargs):
+            if os.fspath(file) == str(path):
+                raise PermissionError(13, "Permission denied", str(path))
+            return real_open(file, *args, **kwargs)
+
+        monkeypatch.setattr(data, "open", open_denied, raising=False)
+        kind, expect = "bad", "PermissionError"
+    else:
+        kind, expect = _write_case(case, path, tmp_path)
+
+    # song_mel directly
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        if kind == "bad":
+            with pytest.raises((AudioError, OSError)) as e:
+                data.song_mel(str(path))
+            assert expect in f"{type(e.value).__name__}: {e.value}"
+        else:
+            mel = data.song_mel(str(path))
+            assert torch.isfinite(mel).all()
+            expect(mel, tmp_path)
+    if case == "nan_inf":
+        assert any("3 non-finite samples replaced with 0" in str(w.message) for w in caught)
+
+    # through prepare: a good song and this one; the run goes on whatever this one is
+    sf.write(tmp_path / "good.wav", music(2.0), 16000)
+    cat_path = write_catalog(tmp_path / "cat.csv", [["good", "good.wav", "Good", "A", ""],
+                                                    ["x", path.name, "X", "B", ""]])
+    cache_dir = str(tmp_path / "cache")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the NaN warning, already checked above
+        counts = data.prepare(cat_path, cache_dir, max_bad=1.0)
+    cat = data.load_catalog(cat_path)
+    report = os.path.join(cache_dir, "bad-00000-of-00001.csv")
+    if kind == "bad":
+        assert (counts["computed"], counts["failed"], counts["report"]) == (1, 1, report)
+        (row,) = read_report(report)
+        assert row["song_id"] == "x" and row["path"] == str(path) and expect in row["reason"], row
+        assert not data.MelCache.open(cache_dir, cat).has(1)
+    else:
+        assert (counts["computed"], counts["failed"]) == (2, 0) and not os.path.exists(report)
+        cache = data.MelCache.open(cache_dir, cat)
+        mel = cache.mel(1)
+        assert torch.isfinite(mel).all()
+        np.testing.assert_allclose(mel.numpy(), data.song_mel(str(path)).numpy(), atol=5e-3)  # float16 slot
+
+
+def test_prepare_fails_only_over_max_bad_and_names_the_report(tmp_path, capsys):
+    sf.write(tmp_path / "a.wav", music(1.0), 16000)
+    rows = [[f"s{i}", "a.wav", "t", "", ""] for i in range(9)] + [["bad", "nope.wav", "t", "", ""]]
+    cat_path, cache_dir = write_catalog(tmp_path / "cat.csv", rows), str(tmp_path / "cache")
+    report = os.path.join(cache_dir, "bad-00000-of-00001.csv")
+    with pytest.raises(data.TooManyBadFiles) as e:  # 1 of 10 = 10% > 5%
+        data.prepare(cat_path, cache_dir, max_bad=0.05)
+    assert str(e.value).startswith(report) and "1 of 10 songs (10.0%)" in str(e.value)
+    assert e.value.counts["computed"] == 9  # the good songs were saved before the error
+    out = capsys.readouterr().out
+    assert "9 computed, 0 kept from an earlier run, 1 failed (10.0%, max-bad 5.0%; see " + report in out
+    counts = data.prepare(cat_path, cache_dir, max_bad=0.1)  # 10% is not over 10%: no error
+    assert (counts["kept"], counts["computed"], counts["failed"]) == (9, 0, 1)
+
+    # the command line: exit status 1 at the default 1%, 0 with --max-bad 0.5; the message names the report
+    cmd = [sys.executable, os.path.join(ROOT, "data.py"), "prepare", "--catalog", cat_path, "--cache", cache_dir]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    assert r.returncode == 1 and f"error: {report}: 1 of 10 songs (10.0%)" in r.stderr, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr
+    r = subprocess.run(cmd + ["--max-bad", "0.5"], capture_output=True, text=True, env=env)
+    assert r.returncode == 0 and "1 failed (10.0%, max-bad 50.0%" in r.stdout, r.stderr[-2000:]
+
+
+def test_20_minute_song_decodes_only_the_first_120_s(tmp_path):
+    """Peak RSS of a process running song_mel on a 20-minute 48 kHz stereo WAV, against one running
+    it on a 1 s file (imports, mel bank): the difference is what decoding costs."""
+    big, small = tmp_path / "long.wav", tmp_path / "short.wav"
+    sr, minutes = 48000, 20
+    # a 16-bit stereo WAV written by hand: 130 s of tones, then a sparse tail of zeros (silence),
+    # so the shared machine's disk is spared 200 MB of writes; the reader cannot tell the difference
+    frames = minutes * 60 * sr
+    header = struct.pack("<4sI4s4sIHHIIHH4sI", b"RIFF", 36 + 4 * frames, b"WAVE", b"fmt ", 16, 1, 2, sr,
+                         4 * sr, 4, 16, b"data", 4 * frames)
+    head = (tones(130, sr) * 32767).astype("<i2")
+    with open(big, "wb") as f:
+        f.write(header + np.stack([head, head], 1).tobytes())
+        f.truncate(len(header) + 4 * frames)
+    assert sf.info(str(big)).frames == frames and sf.info(str(big)).channels == 2
+    sf.write(small, music(1.0), 16000)
+    size = os.path.getsize(big)
+    full_decode = minutes * 60 * sr * 2 * 4  # float32 (frames, 2): what reading it all would hold
+    # a driver process runs the two children one after the other, so RUSAGE_CHILDREN after each is
+    # that child's peak (ru_maxrss is a max over children; the driver has no others)
+    child = ("import sys, data; m = data.song_mel(sys.argv[1]); "
+             "assert tuple(m.shape) in ((17, 128), (1251, 128)), m.shape")
+    driver = (f"import json, resource, subprocess, sys\n"
+              f"out = []\n"
+              f"for p in sys.argv[1:]:\n"
+              f"    subprocess.run([sys.executable, '-c', {child!r}, p], check=True, cwd={ROOT!r})\n"
+              f"    out.append(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024)\n"
+              f"print(json.dumps(out))\n")
+    r = subprocess.run([sys.executable, "-c", driver, str(small), str(big)], capture_output=True, text=True,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    base, peak = json.loads(r.stdout.strip().splitlines()[-1])
+    extra = peak - base
+    print(f"\n20-min 48 kHz stereo WAV: file {size / 2**20:.0f} MiB; whole-file float32 decode would be "
+          f"{full_decode / 2**20:.0f} MiB; song_mel peak RSS {peak / 2**20:.0f} MiB, "
+          f"{extra / 2**20:.0f} MiB over a 1 s song ({base / 2**20:.0f} MiB)")
+    assert extra < 0.3 * full_decode and extra < size
+
+
+# --- resume and interruption ----------------------------------------------------------------
+
+def test_resume_recomputes_only_rows_not_done_and_leaves_kept_slots_alone(tmp_path):
+    rows = []
+    for k in range(6):
+        sf.write(tmp_path / f"{k}.wav", music(1.0 + 0.3 * k), 16000)
+        rows.append([f"s{k}", f"{k}.wav", "t", "", ""])
+    cat_path, cache_dir = write_catalog(tmp_path / "cat.csv", rows), str(tmp_path / "cache")
+    assert data.prepare(cat_path, cache_dir)["computed"] == 6
+    mel_path, len_path = (os.path.join(cache_dir, f"{k}-00000-of-00001.npy") for k in ("mel", "len"))
+    # mark rows 1 and 4 not done; stamp a marker into every kept slot, which a recompute would overwrite
+    lengths = np.load(len_path, allow_pickle=False)
+    true_lengths = lengths.copy()
+    lengths[[1, 4]] = data.NOT_DONE
+    np.save(len_path, lengths)
+    mels = np.lib.format.open_memmap(mel_path, mode="r+")
+    mels[[0, 2, 3, 5]] = 7.0
+    mels[[1, 4]] = np.nan
+    mels.flush()
+    kept_bytes = np.array(mels[[0, 2, 3, 5]]).tobytes()
+    del mels
+
+    counts = data.prepare(cat_path, cache_dir)
+    assert (counts["kept"], counts["computed"], counts["failed"]) == (4, 2, 0)
+    mels = np.load(mel_path, mmap_mode="r", allow_pickle=False)
+    assert np.array(mels[[0, 2, 3, 5]]).tobytes() == kept_bytes  # untouched
+    np.testing.assert_array_equal(np.load(len_path, allow_pickle=False), true_lengths)
+    cache = data.MelCache.open(cache_dir, data.load_catalog(cat_path))
+    for r in (1, 4):
+        np.testing.assert_allclose(cache.mel(r).numpy(), data.song_mel(str(tmp_path / f"{r}.wav")).numpy(), atol=5e-3)
+
+
+def test_prepare_killed_mid_run_resumes_to_a_complete_correct_cache(tmp_path):
+    n = 200
+    for k in range(n):
+        sf.write(tmp_path / f"{k}.wav", tones(0.5 + 0.01 * k), 16000)
+    cat_path = write_catalog(tmp_path / "cat.csv", [[f"s{k}", f"{k}.wav", "t", "", ""] for k in range(n)])
+    cache_dir = str(tmp_path / "cache")
+    len_path = os.path.join(cache_dir, "len-00000-of-00001.npy")
+    # the child flushes often and takes >= 25 ms a song, so there is a window to kill it mid-run;
+    # the kill itself is a real SIGKILL: no cleanup code runs
+    child = ("import sys, time, data\n"
+             "data.FLUSH_SECONDS = 0.05\n"
+             "decode = data.song_mel\n"
+             "data.song_mel = lambda p: (time.sleep(0.025), decode(p))[1]\n"
+             "data.prepare(sys.argv[1], sys.argv[2])\n")
+    proc = subprocess.Popen([sys.executable, "-c", child, cat_path, cache_dir], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline, done_at_kill = time.time() + 60, 0
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            if os.path.exists(len_path):
+                done_at_kill = int((np.load(len_path, allow_pickle=False) >= 0).sum())
+                if done_at_kill >= 5:
+                    break
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    lengths = np.load(len_path, allow_pickle=False)
+    done = int((lengths >= 0).sum())
+    assert 5 <= done < n, done  # killed part way: some rows declared done, some not
+
+    counts = data.prepare(cat_path, cache_dir)
+    assert counts["kept"] == done and counts["computed"] == n - done and counts["failed"] == 0
+    cat = data.load_catalog(cat_path)
+    cache = data.MelCache.open(cache_dir, cat)  # refuses an unfinished cache, so this says: all done
+    for r in range(n):
+        np.testing.assert_allclose(cache.mel(r).numpy(), data.song_mel(cat[r].audio).numpy(), atol=5e-3)
+
+
+# --- training straight from audio (no cache) -------------------------------------------------
+
+def _catalog_with_bad_audio(tmp_path):
+    sf.write(tmp_path / "a.wav", music(2.0), 16000)
+    sf.write(tmp_path / "c.wav", music(1.5), 16000)
+    (tmp_path / "d.wav").write_bytes(b"RIFF\x00\x00 definitely not audio")
+    rows = [["a", "a.wav", "a", "", ""], ["b", "missing.wav", "b", "", ""],
+            ["c", "c.wav", "c", "", ""], ["d", "d.wav", "d", "", ""]]
+    return data.load_catalog(write_catalog(tmp_path / "cat.csv", rows))
+
+
+def test_dataloader_worker_skips_undecodable_songs_with_a_count(tmp_path, capfd):
+    cat = _catalog_with_bad_audio(tmp_path)
+    # a spawned worker: a forked one would inherit pytest's warning recorder instead of printing
+    # to stderr as it does in a training run
+    loader = torch.utils.data.DataLoader(data.SongDataset(cat, [0, 1, 2, 3], on_error="skip"), batch_size=4,
+                                         num_workers=1, collate_fn=data.Collator(tokenizer()),
+                                         multiprocessing_context="spawn")
+    (batch,) = list(loader)
+    assert batch["row"].tolist() == [0, 2] and batch["mel"].shape[0] == 2
+    err = capfd.readouterr().err  # the worker's warnings, on its stderr
+    assert "skipping" in err and "row 1 (song 'b')" in err and "FileNotFoundError" in err
+    assert "row 3 (song 'd')" in err and "dropped 2 of 4 items" in err and "2 dropped so far" in err
+
+    # pairs: a pair with a bad song is dropped as a whole
+    pairs = data.PairDataset(cat, [(0, 2), (1, 0), (2, 3)], on_error="skip")
+    collate = data.Collator(tokenizer())
+    with pytest.warns(UserWarning, match="dropped 2 of 3 items"):
+        batch = collate([pairs[k] for k in range(3)])
+    assert batch["trig_row"].tolist() == [0] and batch["rec_row"].tolist() == [2] and collate.skipped == 2
+    with pytest.raises(AudioError, match="all 1 songs of this batch failed"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        collate([pairs[1]])
+
+
+def test_dataloader_worker_raise_mode_names_the_catalog_row_not_a_bare_decoder_error(tmp_path):
+    cat = _catalog_with_bad_audio(tmp_path)
+    loader = torch.utils.data.DataLoader(data.SongDataset(cat, [0, 1]), batch_size=2, num_workers=1,
+                                         collate_fn=data.Collator(tokenizer()))
+    with pytest.raises(CatalogError) as e:  # re-raised in the main process with its type kept
+        list(loader)
+    msg = str(e.value)
+    assert "cat.csv: row 1 (song 'b'), column 'audio'" in msg and "missing.wav" in msg and "FileNotFoundError" in msg
+    with pytest.raises(ValueError, match="on_error"):
+        data.SongDataset(cat, [0], on_error="ignore")
+
+
+# --- bad catalogs, pair files, user logs -----------------------------------------------------
+
+def _catalog3(tmp_path):
+    return data.load_catalog(write_catalog(tmp_path / "c.csv", [[s, f"{s}.wav", "t", "", ""] for s in "abc"]))
+
+
+CATALOG_CASES = {
+    # case: (file name, bytes, substrings the CatalogError must contain: file, line/row, column)
+    "missing_column": ("cat.csv", b"song_id,audio,title,artists\na,a.wav,T,A\n",
+                       ["cat.csv", "line 1 (header)", "lyrics"]),
+    "duplicate_song_id": ("cat.csv", b"song_id,audio,title,artists,lyrics\na,a.wav,T,,\nb,b.wav,T,,\na,c.wav,T,,\n",
+                          ["cat.csv", "'a'", "row 0 (line 2)", "row 2 (line 4)", "column 'song_id'"]),
+    "no_text": ("cat.csv", b"song_id,audio,title,artists,lyrics\na,a.wav,T,,\nb,b.wav, , ,\n",
+                ["cat.csv", "line 3 (row 1)", "'title', 'artists', 'lyrics'", "'b'"]),
+    "non_utf8": ("cat.csv", b"song_id,audio,title,artists,lyrics\na,a.wav,T,,\nb,b.wav,Caf\xe9,,\n",
+                 ["cat.csv", "line 3 (row 1), column 'title'", "byte offset 58", "\\xe9"]),
+    "non_utf8_header": ("cat.csv", b"song_id,audio,title,artists,lyrics,g\xe9nre\na,a.wav,T,,,x\n",
+                        ["cat.csv", "line 1 (header)", "byte offset 36"]),
+    "non_utf8_jsonl": ("cat.jsonl",
+                       b'{"song_id": "a", "audio": "a.wav", "title": "T", "artists": "", "lyrics": "\xff"}\n',
+                       ["cat.jsonl", "line 1 (row 0), column 'lyrics'"]),
+    "too_many_fields": ("cat.csv", b"song_id,audio,title,artists,lyrics\na,a.wav,Hello, world,,\n",
+                        ["cat.csv", "line 2 (row 0)", "6 fields"]),
+    "runaway_quote": ("cat.csv", b'song_id,audio,title,artists,lyrics\na,a.wav,"T,,\n' + b"x" * 140_000 + b"\n",
+                      ["cat.csv", "line 2 (row 0)", "field larger than field limit", "quote"]),
+    "empty_audio": ("cat.csv", b"song_id,audio,title,artists,lyrics\na,,T,,\n",
+                    ["cat.csv", "line 2 (row 0)", "column 'audio'"]),
+    "empty_file": ("cat.csv", b"", ["cat.csv", "empty"]),
+}
+
+
+@pytest.mark.parametrize("case", list(CATALOG_CASES))
+def test_bad_catalog_raises_catalog_error_naming_file_row_and_column(tmp_path, case):
+    name, content, expect = CATALOG_CASES[case]
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(CatalogError) as e:
+        data.load_catalog(str(tmp_path / name))
+    for s in expect:
+        assert s in str(e.value), (s, str(e.value))
+
+
+def test_pairs_naming_unknown_songs_are_dropped_with_a_counted_warning_naming_the_file(tmp_path):
+    cat = _catalog3(tmp_path)
+    p = tmp_path / "pairs.csv"
+    p.write_text("trigger_song_id,rec_song_id\na,b\na,zz\nyy,c\n")
+    with pytest.warns(UserWarning, match=r"pairs.csv: dropped 2 of 3 rows naming a song not in the catalog"):
+        assert data.load_pairs(str(p), cat) == [(0, 1)]
+
+
+@pytest.mark.parametrize("content,expect", [
+    ("trigger_song_id,rec_song_id\nzz,a\nb,yy\n", "pairs.csv: no usable pairs (2 rows, 2 naming songs not in"),
+    ("trigger_song_id,rec_song_id\n", "pairs.csv: no usable pairs (0 rows"),
+    ("trigger_song_id,rec\na,b\n", "pairs.csv: line 1 (header): missing required column(s) rec_song_id"),
+    ("trigger_song_id,rec_song_id\na,b,c\n", "pairs.csv: line 2 (row 0): 3 fields"),
+])
+def test_unusable_pair_file_is_an_error_naming_the_file(tmp_path, content, expect):
+    p = tmp_path / "pairs.csv"
+    p.write_text(content)
+    with pytest.raises(CatalogError) as e, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        data.load_pairs(str(p), _catalog3(tmp_path))
+    assert expect in str(e.value), str(e.value)
+
+
+def test_favourites_unknown_songs_dropped_with_count_and_bad_rows_named(tmp_path):
+    cat = _catalog3(tmp_path)
+    p = tmp_path / "fav.csv"
+    p.write_text("user_id,song_id,timestamp\nu1,a,1\nu1,zz,2\nu2,b,3\n")
+    with pytest.warns(UserWarning, match=r"fav.csv: dropped 1 of 3 rows.*line 3: 'zz'"):
+        assert [(u, r) for u, r, _ in data.load_favourites(str(p), cat)] == [("u1", 0), ("u2", 1)]
+    for timestamps, line in [("1\nu1,b,last tuesday", 3), ("nan", 2), ("1\nu1,b,inf", 3)]:
+        p.write_text(f"user_id,song_id,timestamp\nu1,a,{timestamps}\n")
+        with pytest.raises(CatalogError, match=rf"fav.csv: line {line} \(row {line - 2}\), column 'timestamp'"):
+            data.load_favourites(str(p), cat)
+    p.write_text("user_id,song_id,timestamp\nu1,zz,1\n")
+    with pytest.raises(CatalogError, match="fav.csv: no usable favourites"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        data.load_favourites(str(p), cat)
+    p.write_text("user_id,song,timestamp\nu1,a,1\n")
+    with pytest.raises(CatalogError, match="fav.csv: line 1 \\(header\\): missing required column\\(s\\) song_id"):
+        data.load_favourites(str(p), cat)
+
+
+# --- security: caches are data, paths are data ------------------------------------------------
+
+class _Payload:
+    """Unpickling this runs code (it creates a file); a cache loader must never do that."""
+    marker = None
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_cache_with_a_pickled_length_file_is_refused_without_unpickling(tmp_path):
+    sf.write(tmp_path / "a.wav", music(1.0), 16000)
+    cat_path, cache_dir = write_catalog(tmp_path / "cat.csv", [["a", "a.wav", "t", "", ""]]), str(tmp_path / "cache")
+    data.prepare(cat_path, cache_dir)
+    cat = data.load_catalog(cat_path)
+    len_path = os.path.join(cache_dir, "len-00000-of-00001.npy")
+    marker = str(tmp_path / "code-ran")
+    _Payload.marker = marker
+    for how in ("object_npy", "raw_pickle", "wrong_dtype"):
+        if how == "object_npy":  # a .npy holding an object array (its payload is a pickle)
+            np.save(len_path, np.array([_Payload()], dtype=object), allow_pickle=True)
+        elif how == "raw_pickle":
+            with open(len_path, "wb") as f:
+                pickle.dump(_Payload(), f)
+        else:
+            np.save(len_path, np.array([1251.0]))
+        for load in (lambda: data.MelCache.open(cache_dir, cat), lambda: data.prepare(cat_path, cache_dir)):
+            with pytest.raises(CatalogError, match="len-00000-of-00001.npy: "):
+                load()
+        assert not os.path.exists(marker)
+    # the mel file too
+    np.save(len_path, np.array([17], np.int32))
+    np.save(os.path.join(cache_dir, "mel-00000-of-00001.npy"), np.array([_Payload()], dtype=object), allow_pickle=True)
+    with pytest.raises(CatalogError, match="mel-00000-of-00001.npy: not a log-mel file"):
+        data.MelCache.open(cache_dir, cat).mel(0)
+    assert not os.path.exists(marker)
+
+
+def test_data_py_never_unpickles_or_runs_a_shell():
+    tree = ast.parse(open(os.path.join(ROOT, "data.py")).read())
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            names = [a.name for a in node.names] + [getattr(node, "module", None) or ""]
+            assert not {"subprocess", "pickle", "marshal", "shelve"} & set(names), ast.unparse(node)
+        if isinstance(node, ast.Call):
+            f = ast.unparse(node.func)
+            assert f not in ("os.system", "os.popen", "eval", "exec", "torch.load", "pickle.load"), ast.unparse(node)
+            assert not any(k.arg == "shell" for k in node.keywords), ast.unparse(node)
+            if f in ("np.load", "numpy.load"):  # every .npy read says so explicitly
+                assert any(k.arg == "allow_pickle" and ast.unparse(k.value) == "False" for k in node.keywords), \
+                    ast.unparse(node)
+
+
+def test_catalog_paths_are_read_never_executed(tmp_path):
+    marker = tmp_path / "pwned"
+    evil = [f"$(touch {marker}).wav", f"x.wav; touch {marker}", f"`touch {marker}`"]
+    cat_path = write_catalog(tmp_path / "cat.csv", [[f"s{k}", p, "t", "", ""] for k, p in enumerate(evil)])
+    counts = data.prepare(cat_path, str(tmp_path / "cache"), max_bad=1.0)
+    assert counts["failed"] == 3 and not marker.exists()
+    reasons = [r["reason"] for r in read_report(counts["report"])]
+    assert all(r.startswith("FileNotFoundError") for r in reasons), reasons
+
+
+# =============================================================================
+# evaluate.py: metrics and protocols
+# =============================================================================
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """These models are tiny: a second thread buys nothing and, on a busy 2-core machine,
+    waiting for it can make a test 10x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# -----------------------------------------------------------------------------
+# Metrics
+
+
+def _unit(x):
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def test_recall_at_k_matches_brute_force():
+    rng = np.random.default_rng(0)
+    q, k = rng.standard_normal((57, 8)), rng.standard_normal((57, 8))
+    k[:20] = q[:20] + 0.3 * rng.standard_normal((20, 8))  # some queries find their positive
+    sims = _unit(q) @ _unit(k).T
+    for K in (1, 5, 10):
+        brute = np.mean([i in np.argsort(-sims[i], kind="stable")[:K] for i in range(57)])
+        assert ev.recall_at_k(q, k, K, batch_size=16) == pytest.approx(brute)
+        assert ev.recall_at_k(torch.tensor(q), torch.tensor(k), K) == pytest.approx(brute)  # torch input too
+
+
+def test_recall_at_k_of_a_collapsed_model_is_zero():
+    same = np.ones((10, 4))
+    assert ev.recall_at_k(same, same, 1) == 0.0  # ties count against the query
+
+
+def test_map_at_k_hand_worked():
+    # ranked list: hit, miss, hit, miss; 3 relevant in total; k = 4
+    # AP = (P@1 + P@3) / min(4, 3) = (1 + 2/3) / 3
+    assert ev.map_at_k([[1, 0, 1, 0]], [3], 4) == pytest.approx((1 + 2 / 3) / 3)
+    # a perfect list with fewer relevant than k scores 1; a query with none is left out
+    assert ev.map_at_k([[1, 1, 0, 0], [0, 0, 0, 0]], [2, 0], 4) == pytest.approx(1.0)
+    # only the first k positions count
+    assert ev.map_at_k([[0, 1, 1]], [2], 2) == pytest.approx(0.5 / 2)
+
+
+def test_map_at_k_matches_loop():
+    rng = np.random.default_rng(1)
+    rel = rng.random((30, 12)) < 0.3
+    n_rel = rel.sum(1) + rng.integers(0, 4, 30)
+    loop = []
+    for r, n in zip(rel, n_rel):
+        if n == 0:
+            continue
+        hits, total = 0, 0.0
+        for i in range(10):
+            if r[i]:
+                hits += 1
+                total += hits / (i + 1)
+        loop.append(total / min(10, n))
+    assert ev.map_at_k(rel, n_rel, 10) == pytest.approx(np.mean(loop))
+
+
+def test_ndcg_at_k_hand_worked():
+    # relevant at ranks 2 and 3, two relevant in total: DCG = 1/log2(3) + 1/log2(4), IDCG = 1 + 1/log2(3)
+    dcg, idcg = 1 / math.log2(3) + 0.5, 1 + 1 / math.log2(3)
+    assert ev.ndcg_at_k([[0, 1, 1]], [2], 3)[0] == pytest.approx(dcg / idcg)
+    # a relevant item below the cut-off adds nothing to DCG but still counts in the ideal
+    assert ev.ndcg_at_k([[1, 0, 0]], [5], 3)[0] == pytest.approx(1 / (1 + 1 / math.log2(3) + 0.5))
+    assert np.isnan(ev.ndcg_at_k([[0, 0]], [0], 2)[0])
+
+
+def test_auc_matches_pairwise_count_with_ties():
+    rng = np.random.default_rng(2)
+    for _ in range(5):
+        scores = rng.integers(0, 6, 80).astype(float)  # many ties
+        labels = rng.random(80) < 0.4
+        pos, neg = scores[labels], scores[~labels]
+        pairwise = np.mean([(p > n) + 0.5 * (p == n) for p in pos for n in neg])
+        assert ev.auc(scores, labels) == pytest.approx(pairwise)
+    assert ev.auc([0.1, 0.9, 0.4], [0, 1, 0]) == 1.0
+    assert np.isnan(ev.auc([0.1, 0.2], [1, 1]))
+
+
+def test_macro_f1_hand_worked():
+    y_true, y_pred = [0, 0, 1, 1, 2], [0, 2, 1, 0, 0]
+    # class 0: tp 1 (i0), fp 2 (i3, i4), fn 1 (i1) -> 2/(2+2+1); class 1: tp 1, fp 0, fn 1 (i3) -> 2/3
+    # class 2: tp 0 -> 0
+    expected = np.mean([2 / 5, 2 / 3, 0.0])
+    assert ev.macro_f1(y_true, y_pred) == pytest.approx(expected)
+
+
+# -----------------------------------------------------------------------------
+# Matching
+
+
+def _brute_force_hits(emb, triggers, targets, per_trigger, list_size, merge):
+    e = _unit(np.asarray(emb, dtype=np.float64))
+    hits = []
+    for trig, target in zip(triggers.tolist(), targets.tolist()):
+        ranked = []  # per trigger, its kept neighbours best first
+        for t in trig:
+            s = e @ e[t]
+            s[trig] = -np.inf
+            order = np.argsort(-s, kind="stable")[:per_trigger]
+            ranked.append([(int(j), s[j]) for j in order])
+        if merge == "best":
+            best = {}
+            for lst in ranked:
+                for j, s in lst:
+                    best[j] = max(best.get(j, -np.inf), s)
+            merged = sorted(best, key=lambda j: -best[j])[:list_size]
+        else:  # round-robin, most recent trigger first
+            merged = []
+            for r in range(per_trigger):
+                for lst in reversed(ranked):
+                    if r < len(lst) and lst[r][0] not in merged:
+                        merged.append(lst[r][0])
+            merged = merged[:list_size]
+        hits.append(target in merged)
+    return np.array(hits)
+
+
+@pytest.mark.parametrize("merge", ["best", "round-robin"])
+def test_matching_hits_match_brute_force(merge):
+    rng = np.random.default_rng(3)
+    centers = rng.standard_normal((6, 16))
+    emb = centers[rng.integers(0, 6, 400)] + 0.6 * rng.standard_normal((400, 16))  # clusters: triggers crowd each other
+    users, T = 60, 5
+    history = np.stack([rng.choice(400, T + 1, replace=False) for _ in range(users)])
+    e = _unit(emb)
+    for u in range(30):  # half the users get a target near their latest trigger, so hits happen
+        near = [j for j in np.argsort(-(e @ e[history[u, -2]])) if j not in history[u, :-1]]
+        history[u, -1] = near[rng.integers(0, 5)]
+    triggers, targets = torch.tensor(history[:, :-1]), torch.tensor(history[:, -1])
+    for per_trigger, list_size in ((4, 12), (3, 7), (6, 30)):
+        got = ev.matching_hits(torch.tensor(emb, dtype=torch.float32), triggers, targets, per_trigger, list_size,
+                               merge, batch_size=16, progress=False).numpy()
+        want = _brute_force_hits(emb, triggers, targets, per_trigger, list_size, merge)
+        assert (got == want).all()
+        assert 0 < want.sum() < users  # the test sees both outcomes
+
+
+def test_matching_cases_take_the_30_favourites_before_a_seeded_target():
+    favs = []
+    for u, n in (("a", 40), ("b", 30), ("c", 35)):  # b has only 30: no song can have 30 before it
+        favs += [(u, 100 * ord(u) + i, float(i)) for i in range(n)]
+    favs += [("c", 100 * ord("c") + 3, 99.0)]  # c favours a song again: counted once
+    favs.sort(key=lambda f: (f[0], f[2]))
+    triggers, targets, users, stats = ev.sample_matching_cases(favs, n_triggers=30, seed=0)
+    assert users == ["a", "c"] and stats == {"users": 3, "eligible": 2, "duplicates": 1}
+    for trig, target in zip(triggers.tolist(), targets.tolist()):
+        base = target - (target % 100)
+        pos = target % 100
+        assert pos >= 30 and trig == list(range(base + pos - 30, base + pos))
+    again = ev.sample_matching_cases(favs, n_triggers=30, seed=0)
+    assert torch.equal(again[1], targets)  # the seed fixes the targets
+
+
+# -----------------------------------------------------------------------------
+# CrossMuSim retrieval
+
+
+def test_music_to_music_map_matches_brute_force():
+    rng = np.random.default_rng(4)
+    tags = rng.choice(["rock", "jazz", "folk", ""], 90)
+    emb = rng.standard_normal((90, 6)) + 1.5 * np.eye(6)[np.searchsorted(["", "folk", "jazz", "rock"], tags)]
+    sims = _unit(emb) @ _unit(emb).T
+    aps = []
+    for q in range(90):
+        if tags[q] == "":
+            continue
+        n_rel = int(((tags == tags[q]).sum()) - 1)
+        if n_rel == 0:
+            continue
+        order = [j for j in np.argsort(-sims[q], kind="stable") if j != q][:10]
+        hits, total = 0, 0.0
+        for i, j in enumerate(order):
+            if tags[j] == tags[q]:
+                hits += 1
+                total += hits / (i + 1)
+        aps.append(total / min(10, n_rel))
+    got, n = ev.music_to_music_map(emb, tags, k=10, batch_size=7)
+    assert n == len(aps) and got == pytest.approx(np.mean(aps))
+
+
+def test_text_to_music_hand_worked():
+    songs = np.array([[1, 0], [0.9, 0.1], [0, 1], [0.1, 0.9]], dtype=float)
+    tags = ["rock", "jazz", "jazz", "rock"]
+    queries = np.array([[1, 0], [0, 1], [1, 1]], dtype=float)
+    # "rock" ranks 0,1,3,2: hit at 1 and 3 -> AP@10 = (1 + 2/3) / 2; R@1 yes
+    # "jazz" ranks 2,3,1,0: hit at 1 and 3 -> same AP; R@1 yes
+    # "opera" has no song: left out
+    out = ev.text_to_music(queries, ["rock", "jazz", "opera"], songs, tags, ks=(1, 2))
+    assert out["queries"] == 2
+    assert out["R@1"] == 1.0 and out["R@2"] == 1.0
+    assert out["mAP@10"] == pytest.approx((1 + 2 / 3) / 2)
+
+
+def test_same_artist_stats_match_loop():
+    rng = np.random.default_rng(5)
+    artists = rng.choice(["x", "y", "z", "w", ""], 50)
+    emb = rng.standard_normal((50, 4))
+    sims = _unit(emb) @ _unit(emb).T
+    counts = []
+    for q in range(50):
+        if artists[q] == "":
+            continue
+        order = [j for j in np.argsort(-sims[q], kind="stable") if j != q][:5]
+        counts.append(sum(artists[j] == artists[q] for j in order))
+    counts = np.array(counts)
+    out = ev.same_artist_stats(emb, artists, k=5)
+    assert out["share_with_same_artist"] == pytest.approx((counts > 0).mean())
+    assert out["mean_same_artist"] == pytest.approx(counts.mean())
+    assert out["mean_same_artist_given_any"] == pytest.approx(counts[counts > 0].mean())
+
+
+# -----------------------------------------------------------------------------
+# Probe
+
+
+def test_probe_is_near_perfect_on_separable_data_and_near_chance_on_random_labels():
+    rng = np.random.default_rng(6)
+    x = rng.standard_normal((600, 10)).astype(np.float32)
+    w = rng.standard_normal((10, 3))
+    labels = np.array(["abc"[i] for i in (x @ w).argmax(1)])
+    split = np.where(rng.random(600) < 0.75, "train", "test")
+    fit = ev.run_probe(x, labels, split, seeds=(0, 1), epochs=10)
+    assert fit["acc"][0] > 0.93 and fit["macro_f1"][0] > 0.9
+    noise = ev.run_probe(x, rng.choice(list("abc"), 600), split, seeds=(0, 1), epochs=10)
+    assert abs(noise["acc"][0] - 1 / 3) < 0.1
+    linear = ev.run_probe(x, labels, None, seeds=(0,), epochs=10, hidden=0, test_fraction=0.3)  # seeded split
+    assert linear["acc"][0] > 0.85 and 140 < linear["n_test"] < 220
+
+
+def test_probe_counts_unseen_test_labels_as_wrong_not_dropped():
+    x = np.eye(4, dtype=np.float32).repeat(10, 0)
+    labels = np.array(list("aabb" * 10))
+    labels[-1] = "zzz"
+    split = np.array(["train"] * 30 + ["test"] * 10)
+    r = ev.run_probe(x, labels, split, seeds=(0,), epochs=1, min_steps=10)
+    assert r["n_test"] == 10 and r["unseen_test_labels"] == 1
+
+
+# -----------------------------------------------------------------------------
+# Ranking (DIN)
+
+
+def _planted_impressions(seed=0, users=120, songs=200, per_day=12):
+    """Users like one of 4 song clusters: a click is likely on their cluster, rare elsewhere.
+    The cluster is visible in the song embeddings, and in the user's earlier clicks."""
+    rng = np.random.default_rng(seed)
+    cluster = rng.integers(0, 4, songs)
+    emb = np.eye(4)[cluster] * 2 + 0.5 * rng.standard_normal((songs, 4))
+    emb = np.concatenate([emb, 0.5 * rng.standard_normal((songs, 12))], 1).astype(np.float32)
+    rows = {k: [] for k in ("user_id", "row", "day", "clicked", "favoured")}
+    for u in range(users):
+        taste = rng.integers(0, 4)
+        for day in range(1, 9):
+            for s in rng.integers(0, songs, per_day):
+                click = rng.random() < (0.7 if cluster[s] == taste else 0.08)
+                rows["user_id"].append(f"u{u}")
+                rows["row"].append(s)
+                rows["day"].append(day)
+                rows["clicked"].append(click)
+                rows["favoured"].append(click and rng.random() < (0.8 if s % 2 == 0 else 0.2))
+    return emb, {k: np.asarray(v, dtype=object if k == "user_id" else None) for k, v in rows.items()}
+
+
+def test_din_learns_a_planted_signal_and_music_embeddings_beat_random():
+    emb, imp = _planted_impressions()
+    music = ev.run_ranking(emb, imp, "ctr", epochs=3, seeds=(0,))
+    assert music["auc"][0] > 0.75, music
+    rand = ev.run_ranking(ev.random_embeddings(len(emb), emb.shape[1]), imp, "ctr", epochs=3, seeds=(0,))
+    assert music["auc"][0] > rand["auc"][0] + 0.05, (music, rand)
+
+
+def test_din_history_holds_only_earlier_days_and_cvr_only_clicked():
+    imp = {"user_id": np.array(["u", "u", "u", "u", "v"], dtype=object), "row": np.array([1, 2, 3, 4, 5]),
+           "day": np.array([1, 1, 2, 3, 1]), "clicked": np.array([1, 1, 0, 1, 1]),
+           "favoured": np.array([0, 1, 0, 1, 0])}
+    ex = ev.build_din_examples(imp["user_id"], imp["row"], imp["day"], imp["clicked"], imp["favoured"], "ctr",
+                               max_len=3)
+    h = ex["history"].tolist()
+    assert h[0] == [-1, -1, -1] and h[1] == [-1, -1, -1]  # day 1: nothing before it, not even same-day clicks
+    assert h[2] == [-1, 1, 2] and h[3] == [-1, 1, 2]       # day 3: day-2 impression was not clicked
+    assert h[4] == [-1, -1, -1]                              # another user's clicks never leak
+    cvr = ev.build_din_examples(imp["user_id"], imp["row"], imp["day"], imp["clicked"], imp["favoured"], "cvr")
+    assert cvr["target"].tolist() == [1, 2, 4, 5] and cvr["label"].tolist() == [0, 1, 1, 0]
+
+
+# -----------------------------------------------------------------------------
+# Figure 2
+
+
+def test_separation_and_pairs_from_impressions():
+    out = ev.separation([0.9, 0.8, 0.5], [0.1, 0.5])
+    # pairs won by each positive: 0.9 -> 2, 0.8 -> 2, 0.5 -> 1 + a tie (1/2)
+    assert out["mean_gap"] == pytest.approx(2.2 / 3 - 0.3) and out["auc"] == pytest.approx((2 + 2 + 1.5) / 6)
+    imp = {"user_id": np.array(["u"] * 5, dtype=object), "row": np.array([1, 2, 3, 4, 1]),
+           "day": np.array([1, 1, 2, 2, 3]), "clicked": np.array([1, 1, 0, 1, 1]),
+           "favoured": np.array([1, 0, 0, 1, 0])}
+    a, s, pos = ev.pairs_from_impressions(imp)
+    # day 1 has no earlier favourite; day 2 anchors on song 1; day 3 on song 4 (most recent)
+    assert a.tolist() == [1, 1, 4] and s.tolist() == [3, 4, 1] and pos.tolist() == [False, True, False]
+
+
+def test_plot_histograms_writes_a_png(tmp_path):
+    pytest.importorskip("matplotlib")
+    rng = np.random.default_rng(7)
+    path = tmp_path / "fig" / "f2.png"
+    ev.plot_histograms({"a": (rng.random(50), rng.random(40)), "b": (rng.random(5), rng.random(9))}, str(path))
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# -----------------------------------------------------------------------------
+# Artist graph (GraphSAGE)
+
+
+def test_message_passing_graph_never_holds_an_eval_eval_edge():
+    rng = np.random.default_rng(8)
+    split = rng.choice(["train", "val", "test"], 60, p=[0.6, 0.2, 0.2])
+    edges = rng.integers(0, 60, (300, 2))  # one direction each, self-loops and repeats included
+    g = ev.message_passing_edges(edges, split, "test")
+    for name in ("train", "eval"):
+        a, b = split[g[name][0].numpy()], split[g[name][1].numpy()]
+        assert not ((a == "test") & (b == "test")).any()
+        assert not ((a == "val") | (b == "val")).any()  # other splits stay out
+        pairs = set(map(tuple, g[name].T.tolist()))
+        assert all((j, i) in pairs for i, j in pairs)  # symmetric
+        assert all(i != j for i, j in pairs)
+    a, b = split[g["eval"][0].numpy()], split[g["eval"][1].numpy()]
+    assert ((a == "train") & (b == "test")).any()  # train-eval edges are there
+    assert set(map(tuple, g["train"].T.tolist())) <= set(map(tuple, g["eval"].T.tolist()))
+    truth = {(i, j) for i, j in edges.tolist() if split[i] == split[j] == "test" and i != j}
+    assert set(map(tuple, g["truth"].T.tolist())) == truth | {(j, i) for i, j in truth}
+
+
+def test_sage_layer_is_a_mean_over_neighbours():
+    layer = ev.SAGEConv(3, 2)
+    h = torch.randn(4, 3)
+    edge_index = torch.tensor([[1, 2, 0, 3], [0, 0, 1, 1]])  # 0 <- {1, 2}, 1 <- {0, 3}, 2 and 3 isolated
+    out = layer(h, edge_index)
+    means = torch.stack([(h[1] + h[2]) / 2, (h[0] + h[3]) / 2, torch.zeros(3), torch.zeros(3)])
+    assert torch.allclose(out, layer.lin_self(h) + layer.lin_neigh(means), atol=1e-6)
+
+
+def test_zero_layer_gnn_is_the_mlp_on_features_and_ignores_the_graph():
+    model = ev.ArtistGNN(5, n_layers=0)
+    x = torch.randn(7, 5)
+    g1 = torch.tensor([[0, 1, 2], [1, 2, 3]])
+    g2 = torch.tensor([[4, 5], [6, 0]])
+    assert torch.allclose(model(x, g1), F.normalize(model.front(x), dim=1))
+    assert torch.allclose(model(x, g1), model(x, g2))
+    deep = ev.ArtistGNN(5, n_layers=2)
+    assert not torch.allclose(deep(x, g1), deep(x, g2))
+
+
+def test_artist_ndcg_hand_worked():
+    # eval artists 1, 2, 3 on a line at 0, 1, 3; train artist 0 far away
+    z = torch.tensor([[100.0], [0.0], [1.0], [3.0]])
+    truth = torch.tensor([[1, 3], [3, 1]])  # hidden edge 1 - 3
+    # artist 1 ranks 2 then 3: relevant at rank 2 -> 1/log2(3); artist 3 ranks 2 then 1: same
+    ndcg, n = ev.artist_ndcg(z, [1, 2, 3], truth, k=200)
+    assert n == 2 and ndcg == pytest.approx(1 / math.log2(3))
+
+
+def test_graph_layers_recover_hidden_edges_from_random_features():
+    """Communities: with random features only message passing can place eval artists."""
+    rng = np.random.default_rng(9)
+    n, groups = 120, 6
+    group = rng.integers(0, groups, n)
+    edges = [(i, j) for i in range(n) for j in range(i + 1, n) if rng.random() < (0.3 if group[i] == group[j] else 0.005)]
+    split = np.where(rng.random(n) < 0.6, "train", "test")
+    x = ev.random_embeddings(n, 16)
+    table = ev.artist_graph_ndcg(x, edges, split, "test", layers=(0, 2), k=50, epochs=15)
+    assert table[2][0] > table[0][0] + 0.15, table
+
+
+# -----------------------------------------------------------------------------
+# Embedding files and the command line
+
+
+def _write_world(tmp_path, n=80, users=12, seed=10):
+    rng = np.random.default_rng(seed)
+    genres = rng.choice(["rock", "jazz", "folk"], n)
+    with open(tmp_path / "catalog.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["song_id", "audio", "title", "artists", "lyrics", "genre", "language", "artist_id", "split"])
+        for i in range(n):
+            w.writerow([f"s{i}", f"audio/s{i}.wav", f"t{i}", f"art{i % 9}", "la la", genres[i],
+                        rng.choice(["en", "fr"]), f"a{i % 9}", "test" if i % 4 == 0 else "train"])
+    emb = 2 * np.eye(3)[np.searchsorted(["folk", "jazz", "rock"], genres)] + 0.3 * rng.standard_normal((n, 3))
+    emb = np.concatenate([emb, rng.standard_normal((n, 5))], 1).astype(np.float32)
+    order = rng.permutation(n)  # the file's row order need not be the catalog's
+    np.save(tmp_path / "e.npy", emb[order])
+    (tmp_path / "e.ids.txt").write_text("".join(f"s{i}\n" for i in order))
+    with open(tmp_path / "favourites.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["user_id", "song_id", "timestamp"])
+        for u in range(users):
+            for t, s in enumerate(rng.choice(n, 8, replace=False)):
+                w.writerow([f"u{u}", f"s{s}", t])
+    with open(tmp_path / "impressions.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["user_id", "song_id", "day", "clicked", "favoured"])
+        for u in range(users):
+            for day in range(1, 9):
+                for s in rng.choice(n, 5, replace=False):
+                    c = int(rng.random() < 0.4)
+                    w.writerow([f"u{u}", f"s{s}", day, c, int(c and rng.random() < 0.5)])
+    with open(tmp_path / "artist_split.csv", "w", newline="") as f:
+        f.write("artist_id,split\n" + "".join(f"a{i},{'train' if i < 5 else 'test'}\n" for i in range(9)))
+    with open(tmp_path / "artist_graph.csv", "w", newline="") as f:
+        f.write("artist_a,artist_b\n" + "".join(f"a{i},a{(i + 1) % 9}\na{i},a{(i + 3) % 9}\n" for i in range(9)))
+    return emb
+
+
+def test_embeddings_file_is_aligned_to_the_catalog_by_song_id(tmp_path):
+    from data import load_catalog
+    emb = _write_world(tmp_path)
+    catalog = load_catalog(tmp_path / "catalog.csv")
+    got = ev.song_embeddings(str(tmp_path / "e.npy"), catalog)
+    assert np.allclose(got, emb)
+    (tmp_path / "e.ids.txt").write_text("".join(f"s{i}\n" for i in range(1, 81)))  # s0 missing, s80 unknown
+    with pytest.raises(ValueError, match="no embedding for 1 of 80 songs, e.g. s0"):
+        ev.song_embeddings(str(tmp_path / "e.npy"), catalog)
+    folder = tmp_path / "embed_out"
+    ev.save_embeddings(folder, [s.song_id for s in catalog.songs], {"audio": emb})
+    assert np.allclose(ev.song_embeddings(str(folder), catalog), emb)
+    with pytest.raises(FileNotFoundError, match="no text.npy"):
+        ev.song_embeddings(str(folder), catalog, kind="text")
+
+
+def test_cli_runs_every_protocol_on_a_tiny_world(tmp_path, capsys):
+    _write_world(tmp_path)
+    c, e = str(tmp_path / "catalog.csv"), str(tmp_path / "e.npy")
+    probe = ev.main(["probe", "--catalog", c, "--emb", e, "--emb", "random:8", "--seeds", "2", "--epochs", "30"])
+    assert probe["e/genre"]["acc"][0] > 0.8 and probe["random:8/genre"]["acc"][0] < 0.7
+    m = ev.main(["matching", "--catalog", c, "--emb", e, "--favourites", str(tmp_path / "favourites.csv"),
+                 "--triggers", "5", "--per-trigger", "3", "--list-size", "10"])
+    assert m["e"]["users"] == 12
+    r = ev.main(["ranking", "--catalog", c, "--emb", e, "--impressions", str(tmp_path / "impressions.csv"),
+                 "--epochs", "1", "--json", str(tmp_path / "r.json")])
+    assert set(r) == {"e/ctr", "e/cvr"} and os.path.exists(tmp_path / "r.json")
+    rel = ev.main(["retrieval", "--catalog", c, "--emb", e, "--tag", "genre", "--k", "10"])
+    assert rel["e/genre/m2m"]["mAP@10"] > 0.6 and "e/same_artist" in rel
+    with open(tmp_path / "pairs.csv", "w") as f:
+        f.write("anchor,song,label\ns0,s1,positive\ns0,s2,negative\ns3,s4,1\ns5,s6,0\n")
+    if importlib.util.find_spec("matplotlib"):
+        d = ev.main(["distance", "--catalog", c, "--emb", e, "--pairs", str(tmp_path / "pairs.csv"),
+                     "--out", str(tmp_path / "f2.png")])
+        assert d["e"]["n_pos"] == 2 and os.path.exists(tmp_path / "f2.png")
+    g = ev.main(["artist-graph", "--edges", str(tmp_path / "artist_graph.csv"), "--artist-split",
+                 str(tmp_path / "artist_split.csv"), "--features", "random", "--features", "mean", "--catalog", c,
+                 "--emb", e, "--layers", "0", "1", "--epochs", "2", "--k", "5"])
+    assert set(g) == {"random", "mean(e)"} and set(g["random"]) == {"0", "1"}
+    out = capsys.readouterr().out
+    assert "| e | genre |" in out and "HR@10" in out
+
+
+def test_cli_rejects_typos_and_names_the_bad_row(tmp_path):
+    _write_world(tmp_path)
+    with pytest.raises(SystemExit):
+        ev.main(["probe", "--catalog", str(tmp_path / "catalog.csv"), "--emb", "random", "--lables", "genre"])
+    with pytest.raises(SystemExit):
+        ev.main(["probe", "--catalog", str(tmp_path / "catalog.csv"), "--emb", "random", "--lab", "genre"])
+    with open(tmp_path / "bad.csv", "w") as f:
+        f.write("user_id,song_id,day,clicked,favoured\nu1,s1,1,1,0\nu1,s2,two,1,0\n")
+    with pytest.raises(ValueError, match=r"bad.csv: line 3, column 'day'"):
+        ev.main(["ranking", "--catalog", str(tmp_path / "catalog.csv"), "--emb", "random",
+                 "--impressions", str(tmp_path / "bad.csv")])
+
+
+# -----------------------------------------------------------------------------
+# embed: a tiny artifact on real audio files
+
+
+@pytest.fixture(scope="module")
+def tiny_world(tmp_path_factory):
+    """Three songs (25 s, 4 s, 0.5 s) as WAV files, a catalog, and a tiny HTCL artifact."""
+    from transformers import BertConfig, BertTokenizer
+    d = tmp_path_factory.mktemp("tiny")
+    rng = np.random.default_rng(11)
+    os.makedirs(d / "audio")
+    rows = []
+    for i, seconds in enumerate((25.0, 4.0, 0.5)):
+        t = np.arange(int(seconds * 16000)) / 16000
+        x = 0.3 * np.sin(2 * np.pi * (220 + 110 * i) * t) * (1 + 0.5 * np.sin(2 * np.pi * 0.7 * t))
+        sf.write(d / "audio" / f"s{i}.wav", (x + 0.01 * rng.standard_normal(len(t))).astype(np.float32), 16000)
+        rows.append(f"s{i},audio/s{i}.wav,song {i},artist {i},la la {i},rock,en,train\n")
+    (d / "catalog.csv").write_text("song_id,audio,title,artists,lyrics,genre,language,split\n" + "".join(rows))
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "title", "artists", "lyrics", ":", ";", "song", "artist",
+             "la", "0", "1", "2", "rock", "jazz"]
+    (d / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    bert = d / "bert"
+    BertTokenizer(str(d / "vocab.txt"), do_lower_case=True).save_pretrained(bert)
+    BertConfig(vocab_size=len(vocab), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+               intermediate_size=32, max_position_embeddings=64).save_pretrained(bert)
+    torch.manual_seed(0)
+    cfg = htcl.HTCLConfig(audio=htcl.AudioConfig(conv_channels=16, hidden=16, layers=1, heads=2, ffn=32,
+                                                 pos_conv_kernel=5, pos_conv_groups=2),
+                          text_model=str(bert), text_pretrained=False, text_pooling="cls",
+                          proj_dims=(12, 8), fusion_dims=(8, 8))
+    model = htcl.HTCL(cfg)
+    from transformers import AutoTokenizer
+    htcl.save_artifact(model, AutoTokenizer.from_pretrained(bert), str(d / "artifact"))
+    return d
+
+
+def test_embed_writes_normalized_embeddings_that_do_not_depend_on_batching(tiny_world):
+    d = tiny_world
+    for batch in ("1", "3"):
+        ev.main(["embed", "--artifact", str(d / "artifact"), "--catalog", str(d / "catalog.csv"),
+                 "--out", str(d / f"emb{batch}"), "--text", "--fused", "--batch-size", batch])
+    assert (d / "emb1" / "ids.txt").read_text() == "s0\ns1\ns2\n"
+    for kind in ev.KINDS:
+        a, b = np.load(d / "emb1" / f"{kind}.npy"), np.load(d / "emb3" / f"{kind}.npy")
+        assert a.shape == (3, 8) and a.dtype == np.float32
+        assert np.allclose(np.linalg.norm(a, axis=1), 1, atol=1e-5)
+        assert np.allclose(a, b, atol=1e-5)  # padding in a batch changes nothing
+    # an artifact given as --emb is embedded on the fly, the same way
+    from data import load_catalog
+    catalog = load_catalog(d / "catalog.csv")
+    on_the_fly = ev.song_embeddings(str(d / "artifact"), catalog, kind="fused")
+    assert np.allclose(on_the_fly, np.load(d / "emb1" / "fused.npy"), atol=1e-5)
+
+
+def test_chunked_embedding_is_the_mean_of_10s_windows(tiny_world):
+    from data import MIN_FRAMES, load_catalog, song_mel
+    from model import load_artifact
+    d = tiny_world
+    model, tokenizer = load_artifact(str(d / "artifact"))
+    catalog = load_catalog(d / "catalog.csv")
+    got = ev.embed_catalog(model, tokenizer, catalog, mode="chunked", batch_size=2)["audio"]
+    for r in range(3):
+        mel = song_mel(catalog[r].audio)
+        starts = [s for s in range(0, len(mel), ev.CHUNK_FRAMES)
+                  if s == 0 or len(mel) - s >= MIN_FRAMES]
+        if r == 0:
+            assert len(mel) == 261 and starts == [0, 104, 208]  # 25 s: two full windows and 53 frames
+        with torch.no_grad():
+            chunks = [model.encode_audio(mel[s:s + ev.CHUNK_FRAMES][None], normalize=False)[0] for s in starts]
+        want = F.normalize(torch.stack(chunks).mean(0), dim=0).numpy()
+        assert np.allclose(got[r], want, atol=1e-5)
+    full = ev.embed_catalog(model, tokenizer, catalog, mode="full")["audio"]
+    assert np.allclose(full[1:], got[1:], atol=1e-5)  # songs under 10 s are one window: both modes agree
+    assert not np.allclose(full[0], got[0], atol=1e-3)
+
+
+def test_retrieval_queries_tag_text_through_the_artifacts_text_tower(tiny_world):
+    d = tiny_world
+    out = ev.main(["retrieval", "--catalog", str(d / "catalog.csv"), "--emb", str(d / "artifact"),
+                   "--tag", "genre", "--k", "2", "--template", "{column}: {value}"])
+    assert out["artifact/genre/t2m"]["queries"] == 1  # one tag value, "rock", on every song
+    assert out["artifact/genre/t2m"]["R@1"] == 1.0    # every song is relevant
+
+
+def test_report_writes_table2_and_figure2(tmp_path):
+    pytest.importorskip("matplotlib")
+    _write_world(tmp_path)
+    from data import load_catalog
+    catalog = load_catalog(tmp_path / "catalog.csv")
+    table = ev.report({"e": str(tmp_path / "e.npy"), "random": "random"}, catalog,
+                      favourites=str(tmp_path / "favourites.csv"), impressions=str(tmp_path / "impressions.csv"),
+                      out_dir=str(tmp_path / "rep"), probe_seeds=(0,), ranking_epochs=1)
+    lines = table.splitlines()
+    assert lines[0] == "| Model | ACC genre | ACC lang | HR@100 | CTR AUC | CVR AUC | Fig. 2 AUC |"
+    assert lines[2].startswith("| e | ") and lines[3].startswith("| random | ") and len(lines) == 4
+    assert (tmp_path / "rep" / "table2.md").read_text().strip() == table
+    assert (tmp_path / "rep" / "figure2.png").exists()
+
+
+def test_figure2_pairs_read_labelled_files_and_stage2_pairs(tmp_path):
+    _write_world(tmp_path)
+    from data import load_catalog
+    catalog = load_catalog(tmp_path / "catalog.csv")
+    (tmp_path / "l.csv").write_text("anchor,song,label\ns0,s1,positive\ns0,s2,0\ns3,nope,1\n")
+    a, s, pos = ev.read_labelled_pairs(tmp_path / "l.csv", catalog)  # the unknown song is dropped aloud
+    assert a.tolist() == [0, 0] and s.tolist() == [1, 2] and pos.tolist() == [True, False]
+    (tmp_path / "p.csv").write_text("trigger_song_id,rec_song_id\ns0,s1\ns5,s6\n")
+    a, s, pos = ev.read_labelled_pairs(tmp_path / "p.csv", catalog)
+    assert a.tolist() == [0, 5, 0, 5] and s[:2].tolist() == [1, 6] and pos.tolist() == [True, True, False, False]
+    assert s[2] not in (0, 1) and s[3] not in (5, 6)
+    (tmp_path / "bad.csv").write_text("anchor,song,label\ns0,s1,maybe\n")
+    with pytest.raises(ValueError, match=r"bad.csv: line 2, column 'label'"):
+        ev.read_labelled_pairs(tmp_path / "bad.csv", catalog)
+
 
 # -----------------------------------------------------------------------------
 # End to end on sample_data, through the command lines a user types
@@ -286,7 +1742,6 @@ def run(*cmd, timeout=600):
 
 
 def read_log(out_dir):
-    import json
     rows = [json.loads(line) for line in open(os.path.join(out_dir, "log.jsonl"))]
     return [r for r in rows if "loss" in r], [r for r in rows if "val_loss" in r]
 
@@ -334,8 +1789,6 @@ def test_stage2_trains_from_the_stage1_artifact_and_its_artifact_loads(tmp_path,
 def test_resume_after_kill_mid_epoch_replays_the_same_losses(tmp_path, demo_cache):
     """kill -9 in the middle of an epoch, --resume: model, optimizer, scheduler, RNG and data
     order come back, so every later step has the loss of an uninterrupted run."""
-    import signal
-    import time
     common = [sys.executable, "pretrain.py", "--preset", PRESET, "--cache", demo_cache, "--epochs", 3,
               "--log_every", 1, "--checkpoint_every", 3]
     run(*common, "--out_dir", tmp_path / "full")
@@ -379,7 +1832,6 @@ def test_nonfinite_steps_are_skipped_counted_and_abort_when_persistent(tmp_path,
         return cfg, model, AutoTokenizer.from_pretrained(cfg.model.text_model), \
             data.SongDataset(catalog, train_rows, cache), val
 
-    import data
     calls = []
 
     def nan_on_calls(bad):

@@ -21,7 +21,6 @@ run $LAUNCH pretrain.py --preset sample_data/preset.toml
 run $LAUNCH finetune.py --preset sample_data/preset.toml
 run python evaluate.py report --catalog sample_data/catalog.csv --cache runs/demo/cache \
     --favourites sample_data/favourites.csv --impressions sample_data/impressions.csv \
-    --pairs sample_data/pairs.csv \
     --emb runs/demo/pretrain/final --emb runs/demo/finetune/final --emb random \
     --out runs/demo/report
 

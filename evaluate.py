@@ -1,0 +1,1598 @@
+"""Every evaluation protocol of the three papers, on plain song-embedding matrices.
+
+Where each protocol lives (paper, section -> sub-command: functions):
+
+  HTCL Sec. 3.1.3 semantic tasks, MLP probe ACC      -> probe:        run_probe
+  HTCL Sec. 3.1.3 matching, next-item HR@100         -> matching:     sample_matching_cases, matching_hits
+  HTCL Sec. 3.1.3 ranking, DIN CTR / CVR AUC         -> ranking:      build_din_examples, DIN, run_ranking
+  HTCL Figure 2, cosine of favoured vs not           -> distance:     pair_cosines, separation, plot_histograms
+  CrossMuSim M2M mAP@100, T2M R@1/R@5/mAP@10,        -> retrieval:    music_to_music_map, text_to_music,
+    same-artist leakage                                               same_artist_stats
+  Grotschla et al. (MuRS 2024) GraphSAGE NDCG@200    -> artist-graph: message_passing_edges, ArtistGNN,
+                                                                      artist_graph_ndcg
+  HTCL Table 2 and Figure 2 in one go                -> report:       report
+  song embeddings, full song or 10 s chunks          -> embed:        embed_catalog
+
+The metrics (recall_at_k, map_at_k, ndcg_at_k, auc, macro_f1) are pure functions, each
+tested against a brute-force loop or a hand-worked value. pretrain.py imports recall_at_k.
+
+Embeddings: every sub-command takes `--emb SPEC` (repeat it to compare models), SPEC one of
+  a folder from `embed`   ids.txt (one song_id a line) + audio.npy, and text.npy / fused.npy
+                          when asked for; --kind picks one (default audio)
+  NAME.npy                float32 (N, D) with NAME.ids.txt beside it, one song_id a line in
+                          row order: how any other model (a baseline) is evaluated
+  an artifact folder      pretrain.py / finetune.py output (config.json): embedded on the fly
+  random[:D]              seeded Gaussian vectors, D = 100 by default: the chance baseline
+Rows are matched to the catalog by song_id; a catalog song without an embedding is an error.
+
+Commands (from the repo root, on the bundled synthetic world; A = a trained artifact folder):
+  python evaluate.py embed --artifact A --catalog sample_data/catalog.csv --out emb/htcl --text --fused
+  python evaluate.py embed --artifact A --catalog sample_data/catalog.csv --out emb/htcl10s --mode chunked
+  python evaluate.py probe --catalog sample_data/catalog.csv --emb emb/htcl --emb random --label genre
+  python evaluate.py matching --catalog sample_data/catalog.csv --emb emb/htcl --favourites sample_data/favourites.csv
+  python evaluate.py ranking --catalog sample_data/catalog.csv --emb emb/htcl --emb random \
+      --impressions sample_data/impressions.csv
+  python evaluate.py distance --catalog sample_data/catalog.csv --emb emb/clap --emb emb/htcl \
+      --impressions sample_data/impressions.csv --out figure2.png        # or --pairs anchor,song,label CSV
+  python evaluate.py retrieval --catalog sample_data/catalog.csv --emb emb/htcl --tag genre --artifact A
+  python evaluate.py artist-graph --catalog sample_data/catalog.csv --emb emb/htcl --features mean \
+      --features random --edges sample_data/artist_graph.csv --artist-split sample_data/artist_split.csv
+  python evaluate.py report --catalog sample_data/catalog.csv --emb emb/clap --emb emb/htcl \
+      --favourites sample_data/favourites.csv --impressions sample_data/impressions.csv --out report/
+  python evaluate.py matching-benchmark      # HR@100 timing at 100k songs x 10k users, random vectors
+Every sub-command prints a Markdown table and its wall time; --json FILE saves the numbers.
+"""
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from collections import defaultdict
+from contextlib import contextmanager
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from data import (HOP_LENGTH, MIN_FRAMES, SAMPLE_RATE, Collator, MelCache, SongDataset, load_catalog,
+                  load_favourites, split_rows)
+from data import _read_records  # the CSV/JSONL reader whose errors name file, line and column
+from model import load_artifact
+
+# -----------------------------------------------------------------------------
+# Metrics. Each takes plain arrays and is checked in the tests against a
+# brute-force loop or a hand-worked example.
+
+
+def _as_float_tensor(x):
+    return x.detach().float() if torch.is_tensor(x) else torch.as_tensor(np.asarray(x), dtype=torch.float32)
+
+
+@torch.no_grad()
+def recall_at_k(query_emb, key_emb, k, batch_size=1024):
+    """Share of queries whose positive (key i for query i) is among the k most cosine-similar keys.
+
+    query_emb, key_emb: (N, D) numpy arrays or torch tensors on any device -> float.
+    Ties count against the query (rank = number of *other* keys scoring >= the
+    positive), so a collapsed model that maps everything to one point scores 0,
+    not 1.
+    """
+    q = F.normalize(_as_float_tensor(query_emb), dim=-1)
+    keys = F.normalize(_as_float_tensor(key_emb), dim=-1).to(q.device)
+    assert q.shape == keys.shape, f"recall_at_k needs paired rows, got {tuple(q.shape)} and {tuple(keys.shape)}"
+    hits = 0
+    for start in range(0, q.shape[0], batch_size):
+        s = q[start:start + batch_size] @ keys.T  # (b, N)
+        i = torch.arange(s.shape[0], device=s.device)
+        pos = s[i, i + start]  # the positive's score, from the same matmul so it ties with itself exactly
+        rank = (s >= pos[:, None]).sum(1) - 1  # other keys at least as close
+        hits += int((rank < k).sum())
+    return hits / max(q.shape[0], 1)
+
+
+def average_precision_at_k(relevant, n_relevant, k):
+    """AP@k per query. relevant: (Q, >=k) bool, the ranked list's relevance; n_relevant: (Q,).
+
+    AP@k = sum_{i<=k} P@i * rel_i / min(k, n_relevant): the normaliser is the most
+    hits a list of k can hold, so a perfect list scores 1. Queries with no
+    relevant item get NaN (the caller drops them).
+    """
+    rel = np.asarray(relevant, dtype=np.float64)[:, :k]
+    n_relevant = np.asarray(n_relevant, dtype=np.float64)
+    precision = np.cumsum(rel, axis=1) / np.arange(1, rel.shape[1] + 1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(n_relevant > 0, (precision * rel).sum(1) / np.minimum(k, n_relevant), np.nan)
+
+
+def map_at_k(relevant, n_relevant, k):
+    """Mean AP@k over queries that have at least one relevant item."""
+    ap = average_precision_at_k(relevant, n_relevant, k)
+    return float(np.nanmean(ap)) if np.isfinite(ap).any() else float("nan")
+
+
+def ndcg_at_k(relevant, n_relevant, k):
+    """NDCG@k per query with binary gain and discount 1 / log2(rank + 1), rank from 1.
+
+    relevant: (Q, >=k) bool ranked relevance; n_relevant: (Q,) -> (Q,), NaN where n_relevant = 0.
+    The ideal list puts min(k, n_relevant) hits first.
+    """
+    rel = np.asarray(relevant, dtype=np.float64)[:, :k]
+    discount = 1.0 / np.log2(np.arange(2, k + 2))  # ranks 1..k
+    dcg = (rel * discount[:rel.shape[1]]).sum(1)
+    ideal = np.concatenate([[0.0], np.cumsum(discount)])[np.minimum(np.asarray(n_relevant), k)]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(ideal > 0, dcg / ideal, np.nan)
+
+
+def auc(scores, labels):
+    """ROC AUC = P(score of a random positive > score of a random negative), ties count 1/2.
+
+    Computed from average ranks (Mann-Whitney U), O(n log n). NaN when one class is absent.
+    """
+    scores = np.asarray(scores, dtype=np.float64)
+    labels = np.asarray(labels).astype(bool)
+    n_pos, n_neg = int(labels.sum()), int((~labels).sum())
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    _, inverse, counts = np.unique(scores, return_inverse=True, return_counts=True)
+    avg_rank = np.cumsum(counts) - (counts - 1) / 2.0  # 1-based rank shared by each group of ties
+    ranks = avg_rank[inverse]
+    return float((ranks[labels].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+
+
+def macro_f1(y_true, y_pred):
+    """Unweighted mean F1 over the classes present in y_true or y_pred (sklearn's convention)."""
+    y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
+    f1s = []
+    for c in np.union1d(y_true, y_pred):
+        tp = np.sum((y_pred == c) & (y_true == c))
+        fp = np.sum((y_pred == c) & (y_true != c))
+        fn = np.sum((y_pred != c) & (y_true == c))
+        f1s.append(0.0 if tp == 0 else 2 * tp / (2 * tp + fp + fn))
+    return float(np.mean(f1s)) if f1s else float("nan")
+
+
+@torch.no_grad()
+def cosine_topk(queries, keys, k, exclude=None, batch_size=1024, progress=None):
+    """Top-k keys by cosine for each query, in batches so memory stays (batch_size, N).
+
+    queries (Q, D), keys (N, D) -> (scores (Q, k), indices (Q, k)) torch tensors, best first.
+    exclude: (Q,) key index that query q may not retrieve (itself, when the queries are songs
+    of the catalog being searched).
+    """
+    q = F.normalize(_as_float_tensor(queries), dim=-1)
+    keys = F.normalize(_as_float_tensor(keys), dim=-1)
+    k = min(k, keys.shape[0] - (exclude is not None))
+    scores, indices = [], []
+    for start in range(0, q.shape[0], batch_size):
+        s = q[start:start + batch_size] @ keys.T  # (b, N)
+        if exclude is not None:
+            s[torch.arange(s.shape[0]), torch.as_tensor(exclude[start:start + batch_size])] = -float("inf")
+        v, j = s.topk(k, dim=1)
+        scores.append(v)
+        indices.append(j)
+        if progress is not None:
+            progress.update(s.shape[0])
+    return torch.cat(scores), torch.cat(indices)
+
+
+@contextmanager
+def one_thread():
+    """Train the small evaluation models (probe, DIN, GraphSAGE) on one intra-op thread.
+    Their matmuls are too small to split, and on a busy 2-core machine waiting for a
+    descheduled second thread made training 10x slower (measured)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def mean_std(values):
+    values = np.asarray(values, dtype=np.float64)
+    return float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else 0.0
+
+
+# -----------------------------------------------------------------------------
+# Semantic tasks (HTCL Sec. 3.1.3): a single-layer MLP on frozen embeddings,
+# accuracy for genre and for language.
+
+
+class Probe(nn.Module):
+    """Standardize -> Linear -> ReLU -> Linear: an MLP with one hidden layer; AdamW's weight decay regularizes.
+
+    NOTE(paper): "a single-layer MLP" is read as one hidden layer (width 512);
+    --hidden 0 gives a linear (logistic-regression) probe instead. The input is
+    standardized with the training set's mean and std so that embeddings of any
+    scale (another model's, unnormalized) meet the same optimizer settings.
+    """
+
+    def __init__(self, mean, std, n_classes, hidden=512):
+        super().__init__()
+        self.register_buffer("mean", mean)
+        self.register_buffer("std", std)
+        d = mean.shape[0]
+        if hidden > 0:
+            self.net = nn.Sequential(nn.Linear(d, hidden), nn.ReLU(), nn.Linear(hidden, n_classes))
+        else:
+            self.net = nn.Linear(d, n_classes)
+
+    def forward(self, x):
+        return self.net((x - self.mean) / self.std)
+
+
+@one_thread()
+def train_probe(x_train, y_train, x_test, n_classes, hidden=512, epochs=100, lr=1e-3, weight_decay=1e-4,
+                batch_size=256, min_steps=1000, seed=0):
+    """Fit a Probe on (x_train, y_train) and return its class predictions for x_test (numpy int).
+
+    Small training sets get more epochs, up to min_steps optimizer steps, so that a
+    few hundred songs are not under-fitted where 30k would not be.
+    """
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    x_train = torch.as_tensor(x_train, dtype=torch.float32)
+    y_train = torch.as_tensor(y_train, dtype=torch.long)
+    probe = Probe(x_train.mean(0), x_train.std(0, unbiased=False) + 1e-6, n_classes, hidden)
+    opt = torch.optim.AdamW(probe.parameters(), lr=lr, weight_decay=weight_decay)
+    probe.train()
+    epochs = max(epochs, math.ceil(min_steps / math.ceil(len(x_train) / batch_size)))
+    for _ in range(epochs):
+        for idx in torch.randperm(len(x_train), generator=g).split(batch_size):
+            loss = F.cross_entropy(probe(x_train[idx]), y_train[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    probe.eval()
+    with torch.no_grad():
+        return probe(torch.as_tensor(x_test, dtype=torch.float32)).argmax(1).numpy()
+
+
+def run_probe(emb, labels, split=None, train_split="train", test_split="test", seeds=(0, 1, 2, 3, 4),
+              test_fraction=0.2, **train_kw):
+    """Probe accuracy and macro-F1, mean +- std over seeds.
+
+    emb: (N, D); labels: N strings ("" = no label, the song is left out).
+    split: N strings; rows equal to train_split train, test_split test. Without it,
+    each seed draws its own random split with test_fraction held out.
+    Returns {"acc": (mean, std), "macro_f1": (mean, std), "n_train", "n_test", "n_classes",
+    "majority" (share of the commonest training label), ...}.
+    """
+    emb = np.asarray(emb, dtype=np.float32)
+    labels = np.asarray(labels, dtype=object)
+    has_label = labels != ""
+    accs, f1s = [], []
+    for seed in seeds:
+        if split is not None:
+            split_arr = np.asarray(split, dtype=object)
+            train = has_label & (split_arr == train_split)
+            test = has_label & (split_arr == test_split)
+        else:
+            rng = np.random.default_rng(seed)
+            is_test = rng.random(len(labels)) < test_fraction
+            train, test = has_label & ~is_test, has_label & is_test
+        if train.sum() == 0 or test.sum() == 0:
+            raise ValueError(f"probe needs both splits non-empty: {train.sum()} train rows "
+                             f"('{train_split}'), {test.sum()} test rows ('{test_split}')")
+        classes = sorted(set(labels[train]))
+        index = {c: i for i, c in enumerate(classes)}
+        # A test label never seen in training cannot be predicted: it stays in the
+        # denominator (counted wrong) rather than being dropped.
+        y_test = np.array([index.get(c, -1) for c in labels[test]])
+        y_pred = train_probe(emb[train], [index[c] for c in labels[train]], emb[test], len(classes),
+                             seed=seed, **train_kw)
+        accs.append(float((y_pred == y_test).mean()))
+        f1s.append(macro_f1(y_test, y_pred))
+    unseen = int((y_test == -1).sum())
+    counts = np.unique(labels[train], return_counts=True)[1]
+    return {"acc": mean_std(accs), "macro_f1": mean_std(f1s), "n_train": int(train.sum()),
+            "n_test": int(test.sum()), "n_classes": len(classes), "unseen_test_labels": unseen,
+            "majority": float(counts.max() / counts.sum()), "per_seed_acc": accs}
+
+
+# -----------------------------------------------------------------------------
+# Matching (HTCL Sec. 3.1.3): next-item prediction, HR@100.
+# For each user: one favoured song, drawn with a seed, is the target; the 30
+# songs favoured just before it are the triggers; each trigger retrieves its 10
+# nearest songs by cosine (triggers excluded); the candidates are merged into
+# one list of 100; a hit is the target being on that list.
+# NOTE(paper): the paper does not say how the <= 300 candidates become 100, nor
+# which favourites may be the target. Our reading, each part a CLI option:
+#   --merge best         a candidate's score is its best cosine to any trigger;
+#                        the 100 best distinct candidates form the list (default)
+#   --merge round-robin  rank 1 of every trigger (most recent trigger first), then rank 2, ...
+#   target: uniform over the favourites that have >= 30 distinct favourites before them;
+#   a user's repeated favourite of the same song counts once (its first time).
+
+
+def sample_matching_cases(favourites, n_triggers=30, seed=0):
+    """favourites: (user_id, row, timestamp) sorted by user, then time (data.load_favourites).
+
+    -> triggers (U, n_triggers) long, oldest first; targets (U,) long; users (list of U ids);
+       stats {"users", "eligible", "duplicates"}.
+    """
+    by_user = defaultdict(list)
+    for user, row, _ in favourites:
+        by_user[user].append(row)
+    rng = np.random.default_rng(seed)
+    triggers, targets, users, duplicates = [], [], [], 0
+    for user in sorted(by_user):
+        rows = list(dict.fromkeys(by_user[user]))  # first favour of each song, in time order
+        duplicates += len(by_user[user]) - len(rows)
+        if len(rows) <= n_triggers:
+            continue
+        t = int(rng.integers(n_triggers, len(rows)))  # the target's position; n_triggers songs precede it
+        triggers.append(rows[t - n_triggers:t])
+        targets.append(rows[t])
+        users.append(user)
+    stats = {"users": len(by_user), "eligible": len(users), "duplicates": duplicates}
+    triggers = torch.tensor(triggers, dtype=torch.long).reshape(-1, n_triggers)
+    return triggers, torch.tensor(targets, dtype=torch.long), users, stats
+
+
+@torch.no_grad()
+def matching_hits(emb, triggers, targets, per_trigger=10, list_size=100, merge="best", batch_size=1024,
+                  progress=True):
+    """Whether each user's target is on the merged candidate list. -> (U,) bool tensor.
+
+    emb: (N, D) song embeddings; triggers: (U, T) song rows; targets: (U,) song rows.
+    Two phases, so that the cost is one (unique triggers x N) matmul whatever U is:
+      1. the top (per_trigger + T) neighbours of every distinct trigger song, by
+         cosine. Excluding a user's T triggers removes at most T of them, so the
+         first per_trigger survivors are exactly that user's top per_trigger.
+      2. per batch of users: drop each user's triggers, keep per_trigger per
+         trigger, merge by the rule, check the target.
+    """
+    U, T = triggers.shape
+    if U == 0:
+        return torch.zeros(0, dtype=torch.bool)
+    unique, position = torch.unique(triggers, return_inverse=True)  # position: (U, T) into unique
+    bar = _progress(len(unique), "matching: neighbours of trigger songs") if progress else None
+    nb_score, nb_index = cosine_topk(_as_float_tensor(emb)[unique], emb, per_trigger + T, batch_size=batch_size,
+                                     progress=bar)
+    if bar is not None:
+        bar.close()
+    hits = []
+    for start in range(0, U, batch_size):
+        trig = triggers[start:start + batch_size]  # (B, T)
+        idx = nb_index[position[start:start + batch_size]]  # (B, T, K) candidates, best first
+        score = nb_score[position[start:start + batch_size]]
+        is_trigger = (idx[..., None] == trig[:, None, None, :]).any(-1)  # (B, T, K)
+        rank = torch.cumsum(~is_trigger, dim=2) - 1  # rank among the surviving candidates
+        keep = ~is_trigger & (rank < per_trigger)
+        # Each rule orders candidates by a key, smaller first.
+        if merge == "best":
+            key = -score
+        elif merge == "round-robin":
+            recency = torch.arange(T - 1, -1, -1)[None, :, None]  # triggers are oldest first; newest goes first
+            key = (rank * T + recency).float()
+        else:
+            raise ValueError(f"unknown merge rule {merge!r} (best, round-robin)")
+        key = torch.where(keep, key, torch.full_like(key, float("inf"))).flatten(1)  # (B, T*K)
+        idx = idx.flatten(1)
+        # A song retrieved by several triggers keeps its smallest key: sort by key,
+        # then stably by song, so each song's best entry comes first in its run.
+        order = key.argsort(dim=1, stable=True)
+        key, idx = key.gather(1, order), idx.gather(1, order)
+        order = idx.argsort(dim=1, stable=True)
+        key, idx = key.gather(1, order), idx.gather(1, order)
+        repeat = torch.zeros_like(idx, dtype=torch.bool)
+        repeat[:, 1:] = idx[:, 1:] == idx[:, :-1]
+        key = key.masked_fill(repeat, float("inf"))
+        top_key, top = key.topk(min(list_size, key.shape[1]), dim=1, largest=False)
+        listed = idx.gather(1, top).masked_fill(top_key.isinf(), -1)  # (B, list_size) song rows, -1 = empty slot
+        hits.append((listed == targets[start:start + batch_size, None]).any(1))
+    return torch.cat(hits)
+
+
+def _progress(total, desc):
+    # disable=None: shown on a terminal, silent in logs and tests
+    return tqdm(total=total, desc=desc, unit="song", file=sys.stderr, mininterval=1.0, disable=None)
+
+
+def matching_benchmark(n_songs=100_000, n_users=10_000, dim=100, n_triggers=30, seed=0):
+    """Wall time of matching_hits on random unit vectors and random histories (the issue's 100k x 10k)."""
+    g = torch.Generator().manual_seed(seed)
+    emb = F.normalize(torch.randn(n_songs, dim, generator=g), dim=1)
+    history = torch.randint(n_songs, (n_users, n_triggers + 1), generator=g)  # rare repeats only cost a miss
+    t0 = time.time()
+    hits = matching_hits(emb, history[:, :-1], history[:, -1])
+    seconds = time.time() - t0
+    return {"songs": n_songs, "users": n_users, "dim": dim, "threads": torch.get_num_threads(),
+            "seconds": seconds, "hr@100": float(hits.float().mean())}
+
+
+# -----------------------------------------------------------------------------
+# Ranking (HTCL Sec. 3.1.3): DIN (Zhou et al., KDD 2018) for CTR and CVR, item
+# embeddings initialized from the music representations, trained on days 1-7 of
+# an impressions log and scored by AUC on day 8.
+# Our reading of what the paper leaves open:
+#   CTR: every impression, label = clicked.
+#   CVR: only clicked impressions, label = favoured (post-click conversion).
+#   behaviour sequence of an impression on day d: the user's clicked songs on days
+#   before d (--behaviour favoured: their favoured songs), most recent 50 kept.
+#   NOTE(paper): the production DIN also sees user and context features we do not
+#   have; ours sees only the behaviour sequence and the target song, so the item
+#   embeddings carry the comparison between representations.
+
+
+def build_din_examples(user_ids, rows, days, clicked, favoured, task="ctr", behaviour="clicked", max_len=50):
+    """Impressions (parallel arrays) -> {"target" (M,), "history" (M, L) song rows with -1 as
+    padding, "label" (M,), "day" (M,)}.
+
+    Within a day, impression order is unknown, so only earlier days form the history:
+    nothing of the impression's own day leaks into its features.
+    """
+    user_ids, rows, days = np.asarray(user_ids, dtype=object), np.asarray(rows), np.asarray(days)
+    clicked, favoured = np.asarray(clicked).astype(bool), np.asarray(favoured).astype(bool)
+    acted = {"clicked": clicked, "favoured": favoured}[behaviour]
+    if task == "ctr":
+        label, use = clicked, np.ones(len(rows), dtype=bool)
+    elif task == "cvr":
+        label, use = favoured, clicked
+    else:
+        raise ValueError(f"unknown task {task!r} (ctr, cvr)")
+    history = np.full((len(rows), max_len), -1, dtype=np.int64)
+    users = user_ids.astype(str)
+    order = np.argsort(users, kind="stable")  # group impressions by user
+    bounds = np.flatnonzero(np.r_[True, users[order][1:] != users[order][:-1], True])
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        _fill_history(history, order[a:b], rows, days, acted, max_len)
+    return {"target": torch.as_tensor(rows[use], dtype=torch.long),
+            "history": torch.as_tensor(history[use]),
+            "label": torch.as_tensor(label[use], dtype=torch.float32),
+            "day": torch.as_tensor(days[use], dtype=torch.long)}
+
+
+def _fill_history(history, mine, rows, days, acted, max_len):
+    """history[i] = the last max_len acted-on songs of this user on days before days[i]."""
+    events = mine[acted[mine]]
+    events = events[np.argsort(days[events], kind="stable")]  # by day, file order within a day
+    n_before = np.searchsorted(days[events], days[mine], side="left")  # events strictly before each day
+    for i, n in zip(mine, n_before):
+        seq = rows[events[max(0, n - max_len):n]]
+        history[i, max_len - len(seq):] = seq  # right-aligned, most recent last
+
+
+def _mlp(dims, activation=nn.PReLU):
+    layers = []
+    for i in range(len(dims) - 1):
+        layers.append(nn.Linear(dims[i], dims[i + 1]))
+        if i < len(dims) - 2:
+            layers.append(activation())
+    return nn.Sequential(*layers)
+
+
+class DIN(nn.Module):
+    """Deep Interest Network (Zhou et al., KDD 2018), the compact form.
+
+    target (B,) song rows, history (B, L) song rows with -1 as padding -> logit (B,).
+        weight_i = a(h_i, t) = MLP([h_i, t, h_i - t, h_i * t])   the activation unit (DIN Fig. 3)
+        interest = sum_i weight_i * h_i                          no softmax: DIN keeps the intensity of interest
+        logit    = MLP([interest, t, interest * t])
+    NOTE(paper): DIN's Dice activation is replaced by PReLU (DIN's own baseline activation).
+    """
+
+    def __init__(self, item_emb, attention_hidden=(80, 40), hidden=(200, 80), freeze_items=False):
+        super().__init__()
+        n, d = item_emb.shape
+        self.n_items = n
+        weight = torch.cat([torch.as_tensor(item_emb, dtype=torch.float32), torch.zeros(1, d)])  # last row: padding
+        self.items = nn.Embedding.from_pretrained(weight, freeze=freeze_items, padding_idx=n)
+        self.attention = _mlp([4 * d, *attention_hidden, 1])
+        self.head = _mlp([3 * d, *hidden, 1])
+
+    def forward(self, target, history):
+        pad = history < 0
+        t = self.items(target)  # (B, D)
+        h = self.items(history.masked_fill(pad, self.n_items))  # (B, L, D)
+        te = t[:, None, :].expand_as(h)
+        weight = self.attention(torch.cat([h, te, h - te, h * te], dim=-1)).squeeze(-1)  # (B, L)
+        weight = weight.masked_fill(pad, 0.0)
+        interest = (weight[..., None] * h).sum(1)  # (B, D)
+        return self.head(torch.cat([interest, t, interest * t], dim=-1)).squeeze(-1)
+
+
+@one_thread()
+def train_din(item_emb, train, test, epochs=2, batch_size=256, lr=1e-3, seed=0, freeze_items=False):
+    """Fit DIN on `train` examples (build_din_examples), return (AUC on `test`, test scores).
+
+    The item table starts from L2-normalized item_emb rows, so music embeddings and
+    the random baseline enter at the same scale whatever model produced them.
+    """
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)
+    model = DIN(F.normalize(_as_float_tensor(item_emb), dim=1), freeze_items=freeze_items)
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
+    model.train()
+    for _ in range(epochs):
+        for idx in torch.randperm(len(train["label"]), generator=g).split(batch_size):
+            logit = model(train["target"][idx], train["history"][idx])
+            loss = F.binary_cross_entropy_with_logits(logit, train["label"][idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    model.eval()
+    with torch.no_grad():
+        scores = torch.cat([model(test["target"][i], test["history"][i])
+                            for i in torch.arange(len(test["label"])).split(4096)])
+    return auc(scores.numpy(), test["label"].numpy()), scores
+
+
+def run_ranking(item_emb, impressions, task="ctr", train_days=range(1, 8), test_day=8, behaviour="clicked",
+                max_len=50, seeds=(0,), **train_kw):
+    """DIN AUC on test_day after training on train_days. impressions: dict of parallel arrays
+    user_id, row, day, clicked, favoured. -> {"auc": (mean, std), "n_train", "n_test", "positive_rate"}."""
+    ex = build_din_examples(impressions["user_id"], impressions["row"], impressions["day"], impressions["clicked"],
+                            impressions["favoured"], task=task, behaviour=behaviour, max_len=max_len)
+    is_train = torch.isin(ex["day"], torch.as_tensor(list(train_days)))
+    is_test = ex["day"] == test_day
+    train = {k: v[is_train] for k, v in ex.items()}
+    test = {k: v[is_test] for k, v in ex.items()}
+    if len(train["label"]) == 0 or len(test["label"]) == 0:
+        raise ValueError(f"ranking {task}: {len(train['label'])} training impressions on days {list(train_days)}, "
+                         f"{len(test['label'])} test impressions on day {test_day}; both must be non-empty")
+    aucs = [train_din(item_emb, train, test, seed=s, **train_kw)[0] for s in seeds]
+    return {"auc": mean_std(aucs), "n_train": len(train["label"]), "n_test": len(test["label"]),
+            "positive_rate": float(test["label"].mean()), "per_seed_auc": aucs}
+
+
+# -----------------------------------------------------------------------------
+# Figure 2 (HTCL): cosine similarity of anchor-positive (favoured) and
+# anchor-negative (recommended, not favoured) pairs. A representation that
+# models user preference shifts the positive histogram to the right.
+
+
+def pair_cosines(emb, anchors, songs):
+    """emb (N, D); anchors, songs: (P,) rows -> (P,) cosine of each pair."""
+    e = F.normalize(_as_float_tensor(emb), dim=1)
+    a, s = torch.as_tensor(anchors, dtype=torch.long), torch.as_tensor(songs, dtype=torch.long)
+    return (e[a] * e[s]).sum(1).numpy()
+
+
+def separation(pos, neg):
+    """mean(pos) - mean(neg) and the AUC of cosine as a pos-vs-neg score."""
+    pos, neg = np.asarray(pos, dtype=np.float64), np.asarray(neg, dtype=np.float64)
+    return {"mean_gap": float(pos.mean() - neg.mean()),
+            "auc": auc(np.r_[pos, neg], np.r_[np.ones(len(pos)), np.zeros(len(neg))]),
+            "n_pos": len(pos), "n_neg": len(neg)}
+
+
+def plot_histograms(cosines, path, bins=50):
+    """cosines: {model name: (pos, neg)} -> PNG at `path`, one panel per model, the two histograms overlaid."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")  # files only; no display on a server
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise SystemExit("distance: the Figure 2 PNG needs matplotlib (pip install matplotlib); "
+                         "the numbers above do not") from None
+    fig, axes = plt.subplots(1, len(cosines), figsize=(4.2 * len(cosines), 3.2), squeeze=False)
+    edges = np.linspace(-1, 1, bins + 1)
+    for ax, (name, (pos, neg)) in zip(axes[0], cosines.items()):
+        ax.hist(neg, bins=edges, density=True, alpha=0.55, color="tab:gray", label=f"negative (n={len(neg)})")
+        ax.hist(pos, bins=edges, density=True, alpha=0.55, color="tab:red", label=f"positive (n={len(pos)})")
+        ax.set_title(name)
+        ax.set_xlabel("cosine similarity to anchor")
+        ax.legend(fontsize=8)
+    axes[0][0].set_ylabel("density")
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# -----------------------------------------------------------------------------
+# CrossMuSim retrieval protocol.
+#   M2M: each song queries the others by cosine; songs with the same tag are
+#        positives; mAP@100, one tag column at a time (coarse: genre, fine: sub-genre).
+#   T2M: each tag value, as text, queries the songs through the text tower;
+#        R@1, R@5 and mAP@10.
+#   NOTE(paper): with many relevant songs per tag, R@K is read as "at least one
+#        relevant song in the top K" (hit rate), the only reading under which R@1 is informative.
+#   Same-artist leakage: share of queries whose top 100 holds a song by the
+#        query's artist, and how many such songs on average.
+# A tag is one string per song per column; "" means untagged: never a query, never a positive.
+
+
+@torch.no_grad()
+def music_to_music_map(emb, tags, k=100, batch_size=1024):
+    """mAP@k of query-by-example: (N, D), N tags -> (mAP, number of queries)."""
+    tags = np.asarray(tags, dtype=object)
+    codes = np.unique(tags, return_inverse=True)[1]
+    tagged = tags != ""
+    counts = np.bincount(codes[tagged], minlength=codes.max() + 1 if len(codes) else 0)
+    n_relevant = counts[codes] - 1  # songs sharing the query's tag, itself excluded
+    queries = np.flatnonzero(tagged & (n_relevant > 0))
+    if len(queries) == 0:
+        return float("nan"), 0
+    e = _as_float_tensor(emb)
+    idx = cosine_topk(e[queries], e, k, exclude=queries, batch_size=batch_size)[1].numpy()
+    relevant = codes[idx] == codes[queries][:, None]
+    return map_at_k(relevant, n_relevant[queries], k), len(queries)
+
+
+def text_to_music(query_emb, query_tags, song_emb, song_tags, ks=(1, 5), map_k=10):
+    """Tag-text queries (Q, D) against songs (N, D); relevant = songs carrying the query's tag.
+
+    -> {"R@1": .., "R@5": .., "mAP@10": .., "queries": Q'} over queries with >= 1 relevant song.
+    """
+    song_tags = np.asarray(song_tags, dtype=object)
+    query_tags = np.asarray(query_tags, dtype=object)
+    n_relevant = np.array([(song_tags == t).sum() for t in query_tags])
+    keep = n_relevant > 0
+    if not keep.any():
+        return {**{f"R@{k}": float("nan") for k in ks}, f"mAP@{map_k}": float("nan"), "queries": 0}
+    _, idx = cosine_topk(_as_float_tensor(query_emb)[torch.as_tensor(np.flatnonzero(keep))], song_emb,
+                         max(max(ks), map_k))
+    relevant = song_tags[idx.numpy()] == query_tags[keep][:, None]
+    out = {f"R@{k}": float(relevant[:, :k].any(1).mean()) for k in ks}
+    out[f"mAP@{map_k}"] = map_at_k(relevant, n_relevant[keep], map_k)
+    out["queries"] = int(keep.sum())
+    return out
+
+
+def same_artist_stats(emb, artists, k=100, batch_size=1024):
+    """Share of songs whose top-k neighbours hold >= 1 song by the same artist, and the mean count
+    (over all queries and over the queries with >= 1). Songs with artist "" are skipped as queries."""
+    artists = np.asarray(artists, dtype=object)
+    queries = np.flatnonzero(artists != "")
+    e = _as_float_tensor(emb)
+    idx = cosine_topk(e[queries], e, k, exclude=queries, batch_size=batch_size)[1].numpy()
+    same = (artists[idx] == artists[queries][:, None]).sum(1)
+    return {"share_with_same_artist": float((same > 0).mean()), "mean_same_artist": float(same.mean()),
+            "mean_same_artist_given_any": float(same[same > 0].mean()) if (same > 0).any() else 0.0,
+            "queries": len(queries)}
+
+
+# -----------------------------------------------------------------------------
+# Artist similarity with GraphSAGE (Grotschla et al., RecSys MuRS 2024, after
+# Korzeniowski et al. 2021): node features = an artist's song embeddings
+# (mean), random, or any given matrix. The eval-eval edges are hidden and are
+# the ground truth; message passing sees train-train and train-eval edges.
+# NOTE(paper): training itself runs on the train-train graph only (the eval
+# artists' features never influence the weights); train-eval edges join in at
+# evaluation, which is how the eval artists get their neighbourhoods.
+
+
+def message_passing_edges(edges, split, eval_split="test", train_split="train"):
+    """edges: (E, 2) node indices, a pair stored once or twice, either direction; split: (N,) strings.
+
+    -> {"train": (2, *) train-train, "eval": (2, *) train-train + train-eval,
+        "truth": (2, *) eval-eval}, each directed both ways, deduplicated, no self-loops.
+    Edges touching any other split (e.g. val when evaluating test) are dropped everywhere.
+    """
+    edges = torch.as_tensor(np.asarray(edges), dtype=torch.long).reshape(-1, 2)
+    split = np.asarray(split, dtype=object)
+    both = torch.cat([edges, edges.flip(1)])  # symmetrize
+    both = torch.unique(both[both[:, 0] != both[:, 1]], dim=0)
+    is_train = torch.as_tensor(split == train_split)
+    is_eval = torch.as_tensor(split == eval_split)
+    a_train, b_train = is_train[both[:, 0]], is_train[both[:, 1]]
+    a_eval, b_eval = is_eval[both[:, 0]], is_eval[both[:, 1]]
+    return {"train": both[a_train & b_train].T.contiguous(),
+            "eval": both[(a_train & b_train) | (a_train & b_eval) | (a_eval & b_train)].T.contiguous(),
+            "truth": both[a_eval & b_eval].T.contiguous()}
+
+
+class SAGEConv(nn.Module):
+    """GraphSAGE layer, mean aggregator (Hamilton et al. 2017): h_v' = W_s h_v + W_n mean_{u in N(v)} h_u."""
+
+    def __init__(self, d_in, d_out):
+        super().__init__()
+        self.lin_self = nn.Linear(d_in, d_out)
+        self.lin_neigh = nn.Linear(d_in, d_out, bias=False)
+
+    def forward(self, h, edge_index):
+        src, dst = edge_index  # messages flow src -> dst
+        total = torch.zeros_like(h).index_add_(0, dst, h[src])
+        degree = torch.zeros(h.shape[0], device=h.device).index_add_(0, dst, torch.ones_like(dst, dtype=h.dtype))
+        mean = total / degree.clamp(min=1)[:, None]  # an isolated node aggregates zeros
+        return self.lin_self(h) + self.lin_neigh(mean)
+
+
+class ArtistGNN(nn.Module):
+    """features -> 2-layer MLP (256, ELU) -> n_layers x (ELU, SAGEConv 256) -> L2 normalize.
+
+    n_layers = 0 is the paper's "MLP only" model: the graph is never read.
+    NOTE(paper): the paper gives width (256), activation (ELU) and the output norm but not
+    the size of the per-node MLP; ours has two layers, and no extra projection after the
+    graph layers. Training length (epochs) is ours too.
+    """
+
+    def __init__(self, d_in, n_layers, hidden=256):
+        super().__init__()
+        self.front = nn.Sequential(nn.Linear(d_in, hidden), nn.ELU(), nn.Linear(hidden, hidden))
+        self.layers = nn.ModuleList(SAGEConv(hidden, hidden) for _ in range(n_layers))
+
+    def forward(self, x, edge_index):
+        h = self.front(x)
+        for layer in self.layers:
+            h = layer(F.elu(h), edge_index)
+        return F.normalize(h, dim=1)
+
+
+@one_thread()
+def train_artist_gnn(features, graph, train_nodes, n_layers, epochs=30, batch_size=512, lr=1e-3,
+                     weight_decay=0.05, margin=0.2, hidden=256, seed=0):
+    """Triplet loss, margin 0.2, Euclidean: for every directed train edge (a, p), i.e. both
+    endpoints as anchors, a negative n drawn uniformly from the train artists:
+    max(0, |z_a - z_p| - |z_a - z_n| + margin). AdamW lr 1e-3, weight decay 0.05 (the paper's)."""
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)
+    x = _as_float_tensor(features)
+    train_nodes = torch.as_tensor(train_nodes, dtype=torch.long)
+    model = ArtistGNN(x.shape[1], n_layers, hidden)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    model.train()
+    for _ in range(epochs):
+        for idx in torch.randperm(graph.shape[1], generator=g).split(batch_size):
+            z = model(x, graph)  # full graph each step: every node's neighbourhood is current
+            a, p = graph[0, idx], graph[1, idx]
+            n = train_nodes[torch.randint(len(train_nodes), (len(idx),), generator=g)]
+            loss = F.relu((z[a] - z[p]).norm(dim=1) - (z[a] - z[n]).norm(dim=1) + margin).mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    return model.eval()
+
+
+@torch.no_grad()
+def artist_ndcg(z, eval_nodes, truth, k=200):
+    """NDCG@k: each eval artist ranks the other eval artists by Euclidean distance of z;
+    gain 1 for a hidden eval-eval edge. Mean over artists with >= 1 such edge -> (ndcg, n)."""
+    eval_nodes = torch.as_tensor(eval_nodes, dtype=torch.long)
+    local = torch.full((z.shape[0],), -1, dtype=torch.long)
+    local[eval_nodes] = torch.arange(len(eval_nodes))
+    n = len(eval_nodes)
+    adjacency = torch.zeros(n, n, dtype=torch.bool)
+    adjacency[local[truth[0]], local[truth[1]]] = True
+    n_relevant = adjacency.sum(1)
+    queries = torch.nonzero(n_relevant > 0).squeeze(1)
+    if len(queries) == 0:
+        return float("nan"), 0
+    ze = z[eval_nodes]
+    dist = torch.cdist(ze[queries], ze)  # (Q, n)
+    dist[torch.arange(len(queries)), queries] = float("inf")  # never retrieve yourself
+    kk = min(k, n - 1)
+    idx = dist.topk(kk, dim=1, largest=False).indices
+    relevant = adjacency[queries[:, None], idx].numpy()
+    return float(np.mean(ndcg_at_k(relevant, n_relevant[queries].numpy(), k))), len(queries)
+
+
+def artist_graph_ndcg(features, edges, split, eval_split="test", layers=(0, 1, 2, 3, 4), k=200, seeds=(0,),
+                      **train_kw):
+    """Table over the number of GraphSAGE layers -> {n_layers: (mean NDCG@k, std over seeds)}."""
+    split = np.asarray(split, dtype=object)
+    graphs = message_passing_edges(edges, split, eval_split)
+    if graphs["train"].shape[1] == 0 or graphs["truth"].shape[1] == 0:
+        raise ValueError(f"artist graph: {graphs['train'].shape[1] // 2} train-train edges and "
+                         f"{graphs['truth'].shape[1] // 2} {eval_split}-{eval_split} edges; both must be non-empty")
+    train_nodes = np.flatnonzero(split == "train")
+    eval_nodes = np.flatnonzero(split == eval_split)
+    x = _as_float_tensor(features)
+    table = {}
+    for n_layers in layers:
+        scores = []
+        for seed in seeds:
+            model = train_artist_gnn(x, graphs["train"], train_nodes, n_layers, seed=seed, **train_kw)
+            with torch.no_grad():
+                z = model(x, graphs["eval"])
+            scores.append(artist_ndcg(z, eval_nodes, graphs["truth"], k)[0])
+        table[n_layers] = mean_std(scores)
+    return table
+
+
+# -----------------------------------------------------------------------------
+# Where song embeddings come from: a trained artifact (embedded here), a saved
+# embeddings file (any model's), or random vectors (the chance baseline).
+
+KINDS = ("audio", "text", "fused")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # for the encoders; the small evaluation models stay on CPU
+CHUNK_FRAMES = 10 * SAMPLE_RATE // HOP_LENGTH  # CrossMuSim's 10 s windows: 104 frames at 16 kHz, 96 ms hop
+
+
+@torch.no_grad()
+def embed_catalog(model, tokenizer, catalog, rows=None, mode="full", kinds=("audio",), cache=None, batch_size=16,
+                  chunk_frames=CHUNK_FRAMES):
+    """Embeddings of catalog songs -> {kind: (len(rows), D) float32 numpy}, rows in the order given.
+
+    mode "full":    the whole decoded song (first 120 s) in one pass: HTCL's setting.
+    mode "chunked": non-overlapping windows of chunk_frames (10 s), each encoded on its own,
+                    then mean-pooled: CrossMuSim's inference. A trailing window shorter than
+                    MIN_FRAMES is dropped, unless it is the song's only one.
+    NOTE(paper): CrossMuSim chunks the whole track; here the chunks cover the first
+    120 s that data.py decodes and caches. Chunk projections are averaged before
+    L2 normalization, so the fusion MLP receives the same kind of input as in training.
+    """
+    rows = list(range(len(catalog))) if rows is None else list(rows)
+    dataset = SongDataset(catalog, rows, cache)
+    if len(dataset) != len(rows):  # songs whose audio failed in prepare: no embedding, so say which
+        lost = sorted(set(rows) - set(dataset.rows))
+        raise ValueError(f"{catalog.path}: {len(lost)} songs have no log-mel in the cache (failed to decode), "
+                         f"e.g. {[catalog[r].song_id for r in lost[:5]]}; fix or remove them from the catalog")
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=Collator(tokenizer))
+    model.eval()
+    device = next(model.parameters()).device
+    want_text = "text" in kinds or "fused" in kinds
+    out = {k: [] for k in kinds}
+    bar = _progress(len(rows), f"embed ({mode})")
+    for batch in loader:
+        mel, mask = batch["mel"].to(device), batch["padding_mask"].to(device)
+        if mode == "full":
+            audio = model.encode_audio(mel, mask, normalize=False)  # (B, D)
+        elif mode == "chunked":
+            audio = _encode_chunked(model, mel, mask, chunk_frames, MIN_FRAMES, batch_size)
+        else:
+            raise ValueError(f"unknown embed mode {mode!r} (full, chunked)")
+        text = model.encode_text({k: v.to(device) for k, v in batch["tokens"].items()}, normalize=False) \
+            if want_text else None
+        if "audio" in kinds:
+            out["audio"].append(F.normalize(audio, dim=-1))
+        if "text" in kinds:
+            out["text"].append(F.normalize(text, dim=-1))
+        if "fused" in kinds:
+            out["fused"].append(model.fuse(audio, text))  # fuse takes the un-normalized projections
+        bar.update(len(mel))
+    bar.close()
+    return {k: torch.cat(v).float().cpu().numpy() for k, v in out.items()}
+
+
+def _encode_chunked(model, mel, mask, chunk_frames, min_frames, batch_size):
+    """(B, T, M) padded songs -> (B, D): mean of the un-normalized projections of their 10 s windows."""
+    chunks, owner = [], []
+    for b, length in enumerate((~mask).sum(1).tolist()):
+        starts = list(range(0, length, chunk_frames))
+        for s in starts:
+            n = min(chunk_frames, length - s)
+            if n >= min_frames or s == 0:
+                chunks.append(mel[b, s:s + n])
+                owner.append(b)
+    owner = torch.tensor(owner, device=mel.device)
+    embs = []
+    for i in range(0, len(chunks), batch_size * 4):
+        part = chunks[i:i + batch_size * 4]
+        T = max(min_frames, max(len(c) for c in part))
+        x = mel.new_zeros(len(part), T, mel.shape[2])
+        pad = torch.ones(len(part), T, dtype=torch.bool, device=mel.device)
+        for j, c in enumerate(part):
+            x[j, :len(c)] = c
+            pad[j, :len(c)] = False
+        embs.append(model.encode_audio(x, pad, normalize=False))
+    embs = torch.cat(embs)  # (n_chunks, D)
+    total = embs.new_zeros(mel.shape[0], embs.shape[1]).index_add_(0, owner, embs)
+    return total / torch.bincount(owner, minlength=mel.shape[0]).clamp(min=1)[:, None].to(embs.dtype)
+
+
+@torch.no_grad()
+def embed_texts(model, tokenizer, texts, batch_size=64):
+    """Free texts (e.g. tag names for T2M) through the text tower -> (len(texts), D) normalized numpy."""
+    model.eval()
+    device = next(model.parameters()).device
+    out = []
+    for i in range(0, len(texts), batch_size):
+        tokens = tokenizer(list(texts[i:i + batch_size]), padding="longest", truncation=True, max_length=512,
+                           return_tensors="pt")
+        out.append(model.encode_text({k: v.to(device) for k, v in tokens.items()}))
+    return torch.cat(out).float().cpu().numpy()
+
+
+def save_embeddings(folder, ids, embeddings, meta=None):
+    """folder/ids.txt + folder/{kind}.npy (float32) for each kind; meta -> folder/meta.json."""
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "ids.txt"), "w") as f:
+        f.write("".join(f"{i}\n" for i in ids))
+    for kind, x in embeddings.items():
+        np.save(os.path.join(folder, f"{kind}.npy"), np.asarray(x, dtype=np.float32))
+    if meta is not None:
+        with open(os.path.join(folder, "meta.json"), "w") as f:
+            json.dump(meta, f, indent=2)
+
+
+def read_ids(path):
+    """One id per line -> list; empty lines inside, or duplicates, are errors naming the line."""
+    with open(path, encoding="utf-8") as f:
+        ids = f.read().splitlines()
+    while ids and ids[-1] == "":
+        ids.pop()
+    seen = {}
+    for line, i in enumerate(ids, start=1):
+        if i.strip() == "":
+            raise ValueError(f"{path}: line {line} is empty; expected one id per line")
+        if i in seen:
+            raise ValueError(f"{path}: id '{i}' on line {seen[i]} and again on line {line}")
+        seen[i] = line
+    return ids
+
+
+def load_embeddings(spec, kind="audio"):
+    """An embeddings file or `embed` folder -> (ids, (N, D) float32). See the module docstring."""
+    if os.path.isdir(spec):
+        ids_path, npy_path = os.path.join(spec, "ids.txt"), os.path.join(spec, f"{kind}.npy")
+        if not os.path.exists(ids_path):
+            raise FileNotFoundError(f"{spec}: neither an embeddings folder from `embed` (no ids.txt) nor an "
+                                    f"artifact (no config.json)")
+        if not os.path.exists(npy_path):
+            have = [k for k in KINDS if os.path.exists(os.path.join(spec, f"{k}.npy"))]
+            raise FileNotFoundError(f"{spec}: no {kind}.npy (has: {', '.join(have) or 'none'}); "
+                                    f"re-run embed with --text/--fused, or pick --kind")
+    elif spec.endswith(".npy"):
+        npy_path, ids_path = spec, spec[:-len(".npy")] + ".ids.txt"
+    else:
+        raise ValueError(f"{spec}: not an embeddings folder (ids.txt + audio.npy), a NAME.npy file, "
+                         f"an artifact folder (config.json) or random[:D]")
+    if not os.path.exists(npy_path):
+        raise FileNotFoundError(f"{npy_path}: no such file")
+    if not os.path.exists(ids_path):
+        raise FileNotFoundError(f"{npy_path}: no ids file {ids_path} (one song_id a line, in row order)")
+    x = np.load(npy_path, allow_pickle=False)
+    ids = read_ids(ids_path)
+    if x.ndim != 2 or x.shape[0] != len(ids):
+        raise ValueError(f"{npy_path}: shape {x.shape}, expected ({len(ids)}, D) to match the {len(ids)} ids "
+                         f"of {ids_path}")
+    bad = ~np.isfinite(x).all(1)
+    if bad.any():
+        raise ValueError(f"{npy_path}: {int(bad.sum())} rows hold NaN/inf, e.g. row {int(np.argmax(bad))} "
+                         f"(id '{ids[int(np.argmax(bad))]}')")
+    return ids, x.astype(np.float32)
+
+
+def align(ids, x, wanted, source, what="song"):
+    """Rows of x reordered to `wanted` ids -> (len(wanted), D). A wanted id without a row is an error."""
+    index = {i: r for r, i in enumerate(ids)}
+    missing = [w for w in wanted if w not in index]
+    if missing:
+        raise ValueError(f"{source}: no embedding for {len(missing)} of {len(wanted)} {what}s, "
+                         f"e.g. {', '.join(missing[:5])}")
+    extra = len(ids) - len(wanted)
+    if extra > 0:
+        print(f"{source}: {extra} embedded {what}s are not in the evaluated set and are ignored")
+    return x[[index[w] for w in wanted]]
+
+
+def random_embeddings(n, dim=100, seed=0):
+    """The chance baseline: seeded Gaussian vectors (unit-normalized by every cosine and by DIN)."""
+    return np.random.default_rng(seed).standard_normal((n, dim)).astype(np.float32)
+
+
+def is_artifact(spec):
+    return os.path.isdir(spec) and os.path.exists(os.path.join(spec, "config.json")) \
+        and not os.path.exists(os.path.join(spec, "ids.txt"))
+
+
+def song_embeddings(spec, catalog, kind="audio", mode="full", cache=None, batch_size=16):
+    """Any embedding source -> (len(catalog), D) float32, row r = catalog song r."""
+    if spec == "random" or spec.startswith("random:"):
+        dim = spec.split(":", 1)[1] if ":" in spec else "100"
+        if not dim.isdigit() or int(dim) < 1:
+            raise ValueError(f"--emb {spec}: expected random or random:D with D a positive integer")
+        return random_embeddings(len(catalog), int(dim))
+    if is_artifact(spec):
+        print(f"{spec}: embedding {len(catalog)} songs ({kind}, {mode}); save them once with `embed` to skip this")
+        model, tokenizer = load_artifact(spec, DEVICE)
+        return embed_catalog(model, tokenizer, catalog, mode=mode, kinds=(kind,), cache=cache,
+                             batch_size=batch_size)[kind]
+    ids, x = load_embeddings(spec, kind)
+    return align(ids, x, [s.song_id for s in catalog.songs], spec)
+
+
+# -----------------------------------------------------------------------------
+# Readers of the evaluation logs. A malformed value is an error naming the file,
+# line and column; a song missing from the catalog is dropped and counted
+# aloud (as data.load_favourites does), never silently.
+
+
+def _records(path, required):
+    return _read_records(str(path), required)[1]
+
+
+def _parse(path, line, column, value, kind):
+    try:
+        return kind(value)
+    except ValueError:
+        raise ValueError(f"{path}: line {line}, column '{column}': cannot read {value!r} as "
+                         f"{getattr(kind, '__name__', kind)}") from None
+
+
+def _flag(value):
+    v = value.strip().lower()
+    if v in ("1", "true", "yes", "y", "positive", "pos"):
+        return True
+    if v in ("0", "false", "no", "n", "negative", "neg", ""):
+        return False
+    raise ValueError(value)
+
+
+def _drop_unknown(path, catalog, dropped, total):
+    if dropped:
+        first = "; ".join(f"line {line}: '{sid}'" for line, sid in dropped[:5])
+        print(f"WARNING {path}: dropped {len(dropped)} of {total} rows naming a song not in {catalog.path}; "
+              f"first: {first}", file=sys.stderr)
+
+
+def read_impressions(path, catalog):
+    """impressions CSV (user_id, song_id, day, clicked, favoured) -> dict of parallel numpy arrays."""
+    records = _records(path, ("user_id", "song_id", "day", "clicked", "favoured"))
+    out = {k: [] for k in ("user_id", "row", "day", "clicked", "favoured")}
+    dropped = []
+    for line, rec in records:
+        sid = rec["song_id"].strip()
+        day = _parse(path, line, "day", rec["day"].strip(), int)
+        clicked = _parse(path, line, "clicked", rec["clicked"], _flag)
+        favoured = _parse(path, line, "favoured", rec["favoured"], _flag)
+        if sid not in catalog.index:
+            dropped.append((line, sid))
+            continue
+        out["user_id"].append(rec["user_id"].strip())
+        out["row"].append(catalog.index[sid])
+        out["day"].append(day)
+        out["clicked"].append(clicked)
+        out["favoured"].append(favoured)
+    _drop_unknown(path, catalog, dropped, len(records))
+    out = {k: np.asarray(v, dtype=object if k == "user_id" else None) for k, v in out.items()}
+    odd = int((out["favoured"] & ~out["clicked"]).sum()) if len(out["row"]) else 0
+    if odd:
+        print(f"WARNING {path}: {odd} impressions are favoured but not clicked; CVR only sees clicked ones",
+              file=sys.stderr)
+    return out
+
+
+def read_labelled_pairs(path, catalog, seed=0):
+    """Figure 2 pairs -> (anchors, songs, is_positive) catalog rows. Two formats:
+      anchor,song,label                 label positive/negative (or 1/0), as in Figure 2
+      trigger_song_id,rec_song_id       stage-2 pairs (data.py): every pair is a positive, and each
+                                        gets one negative, a seeded random song of the catalog
+    NOTE(paper): the paper's negatives are recommended songs the user did not favour; random
+    songs are easier negatives, so prefer a labelled file or --impressions where there is one.
+    """
+    columns, records = _read_records(str(path), ())
+    labelled = all(c in columns for c in ("anchor", "song", "label"))
+    if not labelled and not all(c in columns for c in ("trigger_song_id", "rec_song_id")):
+        raise ValueError(f"{path}: line 1 (header): expected columns anchor,song,label or "
+                         f"trigger_song_id,rec_song_id; found: {', '.join(columns)}")
+    a_col, s_col = ("anchor", "song") if labelled else ("trigger_song_id", "rec_song_id")
+    anchors, songs, labels, dropped = [], [], [], []
+    for line, rec in records:
+        a, s = rec.get(a_col, "").strip(), rec.get(s_col, "").strip()
+        label = _parse(path, line, "label", rec["label"], _flag) if labelled else True
+        if a not in catalog.index or s not in catalog.index:
+            dropped.append((line, a if a not in catalog.index else s))
+            continue
+        anchors.append(catalog.index[a])
+        songs.append(catalog.index[s])
+        labels.append(label)
+    _drop_unknown(path, catalog, dropped, len(records))
+    if not labelled:
+        rng = np.random.default_rng(seed)
+        negatives = rng.integers(0, len(catalog), len(anchors))
+        while True:  # never the anchor or its positive
+            clash = (negatives == np.array(anchors)) | (negatives == np.array(songs))
+            if not clash.any():
+                break
+            negatives[clash] = (negatives[clash] + 1) % len(catalog)
+        print(f"{path}: no label column, so its {len(anchors)} pairs are positives, each with one random "
+              f"negative song (seed {seed})")
+        anchors, songs = anchors + anchors, songs + negatives.tolist()
+        labels = labels + [False] * len(negatives)
+    return np.array(anchors, dtype=np.int64), np.array(songs, dtype=np.int64), np.array(labels, dtype=bool)
+
+
+def pairs_from_impressions(imp):
+    """Figure 2 pairs from an impressions log, our reading of "anchor songs with positive (favoured)
+    and negative recommended songs": for each impression whose user favoured a song on an earlier
+    day, anchor = that user's most recent such favourite; positive if this impression was favoured,
+    negative if it was shown and not favoured. -> (anchors, songs, is_positive)."""
+    anchors, songs, labels = [], [], []
+    users = imp["user_id"].astype(str)
+    for user in np.unique(users):
+        mine = np.flatnonzero(users == user)
+        mine = mine[np.argsort(imp["day"][mine], kind="stable")]
+        last_fav, day_favs, day = None, None, None
+        for i in mine:
+            if imp["day"][i] != day:  # a new day: yesterday's favourites become eligible anchors
+                last_fav = day_favs if day_favs is not None else last_fav
+                day, day_favs = imp["day"][i], None
+            if last_fav is not None and imp["row"][i] != last_fav:
+                anchors.append(last_fav)
+                songs.append(imp["row"][i])
+                labels.append(bool(imp["favoured"][i]))
+            if imp["favoured"][i]:
+                day_favs = imp["row"][i]
+    return np.array(anchors, dtype=np.int64), np.array(songs, dtype=np.int64), np.array(labels, dtype=bool)
+
+
+def read_artist_graph(edges_path, split_path):
+    """artist_split CSV (artist_id, split) + edge CSV (artist_a, artist_b)
+    -> (artist ids, split per artist, (E, 2) int edges). An edge to an unknown artist is an error."""
+    artists, split, index = [], [], {}
+    for line, rec in _records(split_path, ("artist_id", "split")):
+        aid = rec["artist_id"].strip()
+        if not aid or aid in index:
+            raise ValueError(f"{split_path}: line {line}, column 'artist_id': {'repeated' if aid else 'empty'} "
+                             f"artist_id {aid!r}")
+        index[aid] = len(artists)
+        artists.append(aid)
+        split.append(rec["split"].strip())
+    edges = []
+    for line, rec in _records(edges_path, ("artist_a", "artist_b")):
+        a, b = rec["artist_a"].strip(), rec["artist_b"].strip()
+        for v, col in ((a, "artist_a"), (b, "artist_b")):
+            if v not in index:
+                raise ValueError(f"{edges_path}: line {line}, column '{col}': artist '{v}' is not in {split_path}")
+        edges.append((index[a], index[b]))
+    return artists, np.array(split, dtype=object), np.array(edges, dtype=np.int64).reshape(-1, 2)
+
+
+def artist_features(kind, artists, catalog=None, song_emb=None, artist_column="artist_id", dim=100, seed=0):
+    """Node features: "mean" of each artist's song embeddings, "random", or NAME.npy
+    (with NAME.ids.txt holding artist ids)."""
+    if kind == "random":
+        return random_embeddings(len(artists), dim, seed)
+    if kind == "mean":
+        if catalog is None or song_emb is None:
+            raise ValueError("artist-graph --features mean needs --catalog and --emb")
+        if artist_column not in catalog.columns:
+            raise ValueError(f"{catalog.path}: no column '{artist_column}' to group songs by artist")
+        index = {a: i for i, a in enumerate(artists)}
+        total = np.zeros((len(artists), song_emb.shape[1]), dtype=np.float64)
+        count = np.zeros(len(artists))
+        for r in range(len(catalog)):
+            i = index.get(catalog.label(r, artist_column))
+            if i is not None:
+                total[i] += song_emb[r]
+                count[i] += 1
+        if (count == 0).any():
+            print(f"WARNING artist-graph: {int((count == 0).sum())} artists have no song in {catalog.path}; "
+                  f"their mean feature is zero", file=sys.stderr)
+        return (total / np.maximum(count, 1)[:, None]).astype(np.float32)
+    ids, x = load_embeddings(kind)
+    return align(ids, x, artists, kind, what="artist")
+
+
+# -----------------------------------------------------------------------------
+# Table 2 in one go: every evaluation that the given files allow.
+
+
+def report(sources, catalog, favourites=None, impressions=None, pairs=None, out_dir="report", kind="audio",
+           mode="full", cache=None, probe_seeds=(0, 1, 2, 3, 4), ranking_seeds=(0,), ranking_epochs=2):
+    """sources: {name: embedding spec}; favourites / impressions / pairs: paths or None.
+    Writes out_dir/table2.md (ACC genre, ACC language, HR@100, CTR AUC, CVR AUC, as in HTCL
+    Table 2; "-" where the data is missing) and out_dir/figure2.png (from pairs, else from
+    impressions). Returns the Markdown table."""
+    os.makedirs(out_dir, exist_ok=True)
+    split = [catalog.label(r, "split") for r in range(len(catalog))] if "split" in catalog.columns else None
+    favs = cases = imp = None
+    if favourites:
+        favs = load_favourites(favourites, catalog)
+        cases = sample_matching_cases(favs)
+    if impressions:
+        imp = read_impressions(impressions, catalog)
+    if pairs:
+        fig_pairs = read_labelled_pairs(pairs, catalog)
+    elif imp is not None:
+        fig_pairs = pairs_from_impressions(imp)
+    else:
+        fig_pairs = None
+    header = ["Model", "ACC genre", "ACC lang", "HR@100", "CTR AUC", "CVR AUC", "Fig. 2 AUC"]
+    rows, cosines = [], {}
+    for name, spec in sources.items():
+        emb = song_embeddings(spec, catalog, kind, mode, cache)
+        row = [name]
+        for column in ("genre", "language"):
+            if column in catalog.columns:
+                labels = [catalog.label(r, column) for r in range(len(catalog))]
+                row.append(_pm(run_probe(emb, labels, split, seeds=probe_seeds)["acc"]))
+            else:
+                row.append("-")
+        if cases is not None and len(cases[1]):
+            row.append(f"{100 * float(matching_hits(emb, cases[0], cases[1]).float().mean()):.2f}%")
+        else:
+            row.append("-")
+        for task in ("ctr", "cvr"):
+            row.append(_pm(run_ranking(emb, imp, task, seeds=ranking_seeds, epochs=ranking_epochs)["auc"])
+                       if imp is not None else "-")
+        if fig_pairs is not None:
+            cos = pair_cosines(emb, fig_pairs[0], fig_pairs[1])
+            cosines[name] = (cos[fig_pairs[2]], cos[~fig_pairs[2]])
+            row.append(f"{separation(*cosines[name])['auc']:.4f}")
+        else:
+            row.append("-")
+        rows.append(row)
+    table = markdown_table(header, rows)
+    with open(os.path.join(out_dir, "table2.md"), "w") as f:
+        f.write(table + "\n")
+    if cosines:
+        plot_histograms(cosines, os.path.join(out_dir, "figure2.png"))
+    return table
+
+
+def markdown_table(header, rows):
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _pm(mean_std_pair, digits=4):
+    m, s = mean_std_pair
+    return f"{m:.{digits}f} ± {s:.{digits}f}"
+
+
+# -----------------------------------------------------------------------------
+# Command line. Each sub-command loads the catalog and every --emb once, runs
+# one protocol, prints a Markdown table and its wall time, and can save JSON.
+
+
+def _name(spec):
+    """Row name of an --emb: the file or folder name; an artifact's final/ folder is named after
+    its run (runs/demo/pretrain/final -> pretrain), so stage-1 and stage-2 rows differ."""
+    path = os.path.normpath(spec)
+    base = os.path.basename(path)
+    if base == "final" and os.path.dirname(path):
+        base = os.path.basename(os.path.dirname(path))
+    return base[:-len(".npy")] if base.endswith(".npy") else base
+
+
+def _names(specs):
+    """Unique row names, in order; a clash falls back to the full spec."""
+    out = []
+    for spec in specs:
+        out.append(_name(spec) if _name(spec) not in out else spec)
+    return out
+
+
+def _load(args):
+    catalog = load_catalog(args.catalog)
+    cache = MelCache.open(args.cache, catalog) if getattr(args, "cache", None) else None
+    return catalog, cache
+
+
+def _embeddings(args, catalog, cache):
+    """{name: (len(catalog), D)} for each --emb, in the order given."""
+    return {name: song_embeddings(spec, catalog, args.kind, args.mode, cache, args.batch_size)
+            for name, spec in zip(_names(args.emb), args.emb)}
+
+
+def _column(catalog, column):
+    if column not in catalog.columns:
+        raise SystemExit(f"{catalog.path}: no column '{column}' (columns: {', '.join(catalog.columns)})")
+    return [catalog.label(r, column) for r in range(len(catalog))]
+
+
+def cmd_embed(args):
+    catalog, cache = _load(args)
+    rows = split_rows(catalog, args.split) if args.split != "all" else list(range(len(catalog)))
+    model, tokenizer = load_artifact(args.artifact, DEVICE)
+    kinds = ["audio"] + ["text"] * args.text + ["fused"] * args.fused
+    embs = embed_catalog(model, tokenizer, catalog, rows, args.mode, kinds, cache, args.batch_size)
+    meta = {"artifact": os.path.abspath(args.artifact), "catalog": os.path.abspath(args.catalog), "mode": args.mode,
+            "split": args.split, "kinds": kinds, "chunk_frames": CHUNK_FRAMES if args.mode == "chunked" else None}
+    save_embeddings(args.out, [catalog[r].song_id for r in rows], embs, meta)
+    print(f"embed: {len(rows)} songs x {', '.join(f'{k} {v.shape[1]}-d' for k, v in embs.items())} -> {args.out}")
+    return {"songs": len(rows), "kinds": kinds, "out": args.out}
+
+
+def cmd_probe(args):
+    catalog, cache = _load(args)
+    split = _column(catalog, args.split_column) if args.random_split is None else None
+    results, rows = {}, []
+    for name, emb in _embeddings(args, catalog, cache).items():
+        for column in args.label or ["genre", "language"]:
+            r = run_probe(emb, _column(catalog, column), split, args.train_split, args.test_split,
+                          seeds=range(args.seeds), test_fraction=args.random_split or 0.2,
+                          hidden=args.hidden, epochs=args.epochs, lr=args.lr)
+            results[f"{name}/{column}"] = r
+            rows.append([name, column, _pm(r["acc"]), _pm(r["macro_f1"]), f"{r['majority']:.4f}",
+                         r["n_classes"], f"{r['n_train']}/{r['n_test']}"])
+    print(markdown_table(["emb", "label", "accuracy", "macro-F1", "majority", "classes", "train/test"], rows))
+    return results
+
+
+def cmd_matching(args):
+    catalog, cache = _load(args)
+    triggers, targets, _, stats = sample_matching_cases(load_favourites(args.favourites, catalog), args.triggers,
+                                                        args.seed)
+    print(f"matching: {stats['eligible']} of {stats['users']} users have > {args.triggers} distinct favourites"
+          f" ({stats['duplicates']} repeated favourites counted once); chance HR@{args.list_size} "
+          f"~ {args.list_size / len(catalog):.4f}")
+    if stats["eligible"] == 0:
+        raise SystemExit(f"{args.favourites}: no user has more than {args.triggers} favourites; lower --triggers")
+    results, rows = {}, []
+    for name, emb in _embeddings(args, catalog, cache).items():
+        t0 = time.time()
+        hits = matching_hits(emb, triggers, targets, args.per_trigger, args.list_size, args.merge)
+        results[name] = {"hr": float(hits.float().mean()), "users": len(hits), "seconds": time.time() - t0}
+        rows.append([name, f"{100 * results[name]['hr']:.2f}%", len(hits), f"{results[name]['seconds']:.1f}"])
+    print(markdown_table(["emb", f"HR@{args.list_size}", "users", "seconds"], rows))
+    return results
+
+
+def cmd_matching_benchmark(args):
+    r = matching_benchmark(args.songs, args.users, args.dim)
+    print(f"matching-benchmark: {r['songs']} songs x {r['users']} users, D={r['dim']}, {r['threads']} threads: "
+          f"{r['seconds']:.1f} s (HR@100 {r['hr@100']:.4f}, chance {100 / r['songs']:.4f})")
+    return r
+
+
+def cmd_ranking(args):
+    catalog, cache = _load(args)
+    imp = read_impressions(args.impressions, catalog)
+    results, rows = {}, []
+    for name, emb in _embeddings(args, catalog, cache).items():
+        for task in args.task:
+            r = run_ranking(emb, imp, task, args.train_days, args.test_day, args.behaviour, args.max_len,
+                            seeds=range(args.seeds), epochs=args.epochs, lr=args.lr, freeze_items=args.freeze_items)
+            results[f"{name}/{task}"] = r
+            rows.append([name, task.upper(), _pm(r["auc"]), r["n_train"], r["n_test"], f"{r['positive_rate']:.3f}"])
+    print(markdown_table(["emb", "task", "AUC (day test)", "train", "test", "positive rate"], rows))
+    return results
+
+
+def cmd_distance(args):
+    catalog, cache = _load(args)
+    if args.pairs:
+        anchors, songs, positive = read_labelled_pairs(args.pairs, catalog)
+    elif args.impressions:
+        anchors, songs, positive = pairs_from_impressions(read_impressions(args.impressions, catalog))
+    else:
+        raise SystemExit("distance: give --pairs (anchor,song,label) or --impressions")
+    if positive.all() or not positive.any():
+        raise SystemExit(f"distance: {positive.sum()} positive and {(~positive).sum()} negative pairs; need both")
+    results, rows, cosines = {}, [], {}
+    for name, emb in _embeddings(args, catalog, cache).items():
+        cos = pair_cosines(emb, anchors, songs)
+        cosines[name] = (cos[positive], cos[~positive])
+        results[name] = separation(*cosines[name])
+        rows.append([name, f"{results[name]['mean_gap']:+.4f}", f"{results[name]['auc']:.4f}",
+                     f"{results[name]['n_pos']}/{results[name]['n_neg']}"])
+    print(markdown_table(["emb", "mean(pos) - mean(neg)", "AUC pos vs neg", "pos/neg pairs"], rows))
+    plot_histograms(cosines, args.out, args.bins)
+    print(f"distance: histograms -> {args.out}")
+    return results
+
+
+def cmd_retrieval(args):
+    catalog, cache = _load(args)
+    embs = _embeddings(args, catalog, cache)
+    text_tower = args.artifact or next((s for s in args.emb if is_artifact(s)), None)
+    if text_tower and not args.tag_emb:
+        model, tokenizer = load_artifact(text_tower, DEVICE)
+    # songs searched (and searching): the whole catalog, or one split of it
+    keep = np.arange(len(catalog)) if args.split == "all" else np.array(split_rows(catalog, args.split), dtype=int)
+    if len(keep) < 2:
+        raise SystemExit(f"retrieval: {len(keep)} songs in split '{args.split}' of {catalog.path}")
+    results, rows = {}, []
+    for name, emb in embs.items():
+        emb = emb[keep]
+        for column in args.tag:
+            tags = np.asarray(_column(catalog, column), dtype=object)[keep]
+            m2m, n = music_to_music_map(emb, tags, args.k)
+            results[f"{name}/{column}/m2m"] = {f"mAP@{args.k}": m2m, "queries": n}
+            rows.append([name, f"M2M {column}", f"mAP@{args.k} {m2m:.4f}", n])
+            values = sorted(set(tags) - {""})
+            queries = None
+            if args.tag_emb:
+                ids, x = load_embeddings(args.tag_emb)
+                queries = align(ids, x, values, args.tag_emb, what="tag")
+            elif text_tower:
+                texts = [args.template.format(value=v, column=column) for v in values]
+                queries = embed_texts(model, tokenizer, texts)
+            if queries is not None:
+                t2m = text_to_music(queries, values, emb, tags)
+                results[f"{name}/{column}/t2m"] = t2m
+                scores = ", ".join(f"{k} {v:.4f}" for k, v in t2m.items() if k != "queries")
+                rows.append([name, f"T2M {column}", scores, t2m["queries"]])
+        artist_column = args.artist_column
+        if artist_column is None:  # default: artist_id when the catalog has it
+            artist_column = "artist_id" if "artist_id" in catalog.columns else ""
+        if artist_column:
+            sa = same_artist_stats(emb, np.asarray(_column(catalog, artist_column), dtype=object)[keep], args.k)
+            results[f"{name}/same_artist"] = sa
+            rows.append([name, f"same artist in top {args.k}",
+                         f"{100 * sa['share_with_same_artist']:.2f}% of queries, {sa['mean_same_artist']:.2f} songs "
+                         f"on average ({sa['mean_same_artist_given_any']:.2f} where any)", sa["queries"]])
+    print(markdown_table(["emb", "protocol", "score", "queries"], rows))
+    if not text_tower and not args.tag_emb:
+        print("retrieval: T2M skipped (no text tower: pass --artifact or --tag-emb)")
+    return results
+
+
+def cmd_artist_graph(args):
+    artists, split, edges = read_artist_graph(args.edges, args.artist_split)
+    features = {}
+    for f in args.features:
+        if f == "mean":
+            if not args.emb or not args.catalog:
+                raise SystemExit("artist-graph --features mean needs --catalog and --emb")
+            catalog, cache = _load(args)
+            for name, emb in _embeddings(args, catalog, cache).items():
+                features[f"mean({name})"] = artist_features("mean", artists, catalog, emb, args.artist_column)
+        else:
+            features[f] = artist_features(f, artists, dim=args.random_dim)
+    graphs = message_passing_edges(edges, split, args.eval_split)
+    print(f"artist-graph: {len(artists)} artists, {graphs['train'].shape[1] // 2} train-train, "
+          f"{(graphs['eval'].shape[1] - graphs['train'].shape[1]) // 2} train-{args.eval_split} (message passing), "
+          f"{graphs['truth'].shape[1] // 2} hidden {args.eval_split}-{args.eval_split} edges")
+    results = {}
+    for name, x in features.items():
+        results[name] = artist_graph_ndcg(x, edges, split, args.eval_split, args.layers, args.k,
+                                          seeds=range(args.seeds), epochs=args.epochs)
+    print(markdown_table(["layers"] + list(features),
+                         [[n] + [_pm(results[f][n]) for f in features] for n in args.layers]))
+    return {f: {str(n): v for n, v in r.items()} for f, r in results.items()}
+
+
+def cmd_report(args):
+    catalog, cache = _load(args)
+    sources = dict(zip(_names(args.emb), args.emb))
+    table = report(sources, catalog, args.favourites, args.impressions, args.pairs, args.out, args.kind, args.mode,
+                   cache)
+    print(table)
+    print(f"report: {args.out}/table2.md" + (f", {args.out}/figure2.png" if args.pairs or args.impressions else ""))
+    return {"table": table}
+
+
+def _days(s):
+    try:
+        if "-" in s:
+            a, b = (int(v) for v in s.split("-"))
+            return list(range(a, b + 1))
+        return [int(v) for v in s.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"days as a range 1-7 or a list 1,2,3; got {s!r}") from None
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def command(name, fn, help, source=True):
+        q = sub.add_parser(name, help=help, description=help, allow_abbrev=False)
+        q.set_defaults(fn=fn)
+        q.add_argument("--json", help="also write the results to this JSON file")
+        if source:
+            q.add_argument("--catalog", required=True, help="catalog CSV/JSONL (data.py format)")
+            q.add_argument("--emb", action="append", required=True,
+                           help="embeddings: embed folder, NAME.npy (+ NAME.ids.txt), artifact folder, or "
+                                "random[:D]; repeat to compare")
+            q.add_argument("--kind", default="audio", choices=KINDS, help="which embedding of a folder/artifact")
+            q.add_argument("--mode", default="full", choices=["full", "chunked"],
+                           help="an artifact embedded on the fly: whole song (HTCL) or mean of 10 s chunks "
+                                "(CrossMuSim)")
+            q.add_argument("--cache", help="log-mel cache folder (data.py prepare) for artifacts")
+            q.add_argument("--batch-size", type=int, default=16, help="songs per forward pass when embedding")
+        return q
+
+    q = command("embed", cmd_embed, "write song embeddings of a catalog (ids.txt + audio/text/fused .npy)",
+                source=False)
+    q.add_argument("--artifact", required=True, help="folder written by pretrain.py / finetune.py")
+    q.add_argument("--catalog", required=True)
+    q.add_argument("--out", required=True, help="output folder")
+    q.add_argument("--mode", default="full", choices=["full", "chunked"],
+                   help="full: whole song (120 s) at once (HTCL); chunked: mean of 10 s windows (CrossMuSim)")
+    q.add_argument("--text", action="store_true", help="also write text.npy (text tower)")
+    q.add_argument("--fused", action="store_true", help="also write fused.npy (fusion MLP, stage 2)")
+    q.add_argument("--split", default="all", choices=["all", "train", "val", "test"], help="which catalog rows")
+    q.add_argument("--cache", help="log-mel cache folder (data.py prepare); without it audio is decoded here")
+    q.add_argument("--batch-size", type=int, default=16)
+
+    q = command("probe", cmd_probe, "semantic tasks: MLP probe accuracy / macro-F1 on frozen embeddings (HTCL)")
+    q.add_argument("--label", action="append", default=None, help="label column(s) (default: genre, language)")
+    q.add_argument("--split-column", default="split")
+    q.add_argument("--train-split", default="train")
+    q.add_argument("--test-split", default="test")
+    q.add_argument("--random-split", type=float, default=None, metavar="FRACTION",
+                   help="ignore the split column: each seed holds out this random fraction")
+    q.add_argument("--seeds", type=int, default=5, help="runs; mean ± std is reported")
+    q.add_argument("--hidden", type=int, default=512, help="hidden width; 0 = linear probe")
+    q.add_argument("--epochs", type=int, default=100)
+    q.add_argument("--lr", type=float, default=1e-3)
+
+    q = command("matching", cmd_matching, "next-item HR@K from a favourites log (HTCL matching)")
+    q.add_argument("--favourites", required=True, help="CSV user_id,song_id,timestamp")
+    q.add_argument("--triggers", type=int, default=30, help="favourites before the target, the triggers (paper: 30)")
+    q.add_argument("--per-trigger", type=int, default=10, help="neighbours retrieved per trigger (paper: 10)")
+    q.add_argument("--list-size", type=int, default=100, help="K of HR@K (paper: 100)")
+    q.add_argument("--merge", default="best", choices=["best", "round-robin"],
+                   help="how candidates become one list (paper silent; our reading: best cosine)")
+    q.add_argument("--seed", type=int, default=0, help="draws each user's target")
+
+    q = sub.add_parser("matching-benchmark", allow_abbrev=False,
+                       help="time matching on random vectors (default 100k songs x 10k users)")
+    q.set_defaults(fn=cmd_matching_benchmark)
+    q.add_argument("--json")
+    q.add_argument("--songs", type=int, default=100_000)
+    q.add_argument("--users", type=int, default=10_000)
+    q.add_argument("--dim", type=int, default=100)
+
+    q = command("ranking", cmd_ranking, "DIN CTR / CVR AUC with item embeddings from the representations (HTCL)")
+    q.add_argument("--impressions", required=True, help="CSV user_id,song_id,day,clicked,favoured")
+    q.add_argument("--task", nargs="+", default=["ctr", "cvr"], choices=["ctr", "cvr"])
+    q.add_argument("--train-days", type=_days, default=list(range(1, 8)), help="default 1-7")
+    q.add_argument("--test-day", type=int, default=8)
+    q.add_argument("--behaviour", default="clicked", choices=["clicked", "favoured"],
+                   help="what forms the user's behaviour sequence (songs on earlier days)")
+    q.add_argument("--max-len", type=int, default=50, help="most recent behaviours kept")
+    q.add_argument("--epochs", type=int, default=2)
+    q.add_argument("--lr", type=float, default=1e-3)
+    q.add_argument("--seeds", type=int, default=1)
+    q.add_argument("--freeze-items", action="store_true", help="keep item embeddings fixed (default: fine-tuned)")
+
+    q = command("distance", cmd_distance, "Figure 2: cosine histograms of positive vs negative pairs")
+    q.add_argument("--pairs", help="CSV anchor,song,label (positive/negative or 1/0)")
+    q.add_argument("--impressions", help="derive pairs from an impressions log instead (see pairs_from_impressions)")
+    q.add_argument("--out", default="figure2.png", help="PNG path")
+    q.add_argument("--bins", type=int, default=50)
+
+    q = command("retrieval", cmd_retrieval, "CrossMuSim: M2M mAP@K, T2M R@1/R@5/mAP@10, same-artist leakage")
+    q.add_argument("--tag", action="append", required=True,
+                   help="tag column; repeat for several, e.g. genre (coarse), subgenre (fine)")
+    q.add_argument("--k", type=int, default=100)
+    q.add_argument("--split", default="all", choices=["all", "train", "val", "test"],
+                   help="search within these catalog rows only (default: all)")
+    q.add_argument("--artist-column", default=None,
+                   help="column naming a song's artist (default: artist_id if present; '' skips the statistic)")
+    q.add_argument("--artifact", help="text tower for T2M queries (default: an artifact given as --emb)")
+    q.add_argument("--tag-emb", help="T2M query embeddings NAME.npy whose ids file holds the tag values")
+    q.add_argument("--template", default="{value}", help="T2M query text, e.g. '{column}: {value}'")
+
+    q = sub.add_parser("artist-graph", allow_abbrev=False,
+                       help="GraphSAGE artist similarity NDCG@200 over 0-4 layers (Grotschla et al.)")
+    q.set_defaults(fn=cmd_artist_graph)
+    q.add_argument("--json")
+    q.add_argument("--edges", required=True, help="CSV artist_a,artist_b")
+    q.add_argument("--artist-split", required=True, help="CSV artist_id,split")
+    q.add_argument("--features", action="append", required=True,
+                   help="mean (of each artist's --emb song embeddings), random, or NAME.npy with NAME.ids.txt "
+                        "holding artist ids; repeat to compare")
+    q.add_argument("--catalog", help="needed for --features mean")
+    q.add_argument("--emb", action="append", help="song embeddings for --features mean")
+    q.add_argument("--kind", default="audio", choices=KINDS)
+    q.add_argument("--mode", default="full", choices=["full", "chunked"])
+    q.add_argument("--cache")
+    q.add_argument("--batch-size", type=int, default=16)
+    q.add_argument("--artist-column", default="artist_id", help="catalog column naming a song's artist")
+    q.add_argument("--eval-split", default="test", help="artists evaluated; their mutual edges are hidden")
+    q.add_argument("--layers", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    q.add_argument("--k", type=int, default=200)
+    q.add_argument("--epochs", type=int, default=30)
+    q.add_argument("--seeds", type=int, default=1)
+    q.add_argument("--random-dim", type=int, default=100)
+
+    q = command("report", cmd_report, "Table 2 (ACC genre/lang, HR@100, CTR/CVR AUC) and Figure 2 for several models")
+    q.add_argument("--favourites")
+    q.add_argument("--impressions")
+    q.add_argument("--pairs")
+    q.add_argument("--out", default="report", help="output folder")
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    t0 = time.time()
+    results = args.fn(args)
+    seconds = time.time() - t0
+    print(f"{args.command}: {seconds:.1f} s")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"command": args.command, "seconds": seconds, "results": results}, f, indent=2,
+                      default=_jsonable)
+    return results
+
+
+def _jsonable(x):
+    if isinstance(x, np.ndarray) or torch.is_tensor(x):
+        return x.tolist()
+    if isinstance(x, np.generic):
+        return x.item()
+    if isinstance(x, range):
+        return list(x)
+    raise TypeError(f"not JSON serializable: {type(x).__name__}")
+
+
+if __name__ == "__main__":
+    main()
