@@ -1163,7 +1163,8 @@ def report(sources, catalog, favourites=None, impressions=None, pairs=None, out_
     """sources: {name: embedding spec}; favourites / impressions / pairs: paths or None.
     Writes out_dir/table2.md (ACC genre, ACC language, HR@100, CTR AUC, CVR AUC, as in HTCL
     Table 2; "-" where the data is missing) and out_dir/figure2.png (from pairs, else from
-    impressions). Returns the Markdown table."""
+    impressions) and out_dir/table2.json (the same numbers: {model: {acc_genre: [mean, std],
+    hr@100: ..., ...}}). Returns the Markdown table."""
     os.makedirs(out_dir, exist_ok=True)
     split = [catalog.label(r, "split") for r in range(len(catalog))] if "split" in catalog.columns else None
     favs = cases = imp = None
@@ -1179,33 +1180,41 @@ def report(sources, catalog, favourites=None, impressions=None, pairs=None, out_
     else:
         fig_pairs = None
     header = ["Model", "ACC genre", "ACC lang", "HR@100", "CTR AUC", "CVR AUC", "Fig. 2 AUC"]
-    rows, cosines = [], {}
+    rows, cosines, results = [], {}, {}
     for name, spec in sources.items():
         emb = song_embeddings(spec, catalog, kind, mode, cache)
-        row = [name]
+        row, res = [name], results.setdefault(name, {})
         for column in ("genre", "language"):
             if column in catalog.columns:
                 labels = [catalog.label(r, column) for r in range(len(catalog))]
-                row.append(_pm(run_probe(emb, labels, split, seeds=probe_seeds)["acc"]))
+                res[f"acc_{column}"] = run_probe(emb, labels, split, seeds=probe_seeds)["acc"]
+                row.append(_pm(res[f"acc_{column}"]))
             else:
                 row.append("-")
         if cases is not None and len(cases[1]):
-            row.append(f"{100 * float(matching_hits(emb, cases[0], cases[1]).float().mean()):.2f}%")
+            res["hr@100"] = float(matching_hits(emb, cases[0], cases[1]).float().mean())
+            row.append(f"{100 * res['hr@100']:.2f}%")
         else:
             row.append("-")
         for task in ("ctr", "cvr"):
-            row.append(_pm(run_ranking(emb, imp, task, seeds=ranking_seeds, epochs=ranking_epochs)["auc"])
-                       if imp is not None else "-")
+            if imp is not None:
+                res[f"{task}_auc"] = run_ranking(emb, imp, task, seeds=ranking_seeds, epochs=ranking_epochs)["auc"]
+                row.append(_pm(res[f"{task}_auc"]))
+            else:
+                row.append("-")
         if fig_pairs is not None:
             cos = pair_cosines(emb, fig_pairs[0], fig_pairs[1])
             cosines[name] = (cos[fig_pairs[2]], cos[~fig_pairs[2]])
-            row.append(f"{separation(*cosines[name])['auc']:.4f}")
+            res["fig2_auc"] = separation(*cosines[name])["auc"]
+            row.append(f"{res['fig2_auc']:.4f}")
         else:
             row.append("-")
         rows.append(row)
     table = markdown_table(header, rows)
     with open(os.path.join(out_dir, "table2.md"), "w") as f:
         f.write(table + "\n")
+    with open(os.path.join(out_dir, "table2.json"), "w") as f:  # the same numbers, for scripts
+        json.dump(results, f, indent=1, default=float)
     if cosines:
         plot_histograms(cosines, os.path.join(out_dir, "figure2.png"))
     return table
