@@ -37,6 +37,5 @@ print(f"  {stage:9s} a2t R@1 {last['a2t_R@1']:.3f}  a2t R@10 {last['a2t_R@10']:.
 PY
 done
 echo
-cat runs/demo/report/table2.md 2>/dev/null || true
-echo
+echo "Table 2 (above): runs/demo/report/table2.md (numbers: table2.json), Figure 2: runs/demo/report/figure2.png"
 echo "demo finished in $(( $(date +%s) - start )) s"
