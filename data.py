@@ -96,7 +96,7 @@ def load_audio(path, max_seconds=MAX_SECONDS):
     return np.ascontiguousarray(x[: int(max_seconds * SAMPLE_RATE)], dtype=np.float32)
 
 
-_MEL_FILTERS = None  # (1025, 128) float64, built once per process
+_MEL_FILTERS = None  # (1025, 128) float32, built once per process
 
 
 def _mel_filters():
@@ -107,7 +107,7 @@ def _mel_filters():
         fb = mel_filter_bank(num_frequency_bins=N_FFT // 2 + 1, num_mel_filters=N_MELS,
                              min_frequency=0.0, max_frequency=SAMPLE_RATE / 2,
                              sampling_rate=SAMPLE_RATE, norm="slaney", mel_scale="slaney")
-        _MEL_FILTERS = torch.from_numpy(fb)  # same bank as librosa.filters.mel(sr, 2048, 128)
+        _MEL_FILTERS = torch.from_numpy(fb).float()  # same bank as librosa.filters.mel(sr, 2048, 128)
     return _MEL_FILTERS
 
 
@@ -122,18 +122,19 @@ def log_mel(waveform, sample_rate):
       -> per-song standardization (x - mean) / (std + 1e-8).
     A 120 s song at 16 kHz gives exactly 1251 frames. All-silent input gives zeros.
     """
-    w = torch.as_tensor(waveform).detach().to("cpu", torch.float64)
+    w = torch.as_tensor(waveform).detach().to("cpu", torch.float32)
     if w.dim() != 1:
         raise ValueError(f"log_mel wants a 1-D mono waveform, got shape {tuple(w.shape)}; downmix first")
     if sample_rate != SAMPLE_RATE:
-        w = torch.from_numpy(soxr.resample(w.numpy(), sample_rate, SAMPLE_RATE).astype(np.float64))
+        w = torch.from_numpy(soxr.resample(w.numpy(), sample_rate, SAMPLE_RATE).astype(np.float32))
     bad = ~torch.isfinite(w)
     if bad.any():  # one NaN sample would turn the whole standardized song into NaN
         warnings.warn(f"log_mel: {int(bad.sum())} non-finite samples replaced with 0")
         w = torch.where(bad, torch.zeros_like(w), w)
-    # float64 inside: bins 80 dB below the peak keep their precision; costs little next to decoding
+    # float32 throughout, like librosa: FFT round-off (~1e-7 of the peak) sits far under the
+    # -80 dB floor, and it is ~2x faster than float64 (bench.py); checked against a float64 reference.
     spec = torch.stft(w, n_fft=N_FFT, hop_length=HOP_LENGTH, win_length=N_FFT,
-                      window=torch.hann_window(N_FFT, periodic=True, dtype=torch.float64),
+                      window=torch.hann_window(N_FFT, periodic=True, dtype=torch.float32),
                       center=True, pad_mode="constant", return_complex=True)  # (1025, frames)
     power = spec.real ** 2 + spec.imag ** 2
     mel = power.T @ _mel_filters()  # (frames, 128)

@@ -201,14 +201,17 @@ def lr_lambda(total_steps, warmup_steps):
     return f
 
 
-def build_optimizer(model, cfg, on_cuda):
+def build_optimizer(model, cfg, device_type):
     """Adam with two learning rates: the text model gets cfg.text_lr, everything else cfg.lr."""
     text, rest = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
             (text if name.startswith("text_encoder.") else rest).append(p)
     groups = [{"params": rest, "lr": cfg.lr}, {"params": text, "lr": cfg.text_lr}]
-    return torch.optim.Adam([g for g in groups if g["params"]], fused=on_cuda)  # Sec. 3.1.3: Adam, no weight decay
+    # Fused Adam on CPU and CUDA: one kernel for all tensors (bench.py, paper size on CPU: 0.19 s
+    # a step against 6.7 s for the per-tensor loop); other devices keep torch's default.
+    fused = True if device_type in ("cpu", "cuda") else None
+    return torch.optim.Adam([g for g in groups if g["params"]], fused=fused)  # Sec. 3.1.3: Adam, no weight decay
 
 
 def _checkpoints(out_dir):
@@ -258,7 +261,7 @@ def train(cfg, model, tokenizer, loss_fn, train_set, val_set, song_set, stage):
     val_loader = torch.utils.data.DataLoader(val_set, cfg.batch_per_device, **loader_kw)
     song_loader = torch.utils.data.DataLoader(song_set, cfg.batch_per_device, **loader_kw)
 
-    optimizer = build_optimizer(model, cfg, on_cuda)
+    optimizer = build_optimizer(model, cfg, accelerator.device.type)
     steps_per_epoch = len(train_loader) // (accum * world)
     total_steps = steps_per_epoch * cfg.epochs
     if cfg.max_steps:
