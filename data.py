@@ -86,7 +86,7 @@ def load_audio(path, max_seconds=MAX_SECONDS):
             raise AudioError(f"{path}: cannot decode: {e.error_string.strip()}") from None
     if len(x) == 0:  # e.g. a WAV header with no data: padding it would invent a silent song
         raise AudioError(f"{path}: no audio frames")
-    x = x.mean(axis=1)  # (samples,) downmix
+    x = x @ np.full(x.shape[1], 1 / x.shape[1], np.float32)  # downmix: same as mean(axis=1), ~2x faster (bench.py)
     bad = ~np.isfinite(x)
     if bad.any():  # float WAV/FLAC can hold NaN/inf; zero them before the resampler smears them
         warnings.warn(f"{path}: {int(bad.sum())} non-finite samples replaced with 0")

@@ -1,0 +1,985 @@
+"""Speed at paper scale: the HTCL pipeline against the authors' design and against the hardware.
+
+What it measures, stage by stage, on synthetic inputs of the paper's sizes (nothing is downloaded):
+
+  data      songs/s: decode + resample + log-mel of 120 s, 44.1 kHz stereo wav and flac files,
+            data.song_mel (one torch thread, as `data.py prepare` runs it) next to the
+            straightforward librosa pipeline (optional, bench-only dependency), in the same run
+  loader    samples/s out of the memory-mapped log-mel cache (built with data.prepare) through a
+            DataLoader with data.Collator (tokenization included), demo and paper sizes
+  step      samples/s and peak memory of one stage-1 training step (forward + backward + Adam) at
+            the demo preset and at the paper configuration (12 x 768 audio encoder on 1251 frames,
+            BERT-base-multilingual-sized text tower on 512 tokens), with variants: fp32 / bf16
+            autocast, SDPA / plain attention math, gradient checkpointing, torch.compile, and the
+            released code's straightforward nn.TransformerEncoder as the reference; FLOPs/sample
+            from an analytic count and MFU on a GPU
+  embed     songs/s of evaluate.embed_catalog, full song and 10 s chunks, demo and paper encoders
+  matching  seconds of evaluate.matching_benchmark (HR@100, on CPU) against songs and users; the
+            sizes not run are extrapolated from those run, and marked so
+
+Each step variant runs in its own process, so that its peak memory is its own. Prints one table,
+then the ratios against the targets, and writes both as JSON:
+
+    python bench.py --quick                      # CI-sized, under ~2 min
+    python bench.py --out bench.json             # the full run, ~15 min on 2 busy CPU cores
+    python bench.py --rows step,embed --device cuda
+    python bench.py --librosa_python /tmp/libvenv/bin/python   # librosa from another venv
+"""
+import argparse
+import contextlib
+import csv
+import io
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+import soundfile as sf
+import soxr
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, ROOT)
+
+import data  # noqa: E402
+import model as htcl  # noqa: E402
+
+PRESET = os.path.join(ROOT, "sample_data", "preset.toml")
+TINY_BERT = os.path.join(ROOT, "sample_data", "tiny-bert")
+# bert-base-multilingual-uncased's architecture (Sec. 3.1.3), built from its config with random
+# weights, so the paper-size text tower costs what the real one costs without a download.
+BERT_BASE_MULTILINGUAL = dict(model_type="bert", vocab_size=105879, hidden_size=768, num_hidden_layers=12,
+                              num_attention_heads=12, intermediate_size=3072, max_position_embeddings=512)
+# Dense bf16 tensor-core peak FLOP/s per GPU (vendor data sheets); MFU is reported against these.
+PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+
+ALL_ROWS = ("data", "loader", "step", "embed", "matching")
+
+# -----------------------------------------------------------------------------
+# Measuring: wall time, medians, memory.
+
+
+def median_time(fn, warmup, iters):
+    """Median wall seconds of fn() over `iters` calls after `warmup` untimed ones."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def _proc_status_mb(key):
+    """VmRSS / VmHWM of this process in MB, from /proc (Linux); None elsewhere."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+class PeakRSS:
+    """Peak resident memory above the level at entry, in MB (CPU).
+
+    Writing 5 to /proc/self/clear_refs resets the kernel's high-water mark (VmHWM), so the peak
+    is the peak of this window only. Where that is not allowed, the process-lifetime peak
+    (ru_maxrss) is used, which is why the training-step variants each run in a fresh process.
+    Freed memory that the allocator keeps is not visible here: inside a long-lived process a
+    window can under-report; in a fresh process it cannot.
+    """
+
+    def __enter__(self):
+        self.base = _proc_status_mb("VmRSS")
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+        except OSError:
+            pass
+        self.mb = None
+        return self
+
+    def __exit__(self, *exc):
+        peak = _proc_status_mb("VmHWM")
+        if peak is None:
+            import resource
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KB on Linux
+        self.mb = None if self.base is None else max(0.0, peak - self.base)
+
+
+@contextlib.contextmanager
+def torch_threads(n):
+    """Run the block on n intra-op threads (None: leave as is)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n or before)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def threads(n):
+    return f"{n} thread" + ("s" if n != 1 else "")
+
+
+def cpu_model():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def load_average():
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+# -----------------------------------------------------------------------------
+# Analytic FLOPs (matmuls and convolutions; 2 FLOPs per multiply-add). Norms, softmax, GELU
+# and the loss are left out: they are memory-bound and small next to the matmuls.
+
+
+def transformer_flops(tokens, hidden, ffn, layers):
+    """Forward FLOPs of `layers` encoder layers over `tokens` tokens."""
+    per_layer = (2 * tokens * hidden * 3 * hidden       # Q, K, V projections
+                 + 2 * 2 * tokens * tokens * hidden     # Q K^T and (attention) V, all heads together
+                 + 2 * tokens * hidden * hidden         # output projection
+                 + 2 * 2 * tokens * hidden * ffn)       # FFN up and down
+    return layers * per_layer
+
+
+def mlp_flops(dims):
+    return sum(2 * a * b for a, b in zip(dims[:-1], dims[1:]))
+
+
+def flops_per_sample(cfg, text_len, frames=data.MAX_FRAMES, text_config=None, train=True):
+    """FLOPs of one song through both towers and heads: forward, x3 with the backward (train).
+
+    cfg: model.HTCLConfig; text_config: the text model's transformers config (None: audio only).
+    Paper size, forward: ~29 GFLOPs for the audio tower on 1251 frames, ~97 for BERT-base on 512
+    tokens. With gradient checkpointing the hardware recomputes a forward (x4); MFU counts x3.
+    """
+    a = cfg.audio
+    f, t, c_in = 0, frames, a.n_mels
+    for k, s in zip(a.conv_kernels, a.conv_strides):  # conv stem, no padding
+        t = (t - k) // s + 1
+        f += 2 * c_in * a.conv_channels * k * t
+        c_in = a.conv_channels
+    f += 2 * t * a.conv_channels * a.hidden                                   # feature projection
+    f += 2 * t * a.hidden * (a.hidden // a.pos_conv_groups) * a.pos_conv_kernel  # grouped positional conv
+    f += transformer_flops(t + 1, a.hidden, a.ffn, a.layers)                  # + [CLS]
+    f += mlp_flops((a.hidden, *cfg.proj_dims))
+    if text_config is not None:
+        h = text_config.hidden_size
+        f += transformer_flops(text_len, h, text_config.intermediate_size, text_config.num_hidden_layers)
+        f += 2 * h * h                                                        # pooler, on [CLS] only
+        f += mlp_flops((h, *cfg.proj_dims))
+    return 3 * f if train else f
+
+
+def gpu_peak_flops(device):
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_BF16.items() if k in name), None)
+
+
+# -----------------------------------------------------------------------------
+# The reference: the released code's audio encoder, written the straightforward way. Same conv
+# stem, positional conv and sizes as model.AudioEncoder, but nn.TransformerEncoder (post-LN,
+# GELU, batch_first) with no mask, every song padded to 1251 frames, and a mean over all tokens.
+
+
+class ReferenceAudioEncoder(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        self.stem = htcl.ConvStem(cfg)
+        self.feature_norm = nn.LayerNorm(cfg.conv_channels)
+        self.feature_proj = nn.Linear(cfg.conv_channels, cfg.hidden)
+        self.pos_conv = htcl.ConvPositionalEmbedding(cfg)
+        self.pos_norm = nn.LayerNorm(cfg.hidden)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.hidden))
+        layer = nn.TransformerEncoderLayer(cfg.hidden, cfg.heads, cfg.ffn, cfg.dropout, activation="gelu",
+                                           batch_first=True, norm_first=False)
+        self.encoder = nn.TransformerEncoder(layer, cfg.layers, enable_nested_tensor=False)
+
+    def forward(self, mel, padding_mask=None):  # the mask is ignored, as in the released code
+        mel = F.pad(mel, (0, 0, 0, data.MAX_FRAMES - mel.shape[1]))  # (B, 1251, n_mels)
+        x = self.feature_proj(self.feature_norm(self.stem(mel)))
+        x = F.dropout(self.pos_norm(x + self.pos_conv(x)), self.cfg.dropout, self.training)
+        x = torch.cat([self.cls_token.expand(len(x), -1, -1).to(x.dtype), x], dim=1)
+        return self.encoder(x).mean(1)
+
+
+# -----------------------------------------------------------------------------
+# Inputs: synthetic 120 s songs, a mel cache of them, and the demo world's cache.
+
+
+def write_songs(folder, n, seed=0):
+    """n synthetic 120 s songs (data.synth_audio) as 44.1 kHz stereo 16-bit wav and flac, alternating.
+    -> [(path, "wav" | "flac")]."""
+    rng = np.random.default_rng(seed)
+    genres, languages = list(data.GENRES), list(data.LANGUAGES)
+    out = []
+    for i in range(n):
+        x = data.synth_audio(rng, genres[i % len(genres)], languages[i % len(languages)], i % 7, 120.0)
+        y = soxr.resample(x, data.SAMPLE_RATE, 44100)
+        fmt = ("wav", "flac")[i % 2]
+        path = os.path.join(folder, f"song{i:03d}.{fmt}")
+        sf.write(path, np.stack([y * 1.1, y * 0.9], 1).clip(-1, 1), 44100, subtype="PCM_16")
+        out.append((path, fmt))
+    return out
+
+
+def long_lyrics(rng, words=700):
+    """Lyrics long enough that BERT's 512-token limit truncates them, as for most real songs."""
+    vocab = [w for ws in data.GENRE_WORDS.values() for w in ws] + data.GENERIC_WORDS
+    return " ".join(rng.choice(vocab, words))
+
+
+def write_catalog(path, rows):
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["song_id", "audio", "title", "artists", "lyrics"])
+        w.writerows(rows)
+
+
+def build_cache(catalog_path, cache_dir):
+    """data.prepare into cache_dir, its print kept out of the table -> (Catalog, MelCache, counts)."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        counts = data.prepare(catalog_path, cache_dir)
+    catalog = data.load_catalog(catalog_path)
+    return catalog, data.MelCache.open(cache_dir, catalog), counts
+
+
+class Context:
+    """Inputs shared by the rows, each built on first use in one temporary folder."""
+
+    def __init__(self, args, tmp):
+        self.args, self.tmp = args, tmp
+        self._songs = self._paper = self._demo = None
+
+    @property
+    def songs(self):
+        if self._songs is None:
+            folder = os.path.join(self.tmp, "songs")
+            os.makedirs(folder)
+            self._songs = write_songs(folder, self.args.songs)
+        return self._songs
+
+    @property
+    def paper(self):
+        """The synthetic 120 s songs, with long texts, in a cache: (catalog, cache, prepare counts)."""
+        if self._paper is None:
+            rng = np.random.default_rng(1)
+            path = os.path.join(self.tmp, "paper_catalog.csv")
+            write_catalog(path, [[f"p{i:03d}", p, f"Song {i}", "Synthetic Artist", long_lyrics(rng)]
+                                 for i, (p, _) in enumerate(self.songs)])
+            self._paper = build_cache(path, os.path.join(self.tmp, "paper_cache"))
+        return self._paper
+
+    @property
+    def demo(self):
+        """The first args.demo_songs songs of sample_data in a cache: (catalog, cache, prepare counts)."""
+        if self._demo is None:
+            src = os.path.join(ROOT, "sample_data", "catalog.csv")
+            with open(src, newline="", encoding="utf-8") as f:
+                rows = list(csv.DictReader(f))[: self.args.demo_songs]
+            path = os.path.join(self.tmp, "demo_catalog.csv")
+            write_catalog(path, [[r["song_id"], os.path.join(ROOT, "sample_data", r["audio"]), r["title"],
+                                  r["artists"], r["lyrics"]] for r in rows])
+            self._demo = build_cache(path, os.path.join(self.tmp, "demo_cache"))
+        return self._demo
+
+
+def demo_config():
+    """The demo preset's PretrainConfig, the tiny BERT's path made absolute."""
+    import pretrain
+    cfg = pretrain.parse_config(pretrain.PretrainConfig, "pretrain", ["--preset", PRESET])
+    cfg.model.text_model = TINY_BERT
+    return cfg
+
+
+def tokenizer():
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(TINY_BERT)
+
+
+# -----------------------------------------------------------------------------
+# Rows. Each returns a list of row dicts: name, config, rate, unit, peak_mb, notes (+ extras).
+
+
+def row(name, config, rate, unit, peak_mb=None, notes="", **extra):
+    return {"name": name, "config": config, "rate": rate, "unit": unit, "peak_mb": peak_mb, "notes": notes, **extra}
+
+
+LIBROSA_WORKER = r"""
+import json, sys, time
+import numpy as np, librosa
+groups, reps = json.loads(sys.argv[1]), int(sys.argv[2])
+def pipeline(path):
+    y, _ = librosa.load(path, sr=16000)  # decode, downmix, resample (soxr_hq)
+    S = librosa.feature.melspectrogram(y=y, sr=16000, n_fft=2048, hop_length=1536, n_mels=128)
+    return librosa.power_to_db(S, ref=np.max, top_db=80)
+times = {}
+for fmt, paths in groups.items():
+    pipeline(paths[0])  # warm-up: numba JIT, lazy imports, page cache
+    times[fmt] = []
+    for _ in range(reps):
+        for p in paths:
+            t = time.perf_counter(); pipeline(p); times[fmt].append(time.perf_counter() - t)
+print("BENCH_RESULT " + json.dumps({"version": librosa.__version__, "times": times}))
+"""
+
+
+def bench_data(ctx):
+    groups = {fmt: [p for p, f in ctx.songs if f == fmt] for fmt in ("wav", "flac")}
+    reps = 1 if ctx.args.songs >= 6 else 2
+    python = ctx.args.librosa_python or sys.executable
+    # Two rounds, ours then librosa each time, and the faster round of each counts: the two are
+    # compared under the same neighbours' load rather than a minute apart.
+    ours, theirs, mem_mb, version, why = {}, {}, {}, None, None
+    for _ in range(2):
+        with torch_threads(1):  # data.prepare decodes on one intra-op thread (more spin on such small STFTs)
+            for fmt, paths in groups.items():
+                data.song_mel(paths[0])  # warm-up: mel filter bank, page cache
+                times = []
+                with PeakRSS() as mem:
+                    for _ in range(reps):
+                        for p in paths:
+                            t = time.perf_counter()
+                            data.song_mel(p)
+                            times.append(time.perf_counter() - t)
+                ours[fmt] = min(ours.get(fmt, float("inf")), statistics.median(times))
+                mem_mb[fmt] = mem.mb
+        proc = subprocess.run([python, "-c", LIBROSA_WORKER, json.dumps(groups), str(reps)],
+                              capture_output=True, text=True, cwd=ROOT)
+        result = _result_line(proc.stdout)
+        if result is None:
+            why = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}"
+            continue
+        version = result["version"]
+        for fmt, times in result["times"].items():
+            theirs[fmt] = min(theirs.get(fmt, float("inf")), statistics.median(times))
+    n = reps * len(groups["wav"])
+    rows = [row(f"data/ours/{fmt}", "data.song_mel, 1 torch thread", 1 / ours[fmt], "songs/s", mem_mb[fmt],
+                f"120 s 44.1 kHz stereo {fmt}; median of {n}, faster of 2 rounds", key=f"data_ours_{fmt}")
+            for fmt in groups]
+    if not theirs:
+        rows.append(row("data/librosa", "skipped", None, "songs/s",
+                        notes=f"librosa not usable with {python} ({why}); `pip install librosa` to compare "
+                              f"(bench-only), or --librosa_python PATH", key="data_librosa"))
+    for fmt, seconds in theirs.items():
+        rows.append(row(f"data/librosa/{fmt}", f"librosa {version} load+melspectrogram+power_to_db", 1 / seconds,
+                        "songs/s", None, f"same files; median of {n}, faster of 2 rounds; own process "
+                        f"({python})", key=f"data_librosa_{fmt}"))
+    # end to end as a user runs it: decode every song into the cache (memmap writes included)
+    _, _, counts = ctx.paper
+    rows.append(row("data/prepare", "data.prepare, num_workers 0", len(ctx.songs) / max(counts["seconds"], 1e-9),
+                    "songs/s", None, f"{len(ctx.songs)} songs into a fresh cache, one process",
+                    key="data_prepare"))
+    return rows
+
+
+def _result_line(stdout):
+    for line in reversed(stdout.splitlines()):
+        if line.startswith("BENCH_RESULT "):
+            return json.loads(line[len("BENCH_RESULT "):])
+    return None
+
+
+class _WithoutText(torch.utils.data.Dataset):
+    """A dataset's items without their text: the collator then does no tokenization."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, k):
+        return {key: v for key, v in self.dataset[k].items() if key != "text"}
+
+
+def loader_rate(dataset, collate, batch_size, num_workers, batches):
+    """(samples/s at steady state, seconds to the first batch) of a shuffled DataLoader.
+
+    Workers fill their prefetch queues (2 batches each) while the first batch is awaited, and
+    those come out at once; the rate is taken over the `batches` batches after them.
+    """
+    skip = 1 + 2 * num_workers
+    sampler = torch.utils.data.RandomSampler(dataset, replacement=True, num_samples=batch_size * (skip + batches),
+                                             generator=torch.Generator().manual_seed(0))
+    loader = torch.utils.data.DataLoader(dataset, batch_size, sampler=sampler, collate_fn=collate,
+                                         num_workers=num_workers)
+    t = time.perf_counter()
+    it = iter(loader)
+    next(it)  # worker start-up and the first batch: paid once per epoch (once per run when persistent)
+    first = time.perf_counter() - t
+    for _ in range(skip - 1):
+        next(it)
+    t = time.perf_counter()
+    for _ in it:
+        pass
+    return batch_size * batches / (time.perf_counter() - t), first
+
+
+def bench_loader(ctx):
+    quick, rows = ctx.args.quick, []
+    tok = tokenizer()
+    collate = data.Collator(tok, 512)
+    catalog, cache, _ = ctx.demo
+    songs = list(range(len(catalog)))
+    cached = data.SongDataset(catalog, songs, cache)
+    decoded = data.SongDataset(catalog, songs, None)
+    B = demo_config().batch_per_device
+    n = 6 if quick else 12
+    workers = 2
+    variants = [  # (key, dataset, workers, what)
+        ("loader_demo", cached, 0, "memmap cache, workers 0 (the preset)"),
+        ("loader_demo_workers", cached, workers, f"memmap cache, workers {workers}"),
+        ("loader_demo_notext", _WithoutText(cached), 0, "memmap cache, workers 0, no text (no tokenization)"),
+        ("loader_demo_decode", decoded, 0, "decode audio on the fly, workers 0"),
+        ("loader_demo_decode_workers", decoded, workers, f"decode audio on the fly, workers {workers}"),
+    ]
+    for key, dataset, w, what in variants:
+        with PeakRSS() as mem, torch_threads(1):  # as sample_data/demo.sh runs it
+            rate, first = loader_rate(dataset, collate, B, w, n if "decode" not in key else n // 3)
+        rows.append(row("loader/demo", what, rate, "samples/s", mem.mb if w == 0 else None,  # workers: not ours
+                        f"batch {B}, {len(catalog)} sample_data songs, 1 torch thread; first batch {first:.2f} s",
+                        key=key))
+
+    catalog, cache, _ = ctx.paper
+    paper = data.SongDataset(catalog, list(range(len(catalog))), cache)
+    B, n = 100, 3 if quick else 6  # Sec. 3.1.3: 100 songs per GPU
+    for key, w, n_threads in (("loader_paper", 0, None), ("loader_paper_1thread", 0, 1),
+                              ("loader_paper_workers", workers, None)):
+        with PeakRSS() as mem, torch_threads(n_threads):  # DataLoader workers run on 1 thread anyway
+            rate, first = loader_rate(paper, collate, B, w, n)
+        what = f"memmap cache, workers {w}" + (f", {threads(n_threads)}" if n_threads else "")
+        rows.append(row("loader/paper", what, rate, "samples/s", mem.mb if w == 0 else None,
+                        f"batch {B} x 1251 frames, 512-token texts (tiny-BERT WordPiece); "
+                        f"{len(catalog)} distinct songs sampled with replacement (page cache warm); "
+                        f"first batch {first:.2f} s", key=key))
+    return rows
+
+
+# --- training step: one process per variant --------------------------------------------------
+
+
+def demo_batches(ctx, folder):
+    """Two collated demo batches (batch_per_device songs each) and the first one padded to 512 tokens,
+    saved for the step workers -> path."""
+    tok = tokenizer()
+    catalog, cache, _ = ctx.demo
+    dataset = data.SongDataset(catalog, list(range(len(catalog))), cache)
+    B = demo_config().batch_per_device
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0)).tolist()
+    items = [[dataset[k] for k in order[i * B:(i + 1) * B]] for i in range(2)]
+    collate = data.Collator(tok, 512)
+    first, second = collate(items[0]), collate(items[1])
+    # the second batch a few frames shorter, as the next training batch usually is (torch.compile row)
+    T = second["mel"].shape[1] - 8
+    second = dict(second, mel=second["mel"][:, :T].contiguous(),
+                  padding_mask=second["padding_mask"][:, :T].contiguous())
+    padded = dict(first, tokens=dict(tok([it["text"] for it in items[0]], padding="max_length", truncation=True,
+                                         max_length=512, return_tensors="pt")))
+    path = os.path.join(folder, "demo_batches.pt")
+    torch.save({"batch": first, "other": second, "padded512": padded}, path)
+    return path
+
+
+def step_variants(args):
+    """(key, spec) of every training-step variant this run measures."""
+    quick = args.quick
+    # On a shared machine a neighbour's burst can slow a whole process several-fold, every phase
+    # alike (seen: 8x at paper size, 40x for the demo on 2 threads), so the variants that are compared
+    # run in `rounds` separate processes, interleaved, and the fastest counts. Under such load, paper-
+    # size ratios within ~1.3x of 1 are not resolved: every process's rate is listed in its notes.
+    # The demo runs on one intra-op thread (sample_data/demo.sh sets OMP_NUM_THREADS=1), so it is measured so.
+    demo = dict(preset="demo", arch="ours", amp="fp32", attn="sdpa", ckpt=False, compile=False, text="longest",
+                threads=1, warmup=3, iters=5 if quick else 10, rounds=1 if quick else 2)
+    paper = dict(preset="paper", arch="ours", amp="fp32", attn="sdpa", ckpt=False, compile=False, threads=None,
+                 batch=args.paper_batch, warmup=1, iters=1 if quick else 2, rounds=1 if quick else 3)
+    out = [
+        ("step_demo_fp32", demo),
+        ("step_demo_bf16", dict(demo, amp="bf16")),
+        ("step_demo_math", dict(demo, attn="math")),
+        ("step_demo_ckpt", dict(demo, ckpt=True)),
+        ("step_demo_threads", dict(demo, threads=None)),
+    ]
+    if quick:  # the full paper-size step takes ~1 min here even at batch 1: check the audio tower only
+        return out + [("step_paper_audio", dict(paper, tower="audio"))]
+    return out + [
+        ("step_demo_pad512", dict(demo, text="padded512", warmup=1, iters=3)),  # ~5 s a step
+        ("step_demo_reference", dict(demo, arch="reference")),
+        ("step_demo_compile", dict(demo, compile=True, rounds=1)),
+        ("step_paper_fp32", dict(paper, compare_adam=True)),
+        ("step_paper_bf16", dict(paper, amp="bf16")),
+        ("step_paper_math", dict(paper, attn="math")),
+        ("step_paper_ckpt", dict(paper, ckpt=True, rounds=1)),  # for its memory; speed +-noise
+        ("step_paper_reference", dict(paper, arch="reference")),
+        # the audio tower alone, where the two encoders differ (BERT and Adam dominate the full step)
+        ("step_paper_audio", dict(paper, tower="audio", iters=3)),
+        ("step_paper_audio_reference", dict(paper, tower="audio", arch="reference", iters=3)),
+    ]
+
+
+def describe(spec):
+    parts = [spec["arch"] if spec["arch"] == "reference" else "ours", spec["amp"],
+             "SDPA" if spec["attn"] == "sdpa" else "plain math (sdpa_kernel MATH)"]
+    if spec["ckpt"]:
+        parts.append("grad ckpt")
+    if spec["compile"]:
+        parts.append("torch.compile(audio_encoder)")
+    if spec.get("text") == "padded512":
+        parts.append("text padded to 512")
+    parts.append(threads(spec["threads"] or torch.get_num_threads()))
+    if spec.get("tower") == "audio":
+        parts.append("audio tower only")
+    if spec["preset"] == "paper":
+        parts.append(f"batch {spec['batch']}")
+    return ", ".join(parts)
+
+
+def run_step_worker(spec):
+    """One variant in a fresh process -> its result dict, or {"error": why}."""
+    timeout = 900 if spec["compile"] else 600
+    try:
+        proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--_step", json.dumps(spec)],
+                              capture_output=True, text=True, cwd=ROOT, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"no result within {timeout} s"}
+    r = _result_line(proc.stdout)
+    if r is None:  # the exception's own line, not the "set TORCH_LOGS" advice printed after it
+        lines = proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"]
+        r = {"error": next((line for line in reversed(lines) if "Error" in line), lines[-1]).strip()}
+    return r
+
+
+def bench_step(ctx):
+    args = ctx.args
+    batches = demo_batches(ctx, ctx.tmp)
+    variants = [(key, dict(spec, device=args.device, batches=batches)) for key, spec in step_variants(args)]
+    results = {key: [] for key, _ in variants}
+    for r in range(max(spec["rounds"] for _, spec in variants)):
+        for key, spec in variants:
+            if r < spec["rounds"]:
+                t = time.time()
+                results[key].append(run_step_worker(dict(spec, compare_adam=spec.get("compare_adam") and r == 0)))
+                got = results[key][-1]
+                print(f"  {key}: {got.get('samples_per_s') or got.get('error')} ({time.time() - t:.0f} s)",
+                      file=sys.stderr, flush=True)
+    rows = []
+    for key, spec in variants:
+        ok = [r for r in results[key] if "error" not in r]
+        best = dict(max(ok, key=lambda r: r["samples_per_s"]) if ok else results[key][-1])
+        adam = [r["adam_s"] for r in ok if r.get("adam_s")]
+        if adam and "adam_s" not in best:  # measured in the first round only
+            best["adam_s"] = adam[0]
+            best["notes"] += "; Adam alone: " + ", ".join(f"{k} {v:.2f} s" for k, v in adam[0].items())
+        notes = best.get("notes", "")
+        if "error" in best:
+            notes = f"FAILED: {best['error']}"
+        elif len(ok) > 1:
+            notes += f"; fastest of {len(ok)} processes ({', '.join(fmt_rate(r['samples_per_s']) for r in ok)})"
+        rows.append(row(f"step/{spec['preset']}", describe(spec), best.get("samples_per_s"), "samples/s",
+                        best.get("peak_mb"), notes, key=key,
+                        **{k: v for k, v in best.items() if k not in ("notes", "peak_mb")}))
+    return rows
+
+
+def build_model(spec):
+    """The HTCL of a step variant, in train mode with stage 1's parameters trainable."""
+    if spec["preset"] == "demo":
+        cfg = demo_config().model
+    else:
+        cfg = htcl.HTCLConfig(text_pretrained=False, text_model_config=dict(BERT_BASE_MULTILINGUAL))
+    cfg.audio.gradient_checkpointing = cfg.text_gradient_checkpointing = spec["ckpt"]
+    torch.manual_seed(0)
+    model = htcl.HTCL(cfg)
+    if spec["arch"] == "reference":
+        model.audio_encoder = ReferenceAudioEncoder(cfg.audio)
+    model.freeze_unused(stage=1)
+    return model.train()
+
+
+def step_batches(spec, device):
+    """The batches a step variant trains on: [batch] (+ another length for the compile row)."""
+    if spec["preset"] == "demo":
+        saved = torch.load(spec["batches"])
+        batches = [saved["padded512" if spec.get("text") == "padded512" else "batch"]]
+        if spec["compile"]:
+            batches.append(saved["other"])
+    else:  # paper: full 120 s songs and texts long enough to fill BERT's 512 tokens
+        B, g = spec["batch"], torch.Generator().manual_seed(0)
+        batches = [{"mel": torch.randn(B, data.MAX_FRAMES, data.N_MELS, generator=g),
+                    "padding_mask": torch.zeros(B, data.MAX_FRAMES, dtype=torch.bool),
+                    "tokens": {"input_ids": torch.randint(0, BERT_BASE_MULTILINGUAL["vocab_size"], (B, 512),
+                                                          generator=g),
+                               "attention_mask": torch.ones(B, 512, dtype=torch.long),
+                               "token_type_ids": torch.zeros(B, 512, dtype=torch.long)}}]
+    move = lambda x: {k: move(v) for k, v in x.items()} if isinstance(x, dict) else x.to(device)  # noqa: E731
+    return [move(b) for b in batches]
+
+
+def step_worker(spec):
+    """One training-step variant in this (fresh) process -> BENCH_RESULT line on stdout."""
+    import pretrain
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    if spec.get("threads"):
+        torch.set_num_threads(spec["threads"])
+    device = torch.device(spec["device"])
+    model = build_model(spec).to(device)
+    batches = step_batches(spec, device)
+    audio_only = spec.get("tower") == "audio"
+    if spec["compile"]:
+        # a cold compile, as a user's first run sees it: Inductor's on-disk caches (left by an earlier
+        # run of this bench) would otherwise cut 60 s to 3
+        torch.compiler.config.force_disable_caches = True
+        model.audio_encoder = torch.compile(model.audio_encoder)
+    # the loop's optimizer: Adam, two learning rates, fused on CPU and CUDA (pretrain.build_optimizer)
+    optimizer = pretrain.build_optimizer(model, pretrain.PretrainConfig(), device.type)
+    params = [p for p in model.parameters() if p.requires_grad]
+    attention = (lambda: sdpa_kernel(SDPBackend.MATH)) if spec["attn"] == "math" else contextlib.nullcontext
+
+    def loss_of(batch):
+        if audio_only:  # the audio tower alone, under a stand-in loss; Adam skips the gradient-less rest
+            return model.audio_encoder(batch["mel"], batch["padding_mask"]).float().square().mean()
+        return model(batch, stage=1)[0]
+
+    def step(batch):
+        """pretrain.train's inner step without Accelerate: autocast forward, backward, clip, Adam."""
+        t0 = time.perf_counter()
+        with attention(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=spec["amp"] == "bf16"):
+            loss = loss_of(batch)
+        sync(device)
+        t1 = time.perf_counter()
+        with attention():
+            loss.backward()
+        sync(device)
+        t2 = time.perf_counter()
+        torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        model.clamp_logit_scales()
+        sync(device)
+        return t1 - t0, t2 - t1, time.perf_counter() - t2
+
+    batch = batches[0]
+    if device.type == "cuda":
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    mem = PeakRSS().__enter__() if device.type == "cpu" else None
+    phases, first_s = [], None
+    for i in range(spec["warmup"] + spec["iters"]):
+        t = time.perf_counter()
+        f, b, o = step(batch)
+        if i == 0:
+            first_s = time.perf_counter() - t  # with torch.compile: compile + one step
+        if i >= spec["warmup"]:
+            phases.append((f, b, o))
+    recompile_s = recompile_error = None
+    if spec["compile"]:  # every training batch has its own length: does a new one recompile, and work?
+        t = time.perf_counter()
+        try:
+            step(batches[1])
+            recompile_s = time.perf_counter() - t
+        except Exception as e:  # noqa: BLE001 -- a compiler failure is the result to report
+            recompile_error = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:160]}"
+    if mem is not None:
+        mem.__exit__(None, None, None)
+        peak_mb = mem.mb
+    else:
+        peak_mb = (torch.cuda.max_memory_allocated(device) - base) / 2**20
+
+    fwd, bwd, opt = (statistics.median(p[j] for p in phases) for j in range(3))
+    step_s = statistics.median(sum(p) for p in phases)
+    B, T = batch["mel"].shape[:2]
+    L = batch["tokens"]["input_ids"].shape[1]
+    frames = data.MAX_FRAMES if spec["arch"] == "reference" else T  # the reference pads every song to 1251
+    flops = flops_per_sample(model.cfg, L, frames, None if audio_only else model.text_encoder.model.config)
+    samples_per_s = B / step_s
+    peak = gpu_peak_flops(device)
+    notes = (f"B {B}, T {T} frames" + ("" if audio_only else f", text {L} tokens") +
+             f"; fwd {fwd:.3f} / bwd {bwd:.3f} / clip+Adam {opt:.3f} s; median of {len(phases)} "
+             f"after {spec['warmup']} warm-up; {threads(torch.get_num_threads())}")
+    if audio_only:
+        notes += "; audio tower only, stand-in loss"
+    if spec["arch"] == "reference":
+        notes += "; audio padded to 1251 frames, no mask"
+    compile_s = None
+    if spec["compile"]:
+        compile_s = max(0.0, first_s - step_s)
+        notes += f"; compile {compile_s:.1f} s; a batch of a new length: " + (
+            f"{recompile_s:.1f} s" if recompile_error is None else f"FAILED after {time.perf_counter() - t:.0f} s "
+            f"({recompile_error})")
+    result = {"samples_per_s": samples_per_s, "step_s": step_s, "fwd_s": fwd, "bwd_s": bwd, "opt_s": opt,
+              "first_step_s": first_s, "peak_mb": peak_mb, "flops_per_sample": flops,
+              "achieved_flops": flops * samples_per_s, "mfu": flops * samples_per_s / peak if peak else None,
+              "compile_s": compile_s, "recompile_s": recompile_s, "recompile_error": recompile_error,
+              "batch": B, "frames": T, "text_tokens": L}
+    if spec.get("compare_adam"):
+        result["adam_s"] = compare_adam(model, params, loss_of(batch))
+        notes += "; Adam alone: " + ", ".join(f"{k} {v:.2f} s" for k, v in result["adam_s"].items())
+    result["notes"] = notes
+    print("BENCH_RESULT " + json.dumps(result), flush=True)
+
+
+def compare_adam(model, params, loss):
+    """Seconds of one Adam step over these gradients for each of torch's implementations.
+    This comparison is why pretrain.build_optimizer asks for fused on CPU as well as CUDA."""
+    loss.backward()
+    out = {}
+    for name, kw in (("for-loop", dict(foreach=False)), ("foreach", dict(foreach=True)), ("fused", dict(fused=True))):
+        optimizer = torch.optim.Adam(params, lr=1e-3, **kw)
+        try:
+            out[name] = median_time(optimizer.step, 1, 1)  # the warm-up step allocates the moments
+        except RuntimeError as e:  # e.g. no fused kernel for this device
+            out[name] = float("nan")
+            print(f"Adam {name}: {e}", file=sys.stderr)
+        del optimizer
+    return out
+
+
+# --- embedding extraction ---------------------------------------------------------------------
+
+
+def bench_embed(ctx):
+    import evaluate
+    args, rows = ctx.args, []
+    device = torch.device(args.device)
+    tok = tokenizer()
+    torch.manual_seed(0)
+    models = {
+        "demo": htcl.HTCL(demo_config().model),
+        # the paper's audio encoder; the text tower is never run when only audio is embedded
+        "paper": htcl.HTCL(htcl.HTCLConfig(text_model=TINY_BERT, text_pretrained=False, text_pooling="mean")),
+    }
+    for size, model in models.items():
+        catalog, cache, _ = ctx.demo if size == "demo" else ctx.paper
+        model = model.to(device).eval()
+        songs = list(range(len(catalog)))
+        n_threads = 1 if size == "demo" else None  # sample_data/demo.sh runs evaluate.py on one thread
+        for mode in ("full", "chunked"):
+            run = lambda rows_: evaluate.embed_catalog(model, tok, catalog, rows_, mode=mode, cache=cache)  # noqa: E731
+            with torch_threads(n_threads), PeakRSS() as mem:
+                run(songs[:2])  # warm-up
+                seconds = median_time(lambda: run(songs), 0, 1 if args.quick else 2)
+            frames = "sample_data songs (~4 s)" if size == "demo" else "120 s songs (1251 frames)"
+            rows.append(row(f"embed/{size}", f"evaluate.embed_catalog mode={mode}, batch 16", len(songs) / seconds,
+                            "songs/s", mem.mb, f"{len(songs)} {frames} from the cache; "
+                            f"{'10 s windows, mean-pooled' if mode == 'chunked' else 'one pass per song'}; "
+                            f"{threads(n_threads or torch.get_num_threads())}", key=f"embed_{size}_{mode}"))
+    return rows
+
+
+# --- matching ---------------------------------------------------------------------------------
+
+
+def _count(s):
+    s = s.strip().lower()
+    scale = {"k": 1_000, "m": 1_000_000}.get(s[-1], 1)
+    return int(float(s[:-1] if scale > 1 else s) * scale)
+
+
+def bench_matching(ctx):
+    import evaluate
+    rows, runs = [], []
+    sizes = [tuple(_count(v) for v in pair.split(":")) for pair in ctx.args.matching.split(",")]
+    for songs, users in sizes:
+        with PeakRSS() as mem:
+            r = evaluate.matching_benchmark(songs, users)
+        runs.append((songs, users, r["seconds"]))
+        rows.append(row("matching", f"{songs:,} songs x {users:,} users, D 100", users / r["seconds"], "users/s",
+                        mem.mb, f"{r['seconds']:.1f} s for HR@100 (30 triggers/user); one run; "
+                        f"{threads(r['threads'])}", key=f"matching_{songs}_{users}", seconds=r["seconds"]))
+    # Estimate the sizes not run. Phase 1 of matching_hits scores every distinct trigger song against
+    # every song (cost ~ distinct x songs); phase 2 merges each user's candidates (cost ~ users).
+    # Least squares on the runs made gives the two per-unit costs.
+    def terms(songs, users):
+        distinct = songs * (1 - (1 - 1 / songs) ** (30 * users))  # expected distinct songs among 30/user
+        return [distinct * songs, users]
+    A = np.array([terms(a, b) for a, b, _ in runs], dtype=float)
+    seconds = np.array([t for _, _, t in runs])
+    if len(runs) >= 2:
+        coef = np.clip(np.linalg.lstsq(A / A.max(0), seconds, rcond=None)[0], 0, None) / A.max(0)
+    else:
+        coef = np.array([seconds[0] / A[0, 0], 0.0])
+    done = {(a, b) for a, b, _ in runs}
+    for songs, users in ((100_000, 10_000), (1_000_000, 1_000), (1_000_000, 10_000)):
+        if (songs, users) not in done:
+            est = float(np.dot(coef, terms(songs, users)))
+            rows.append(row("matching (estimated)", f"{songs:,} songs x {users:,} users, D 100", users / est,
+                            "users/s", None, f"NOT RUN: ~{est:.0f} s, fitted to the runs above "
+                            f"(time ~ a * distinct triggers x songs + b * users); run it with --matching",
+                            key=f"matching_{songs}_{users}_estimate", seconds=est))
+    return rows
+
+
+# -----------------------------------------------------------------------------
+# Ratios against the targets, and the report.
+
+
+def ratios(rows):
+    """(what, value, target, verdict) for every derived comparison whose rows were measured."""
+    by = {r["key"]: r for r in rows if r.get("rate")}
+    out = []
+
+    def ratio(what, num, den, target=None):
+        if num in by and den in by:
+            v = by[num]["rate"] / by[den]["rate"]
+            verdict = "" if target is None else ("meets" if v >= target else "MISSES")
+            out.append({"what": what, "value": v, "text": f"{v:.2f}x",
+                        "target": None if target is None else f">= {target}x", "verdict": verdict})
+
+    for fmt in ("wav", "flac"):
+        ratio(f"data: ours / librosa songs/s ({fmt})", f"data_ours_{fmt}", f"data_librosa_{fmt}", 2)
+    ratio("loader / training step samples/s (demo preset, 1 thread as demo.sh)", "loader_demo", "step_demo_fp32", 10)
+    ratio("loader / training step samples/s (demo preset, default threads)", "loader_demo", "step_demo_threads", 10)
+    ratio("paper step: ours / reference (nn.TransformerEncoder, padded to 1251, fp32)", "step_paper_fp32",
+          "step_paper_reference", 1)
+    ratio("paper audio tower alone: ours / reference", "step_paper_audio", "step_paper_audio_reference", 1)
+    ratio("demo step: ours (masked, batch-length padding) / reference (padded to 1251)", "step_demo_fp32",
+          "step_demo_reference")
+    ratio(f"demo step: default threads ({torch.get_num_threads()}) / 1 thread", "step_demo_threads", "step_demo_fp32")
+    for size in ("demo", "paper"):
+        ratio(f"{size} step: bf16 autocast / fp32", f"step_{size}_bf16", f"step_{size}_fp32")
+        ratio(f"{size} step: SDPA / plain math", f"step_{size}_fp32", f"step_{size}_math")
+        ratio(f"{size} step: grad ckpt / none (speed)", f"step_{size}_ckpt", f"step_{size}_fp32")
+        a, b = by.get(f"step_{size}_ckpt"), by.get(f"step_{size}_fp32")
+        if a and b and a.get("peak_mb") and b.get("peak_mb"):
+            saving = 1 - a["peak_mb"] / b["peak_mb"]
+            out.append({"what": f"{size} step: grad ckpt peak-memory saving", "value": saving,
+                        "text": f"{saving:.0%} ({b['peak_mb']:.0f} -> {a['peak_mb']:.0f} MB)", "target": None,
+                        "verdict": ""})
+    adam = by.get("step_paper_fp32", {}).get("adam_s")
+    if adam and adam.get("fused"):
+        for name in ("foreach", "fused"):
+            v = adam["for-loop"] / adam[name]
+            out.append({"what": f"paper Adam step alone: {name} / for-loop",
+                        "value": v, "text": f"{v:.2f}x ({adam['for-loop']:.2f} -> {adam[name]:.2f} s)",
+                        "target": None, "verdict": ""})
+    ratio("demo step: text dynamic padding / padded to 512", "step_demo_fp32", "step_demo_pad512")
+    ratio("demo step: torch.compile(audio_encoder) / eager", "step_demo_compile", "step_demo_fp32")
+    ratio("demo loader: memmap cache / decode on the fly", "loader_demo", "loader_demo_decode")
+    ratio("paper loader (cache) / data.song_mel decode (wav)", "loader_paper", "data_ours_wav")
+    ratio("demo loader: 2 workers / 0 (cache)", "loader_demo_workers", "loader_demo")
+    ratio("demo loader: 2 workers / 0 (decode on the fly)", "loader_demo_decode_workers", "loader_demo_decode")
+    ratio("paper loader: 2 workers / 0 (cache)", "loader_paper_workers", "loader_paper")
+    ratio("paper loader, workers 0: 1 torch thread / default", "loader_paper_1thread", "loader_paper")
+    ratio("demo loader: with tokenization / without", "loader_demo", "loader_demo_notext")
+    ratio("embed paper: chunked / full", "embed_paper_chunked", "embed_paper_full")
+    return out
+
+
+def fmt_rate(v):
+    if v is None:
+        return "-"
+    return f"{v:,.0f}" if v >= 100 else f"{v:.3g}"
+
+
+def print_report(header, rows, derived):
+    print("\n" + " | ".join(f"{k}: {v}" for k, v in header.items()))
+    widths = (22, 62, 10, 10, 8)
+    print(f"\n{'row':<22} {'config':<62} {'rate':>10} {'unit':<10} {'peak MB':>8}  notes")
+    print("-" * 140)
+    for r in rows:
+        mb = "-" if r["peak_mb"] is None else f"{r['peak_mb']:,.0f}"
+        extra = ""
+        if r.get("flops_per_sample"):
+            mfu = f"{r['mfu']:.1%}" if r.get("mfu") is not None else "n/a"
+            extra = (f" | {r['flops_per_sample'] / 1e9:,.1f} GFLOP/sample, "
+                     f"{r['achieved_flops'] / 1e9:,.1f} GFLOP/s achieved, MFU {mfu}")
+        print(f"{r['name']:<{widths[0]}} {r['config'][:widths[1]]:<{widths[1]}} {fmt_rate(r['rate']):>{widths[2]}} "
+              f"{r['unit']:<{widths[3]}} {mb:>{widths[4]}}  {r['notes']}{extra}")
+    if derived:
+        print(f"\n{'derived ratio':<84} {'value':<28} {'target':<8} verdict")
+        print("-" * 130)
+        for d in derived:
+            print(f"{d['what']:<84} {d['text']:<28} {d['target'] or '':<8} {d['verdict']}")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="CI-sized: fewer songs, variants and iterations (< ~2 min)")
+    p.add_argument("--rows", default=",".join(ALL_ROWS), help=f"comma-separated subset of {','.join(ALL_ROWS)}")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="device of the step and embed rows")
+    p.add_argument("--out", default="bench.json", help="JSON file for the table and ratios (default bench.json)")
+    p.add_argument("--librosa_python", default=None,
+                   help="python with librosa for the comparison row (default: this one); e.g. a separate venv")
+    p.add_argument("--matching", default=None,
+                   help="songs:users sizes, e.g. 10k:1k,1M:1k (default: 10k:1k,100k:1k,1M:1k,10k:10k; "
+                        "--quick 10k:1k,10k:10k)")
+    p.add_argument("--paper_batch", type=int, default=None,
+                   help="batch of the paper-size step rows (default 2; --quick 1)")
+    p.add_argument("--_step", help=argparse.SUPPRESS)  # internal: run one step variant in this process
+    args = p.parse_args(argv)
+    if args._step:
+        return step_worker(json.loads(args._step))
+
+    rows_wanted = [r.strip() for r in args.rows.split(",") if r.strip()]
+    unknown = set(rows_wanted) - set(ALL_ROWS)
+    if unknown:
+        p.error(f"unknown rows {sorted(unknown)}; choose from {','.join(ALL_ROWS)}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device visible")
+    args.matching = args.matching or ("10k:1k,10k:10k" if args.quick else "10k:1k,100k:1k,1M:1k,10k:10k")
+    args.paper_batch = args.paper_batch or (1 if args.quick else 2)  # at 2, quick's paper step alone takes ~1 min
+    args.songs = 2 if args.quick else 6               # synthetic 120 s songs (wav/flac alternating)
+    args.demo_songs = 128 if args.quick else 640      # sample_data songs in the demo cache
+    out = os.path.abspath(args.out)
+    # as sample_data/demo.sh: the Rust tokenizer's own thread pool gains nothing on batches of short
+    # texts, and DataLoader workers forked after it has run would warn and turn it off anyway
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+    header = {"cpu": cpu_model(), "torch threads": torch.get_num_threads(), "torch": torch.__version__,
+              "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
+              "load average at start": load_average(), "mode": "quick" if args.quick else "full"}
+    print(" | ".join(f"{k}: {v}" for k, v in header.items()), flush=True)
+    t0 = time.time()
+    rows = []
+    benches = {"data": bench_data, "loader": bench_loader, "step": bench_step, "embed": bench_embed,
+               "matching": bench_matching}
+    with tempfile.TemporaryDirectory(prefix="htcl-bench-") as tmp:
+        ctx = Context(args, tmp)
+        for name in ALL_ROWS:
+            if name in rows_wanted:
+                t = time.time()
+                print(f"[{name}] ...", file=sys.stderr, flush=True)
+                rows += benches[name](ctx)
+                print(f"[{name}] {time.time() - t:.0f} s", file=sys.stderr, flush=True)
+    header["load average at end"] = load_average()
+    header["wall seconds"] = round(time.time() - t0)
+    derived = ratios(rows)
+    print_report(header, rows, derived)
+    with open(out, "w") as f:
+        json.dump({"header": header, "rows": rows, "ratios": derived}, f, indent=1)
+    print(f"\nwrote {out}")
+
+
+if __name__ == "__main__":
+    main()
