@@ -15,7 +15,6 @@ artifact goes to out_dir/final. The training loop is pretrain.train.
 import random
 from dataclasses import dataclass
 
-import torch
 
 import data
 import model as htcl
