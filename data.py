@@ -731,11 +731,13 @@ class SongDataset(Dataset):
                one song, not the run. (A pre-scan would decode everything twice.)
     """
 
+    what = "songs"  # for the warning about songs that failed in prepare
+
     def __init__(self, catalog, rows, cache=None, on_error="raise"):
         if on_error not in ("raise", "skip"):
             raise ValueError(f"on_error must be 'raise' or 'skip', not {on_error!r}")
         self.catalog, self.cache, self.on_error = catalog, cache, on_error
-        bad = set(_failed_rows(rows, cache, "songs"))
+        bad = set(_failed_rows(rows, cache, self.what))
         self.rows = [r for r in rows if r not in bad]
 
     def __len__(self):
@@ -768,12 +770,12 @@ class PairDataset(SongDataset):
     """Stage 2: one (trigger, recommended) pair -> the two songs' mels, texts and rows.
     on_error as in SongDataset; with "skip" a pair with a bad song is None."""
 
+    what = "songs (and their pairs)"
+
     def __init__(self, catalog, pairs, cache=None, on_error="raise"):
-        if on_error not in ("raise", "skip"):
-            raise ValueError(f"on_error must be 'raise' or 'skip', not {on_error!r}")
-        self.catalog, self.cache, self.on_error = catalog, cache, on_error
-        bad = set(_failed_rows(sorted({r for p in pairs for r in p}), cache, "songs (and their pairs)"))
-        self.pairs = [p for p in pairs if p[0] not in bad and p[1] not in bad]
+        super().__init__(catalog, sorted({r for p in pairs for r in p}), cache, on_error)
+        usable = set(self.rows)  # the pairs' songs that have a log-mel
+        self.pairs = [p for p in pairs if p[0] in usable and p[1] in usable]
 
     def __len__(self):
         return len(self.pairs)
