@@ -361,10 +361,13 @@ def bench_data(ctx):
     python = ctx.args.librosa_python or sys.executable
     # Two rounds, ours then librosa each time, and the faster round of each counts: the two are
     # compared under the same neighbours' load rather than a minute apart.
-    ours, theirs, mem_mb, version, why = {}, {}, {}, None, None
+    ours, theirs, decode, mem_mb, version, why = {}, {}, {}, {}, None, None
     for _ in range(2):
         with torch_threads(1):  # data.prepare decodes on one intra-op thread (more spin on such small STFTs)
             for fmt, paths in groups.items():
+                # the decoder alone (libsndfile, as load_audio calls it): the floor both pipelines share
+                t = [median_time(lambda: _decode_only(p), 1, reps) for p in paths]
+                decode[fmt] = min(decode.get(fmt, float("inf")), statistics.median(t))
                 data.song_mel(paths[0])  # warm-up: mel filter bank, page cache
                 times = []
                 with PeakRSS() as mem:
@@ -388,6 +391,9 @@ def bench_data(ctx):
     rows = [row(f"data/ours/{fmt}", "data.song_mel, 1 torch thread", 1 / ours[fmt], "songs/s", mem_mb[fmt],
                 f"120 s 44.1 kHz stereo {fmt}; median of {n}, faster of 2 rounds", key=f"data_ours_{fmt}")
             for fmt in groups]
+    rows += [row(f"data/decode/{fmt}", "soundfile read only (libsndfile, as data.load_audio)", 1 / decode[fmt],
+                 "songs/s", None, f"same files; the decoder both pipelines call, so librosa's time over this "
+                 f"bounds ours / librosa", key=f"data_decode_{fmt}") for fmt in groups]
     if not theirs:
         rows.append(row("data/librosa", "skipped", None, "songs/s",
                         notes=f"librosa not usable with {python} ({why}); `pip install librosa` to compare "
@@ -402,6 +408,12 @@ def bench_data(ctx):
                     "songs/s", None, f"{len(ctx.songs)} songs into a fresh cache, one process",
                     key="data_prepare"))
     return rows
+
+
+def _decode_only(path):
+    with sf.SoundFile(path) as f:
+        return f.read(frames=int(data.MAX_SECONDS * f.samplerate), always_2d=True,
+                      dtype="int16" if f.subtype == "PCM_16" else "float32")
 
 
 def _result_line(stdout):
@@ -858,6 +870,8 @@ def ratios(rows):
 
     for fmt in ("wav", "flac"):
         ratio(f"data: ours / librosa songs/s ({fmt})", f"data_ours_{fmt}", f"data_librosa_{fmt}", 2)
+        ratio(f"data: ceiling of that ratio, decode alone / librosa ({fmt})", f"data_decode_{fmt}",
+              f"data_librosa_{fmt}")
     ratio("loader / training step samples/s (demo preset, 1 thread as demo.sh)", "loader_demo", "step_demo_fp32", 10)
     ratio("loader / training step samples/s (demo preset, default threads)", "loader_demo", "step_demo_threads", 10)
     ratio("paper step: ours / reference (nn.TransformerEncoder, padded to 1251, fp32)", "step_paper_fp32",
