@@ -37,6 +37,7 @@ import numpy as np
 import soundfile as sf
 import soxr
 import torch
+import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 # -----------------------------------------------------------------------------
@@ -806,6 +807,21 @@ class PairDataset(SongDataset):
                 "trig_row": t, "rec_row": r}
 
 
+def _batch_encoder(tokenizer, max_length):
+    """A copy of a fast tokenizer's Rust backend set to truncate at max_length and pad to the
+    batch's longest, as the wrapper sets it per call (sides and pad ids from the tokenizer);
+    None for a tokenizer without one. A copy, so the caller's tokenizer is left as it was."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or tokenizer.pad_token is None:  # no pad token: let the wrapper raise its error
+        return None
+    from tokenizers import Tokenizer
+    enc = Tokenizer.from_str(backend.to_str())
+    enc.enable_truncation(max_length, direction=tokenizer.truncation_side)
+    enc.enable_padding(direction=tokenizer.padding_side, pad_id=tokenizer.pad_token_id,
+                       pad_type_id=tokenizer.pad_token_type_id, pad_token=tokenizer.pad_token)
+    return enc
+
+
 class Collator:
     """Batches items of SongDataset or PairDataset.
 
@@ -825,6 +841,19 @@ class Collator:
     def __init__(self, tokenizer, max_text_length=512):
         self.tokenizer, self.max_text_length = tokenizer, max_text_length
         self.skipped = 0
+        self.encoder = _batch_encoder(tokenizer, max_text_length)
+
+    def tokenize(self, texts):
+        """list of str -> the dict tokenizer(texts, padding="longest", truncation=True, max_length=...,
+        return_tensors="pt") gives, ~2.5x faster (bench.py): same Rust tokenizer, without the Python
+        wrapper's per-call set-up and list conversions."""
+        if self.encoder is None:  # a slow (pure-Python) tokenizer: its own call
+            return dict(self.tokenizer(texts, padding="longest", truncation=True,
+                                       max_length=self.max_text_length, return_tensors="pt"))
+        encs = self.encoder.encode_batch(texts)
+        fields = {"input_ids": "ids", "token_type_ids": "type_ids", "attention_mask": "attention_mask"}
+        return {name: torch.from_numpy(np.array([getattr(e, fields[name]) for e in encs], dtype=np.int64))
+                for name in self.tokenizer.model_input_names if name in fields}
 
     def __call__(self, items):
         kept = [it for it in items if it is not None]
@@ -840,18 +869,13 @@ class Collator:
         for key in items[0]:
             values = [it[key] for it in items]
             if key.endswith("mel"):
-                T = max(MIN_FRAMES, max(len(v) for v in values))
-                mel = torch.zeros(len(values), T, N_MELS, dtype=torch.float32)
-                mask = torch.ones(len(values), T, dtype=torch.bool)
-                for b, v in enumerate(values):
-                    mel[b, : len(v)] = v
-                    mask[b, : len(v)] = False
-                batch[key] = mel
-                batch[key[: -len("mel")] + "padding_mask"] = mask
+                lengths = torch.tensor([len(v) for v in values])
+                mel = torch.nn.utils.rnn.pad_sequence(values, batch_first=True)  # (B, T_max, 128), zeros
+                T = max(MIN_FRAMES, mel.shape[1])
+                batch[key] = F.pad(mel, (0, 0, 0, T - mel.shape[1])).float()  # (B, T, 128)
+                batch[key[: -len("mel")] + "padding_mask"] = torch.arange(T) >= lengths[:, None]  # (B, T)
             elif key.endswith("text"):
-                enc = self.tokenizer(values, padding="longest", truncation=True,
-                                     max_length=self.max_text_length, return_tensors="pt")
-                batch[key[: -len("text")] + "tokens"] = dict(enc)
+                batch[key[: -len("text")] + "tokens"] = self.tokenize(values)
             elif key.endswith("row"):
                 batch[key] = torch.tensor(values, dtype=torch.long)
             else:

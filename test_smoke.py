@@ -538,6 +538,29 @@ def test_prepare_in_two_shards_round_trips_resumes_and_reports_bad_files(tmp_pat
     np.testing.assert_allclose(no_cache[0]["mel"].numpy(), cache.mel(0).numpy(), atol=5e-3)
 
 
+def test_collator_tokenizes_exactly_as_the_tokenizer_call():
+    """Collator.tokenize drives the Rust backend directly; the reference is the wrapper's own call."""
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(TINY_BERT)
+    catalog = data.load_catalog(os.path.join(SAMPLE, "catalog.csv"))
+    texts = [catalog[r].text for r in range(40)]
+    long = [" ".join([t] * 40) for t in texts[:5]]  # > 512 tokens: truncated, [SEP] kept
+    for max_len, batch in ((512, texts), (512, long + texts[:3]), (16, texts[:7]), (512, texts[:1])):
+        ours = data.Collator(tok, max_len).tokenize(batch)
+        ref = tok(batch, padding="longest", truncation=True, max_length=max_len, return_tensors="pt")
+        assert set(ours) == set(ref) == set(tok.model_input_names)
+        for k in ref:
+            assert ours[k].dtype == ref[k].dtype and torch.equal(ours[k], ref[k]), (max_len, k)
+    assert ours["input_ids"].shape[1] < 512  # one text: no padding at all
+    assert data.Collator(tok, 512).tokenize(long)["input_ids"].shape == (5, 512)
+    left = AutoTokenizer.from_pretrained(TINY_BERT, padding_side="left", truncation_side="left")
+    ref = left(long[:1] + texts[:3], padding="longest", truncation=True, max_length=64, return_tensors="pt")
+    ours = data.Collator(left, 64).tokenize(long[:1] + texts[:3])
+    assert all(torch.equal(ours[k], ref[k]) for k in ref) and ref["attention_mask"][1, 0] == 0
+    # the caller's tokenizer is not reconfigured: its own calls still pad and truncate as asked
+    assert tok(long[0])["input_ids"].__len__() > 512 and tok.backend_tokenizer.truncation is None
+
+
 def test_collator_pads_mels_with_masks_and_tokenizes_texts():
     from transformers import BertTokenizer
     tok = BertTokenizer(vocab={w: i for i, w in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "x", "y"])})
