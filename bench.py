@@ -60,7 +60,7 @@ BERT_BASE_MULTILINGUAL = dict(model_type="bert", vocab_size=105879, hidden_size=
 # Dense bf16 tensor-core peak FLOP/s per GPU (vendor data sheets); MFU is reported against these.
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 
-ALL_ROWS = ("data", "loader", "step", "embed", "matching")
+ALL_ROWS = ("data", "loader", "step", "memory", "embed", "matching")
 
 # -----------------------------------------------------------------------------
 # Measuring: wall time, medians, memory.
@@ -392,8 +392,8 @@ def bench_data(ctx):
                 f"120 s 44.1 kHz stereo {fmt}; median of {n}, faster of 2 rounds", key=f"data_ours_{fmt}")
             for fmt in groups]
     rows += [row(f"data/decode/{fmt}", "soundfile read only (libsndfile, as data.load_audio)", 1 / decode[fmt],
-                 "songs/s", None, f"same files; the decoder both pipelines call, so librosa's time over this "
-                 f"bounds ours / librosa", key=f"data_decode_{fmt}") for fmt in groups]
+                 "songs/s", None, "same files; the decoder both pipelines call, so librosa's time over this "
+                 "bounds ours / librosa", key=f"data_decode_{fmt}") for fmt in groups]
     if not theirs:
         rows.append(row("data/librosa", "skipped", None, "songs/s",
                         notes=f"librosa not usable with {python} ({why}); `pip install librosa` to compare "
@@ -624,6 +624,43 @@ def bench_step(ctx):
     return rows
 
 
+def bench_memory(ctx):
+    """Peak memory of a paper-size training step at the paper's per-GPU batch of 100 (800 / 8).
+
+    On a GPU the batch of 100 itself is run (an out-of-memory is the answer, not a failure). On CPU
+    it cannot be: the peak grows linearly with the batch (activations, and the batch itself) on top
+    of what does not (weights, gradients, Adam's two moments), so it is measured at two small
+    batches and extrapolated. CPU autocast keeps the same tensors for backward as CUDA autocast, so
+    this estimates the GPU's need to within the allocators' slack.
+    """
+    args, rows = ctx.args, []
+    sizes = (1, 100) if args.device == "cuda" else (1, 3)
+    for amp in ("fp32", "bf16"):
+        for ckpt in (False, True):
+            spec = dict(preset="paper", arch="ours", amp=amp, attn="sdpa", ckpt=ckpt, compile=False, threads=None,
+                        warmup=1, iters=1, device=args.device)
+            got = {B: run_step_worker(dict(spec, batch=B)) for B in sizes}
+            key, what = f"memory_{amp}_{'ckpt' if ckpt else 'nockpt'}", describe(dict(spec, batch=sizes[-1]))
+            bad = {B: r["error"] for B, r in got.items() if "error" in r}
+            if bad:
+                if args.device == "cuda" and 100 in bad and "out of memory" in bad[100].lower():
+                    rows.append(row("memory/paper", what, None, "GB at B 100", notes="batch 100 does NOT fit: "
+                                    f"{bad[100][:120]}", key=key, fits=False))
+                else:
+                    rows.append(row("memory/paper", what, None, "GB at B 100", notes=f"FAILED: {bad}", key=key))
+                continue
+            (b0, r0), (b1, r1) = sorted(got.items())
+            per_sample = (r1["peak_mb"] - r0["peak_mb"]) / (b1 - b0)
+            total_mb = r0["weights_mb"] + r0["peak_mb"] + (100 - b0) * per_sample
+            how = ("measured at batch 100" if b1 == 100 else
+                   f"extrapolated from batch {b0} (+{r0['peak_mb']:,.0f} MB) and {b1} (+{r1['peak_mb']:,.0f} MB)")
+            rows.append(row("memory/paper", what, total_mb / 1024, "GB at B 100", None,
+                            f"{how}: weights {r0['weights_mb']:,.0f} MB + step peak; {per_sample:,.0f} MB per "
+                            f"sample; 120 s songs, 512-token texts", key=key, total_gb=total_mb / 1024,
+                            per_sample_mb=per_sample, fits=total_mb / 1024 <= 80))
+    return rows
+
+
 def build_model(spec):
     """The HTCL of a step variant, in train mode with stage 1's parameters trainable."""
     if spec["preset"] == "demo":
@@ -666,6 +703,7 @@ def step_worker(spec):
         torch.set_num_threads(spec["threads"])
     device = torch.device(spec["device"])
     model = build_model(spec).to(device)
+    weights_mb = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()]) / 2**20
     batches = step_batches(spec, device)
     audio_only = spec.get("tower") == "audio"
     if spec["compile"]:
@@ -758,7 +796,7 @@ def step_worker(spec):
               "first_step_s": first_s, "peak_mb": peak_mb, "flops_per_sample": flops,
               "achieved_flops": flops * samples_per_s, "mfu": flops * samples_per_s / peak if peak else None,
               "compile_s": compile_s, "recompile_s": recompile_s, "recompile_error": recompile_error,
-              "batch": B, "frames": T, "text_tokens": L}
+              "batch": B, "frames": T, "text_tokens": L, "weights_mb": weights_mb}
     if spec.get("compare_adam"):
         result["adam_s"] = compare_adam(model, params, loss_of(batch))
         notes += "; Adam alone: " + ", ".join(f"{k} {v:.2f} s" for k, v in result["adam_s"].items())
@@ -918,6 +956,12 @@ def ratios(rows):
     ratio("paper loader, workers 0: 1 torch thread / default", "loader_paper_1thread", "loader_paper")
     ratio("demo loader: with tokenization / without", "loader_demo", "loader_demo_notext")
     ratio("embed paper: chunked / full", "embed_paper_chunked", "embed_paper_full")
+    for r in rows:  # the memory rows: does the paper's per-GPU batch fit an 80 GB GPU?
+        if r["key"].startswith("memory_") and r.get("fits") is not None:
+            text = f"{r['rate']:.1f} GB" if r.get("rate") else "out of memory"
+            out.append({"what": f"paper step at batch 100 (800 / 8 GPUs), {r['config'].rsplit(', batch', 1)[0]}",
+                        "value": r.get("rate"), "text": text, "target": "<= 80 GB",
+                        "verdict": "meets" if r["fits"] else "MISSES"})
     return out
 
 
@@ -987,8 +1031,8 @@ def main(argv=None):
     print(" | ".join(f"{k}: {v}" for k, v in header.items()), flush=True)
     t0 = time.time()
     rows = []
-    benches = {"data": bench_data, "loader": bench_loader, "step": bench_step, "embed": bench_embed,
-               "matching": bench_matching}
+    benches = {"data": bench_data, "loader": bench_loader, "step": bench_step, "memory": bench_memory,
+               "embed": bench_embed, "matching": bench_matching}
     with tempfile.TemporaryDirectory(prefix="htcl-bench-") as tmp:
         ctx = Context(args, tmp)
         for name in ALL_ROWS:

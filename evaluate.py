@@ -72,6 +72,15 @@ def _as_float_tensor(x):
     return x.detach().float() if torch.is_tensor(x) else torch.as_tensor(np.asarray(x), dtype=torch.float32)
 
 
+SCORE_BLOCK_BYTES = 2**30  # one (queries x keys) score block; with topk's copies the peak is ~2x this
+
+
+def _rows_per_block(n_keys, batch_size):
+    """Query rows per score block: batch_size, fewer when N keys would make the block exceed
+    SCORE_BLOCK_BYTES (at 1M songs 1,024 rows were a 4 GB block and an 8.6 GB peak; bench.py)."""
+    return max(1, min(batch_size, SCORE_BLOCK_BYTES // (4 * max(n_keys, 1))))
+
+
 @torch.no_grad()
 def recall_at_k(query_emb, key_emb, k, batch_size=1024):
     """Share of queries whose positive (key i for query i) is among the k most cosine-similar keys.
@@ -84,7 +93,7 @@ def recall_at_k(query_emb, key_emb, k, batch_size=1024):
     q = F.normalize(_as_float_tensor(query_emb), dim=-1)
     keys = F.normalize(_as_float_tensor(key_emb), dim=-1).to(q.device)
     assert q.shape == keys.shape, f"recall_at_k needs paired rows, got {tuple(q.shape)} and {tuple(keys.shape)}"
-    hits = 0
+    hits, batch_size = 0, _rows_per_block(keys.shape[0], batch_size)
     for start in range(0, q.shape[0], batch_size):
         s = q[start:start + batch_size] @ keys.T  # (b, N)
         i = torch.arange(s.shape[0], device=s.device)
@@ -158,7 +167,7 @@ def macro_f1(y_true, y_pred):
 
 @torch.no_grad()
 def cosine_topk(queries, keys, k, exclude=None, batch_size=1024, progress=None):
-    """Top-k keys by cosine for each query, in batches so memory stays (batch_size, N).
+    """Top-k keys by cosine for each query, in blocks of rows so memory stays ~SCORE_BLOCK_BYTES.
 
     queries (Q, D), keys (N, D) -> (scores (Q, k), indices (Q, k)) torch tensors, best first.
     exclude: (Q,) key index that query q may not retrieve (itself, when the queries are songs
@@ -167,7 +176,7 @@ def cosine_topk(queries, keys, k, exclude=None, batch_size=1024, progress=None):
     q = F.normalize(_as_float_tensor(queries), dim=-1)
     keys = F.normalize(_as_float_tensor(keys), dim=-1)
     k = min(k, keys.shape[0] - (exclude is not None))
-    scores, indices = [], []
+    scores, indices, batch_size = [], [], _rows_per_block(keys.shape[0], batch_size)
     for start in range(0, q.shape[0], batch_size):
         s = q[start:start + batch_size] @ keys.T  # (b, N)
         if exclude is not None:

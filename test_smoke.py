@@ -1193,6 +1193,21 @@ def test_recall_at_k_matches_brute_force():
         assert ev.recall_at_k(torch.tensor(q), torch.tensor(k), K) == pytest.approx(brute)  # torch input too
 
 
+def test_score_blocks_follow_the_memory_budget(monkeypatch):
+    """With a budget of 5 rows of scores, retrieval runs in blocks of 5 and finds the same neighbours."""
+    rng = np.random.default_rng(1)
+    q, keys = rng.standard_normal((23, 8)), rng.standard_normal((57, 8))
+    full_s, full_i = ev.cosine_topk(q, keys, 7)
+    rec = ev.recall_at_k(q, keys[:23], 3)
+    monkeypatch.setattr(ev, "SCORE_BLOCK_BYTES", 4 * 57 * 5)
+    assert ev._rows_per_block(57, 1024) == 5 and ev._rows_per_block(57, 2) == 2
+    assert ev._rows_per_block(10**9, 1024) == 1  # never 0 rows
+    s, i = ev.cosine_topk(q, keys, 7)
+    brute = np.argsort(-(_unit(q) @ _unit(keys).T), axis=1, kind="stable")[:, :7]
+    assert torch.equal(i, full_i) and torch.allclose(s, full_s, atol=1e-6) and (i.numpy() == brute).all()
+    assert ev.recall_at_k(q, keys[:23], 3) == rec
+
+
 def test_recall_at_k_of_a_collapsed_model_is_zero():
     same = np.ones((10, 4))
     assert ev.recall_at_k(same, same, 1) == 0.0  # ties count against the query
