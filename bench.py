@@ -13,6 +13,9 @@ What it measures, stage by stage, on synthetic inputs of the paper's sizes (noth
             autocast, SDPA / plain attention math, gradient checkpointing, torch.compile, and the
             released code's straightforward nn.TransformerEncoder as the reference; FLOPs/sample
             from an analytic count and MFU on a GPU
+  memory    peak memory of the paper-size step at the paper's per-GPU batch of 100 (800 / 8), fp32 /
+            bf16, with and without gradient checkpointing: run at 100 on a GPU, extrapolated from
+            batches 1 and 3 on a CPU; does it fit an 80 GB GPU?
   embed     songs/s of evaluate.embed_catalog, full song and 10 s chunks, demo and paper encoders
   matching  seconds of evaluate.matching_benchmark (HR@100, on CPU) against songs and users; the
             sizes not run are extrapolated from those run, and marked so
@@ -20,7 +23,7 @@ What it measures, stage by stage, on synthetic inputs of the paper's sizes (noth
 Each step variant runs in its own process, so that its peak memory is its own. Prints one table,
 then the ratios against the targets, and writes both as JSON:
 
-    python bench.py --quick                      # CI-sized, under ~2 min
+    python bench.py --quick                      # CI-sized, under ~2 min (no memory rows)
     python bench.py --out bench.json             # the full run, ~15 min on 2 busy CPU cores
     python bench.py --rows step,embed --device cuda
     python bench.py --librosa_python /tmp/libvenv/bin/python   # librosa from another venv
@@ -995,7 +998,8 @@ def print_report(header, rows, derived):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="CI-sized: fewer songs, variants and iterations (< ~2 min)")
-    p.add_argument("--rows", default=",".join(ALL_ROWS), help=f"comma-separated subset of {','.join(ALL_ROWS)}")
+    p.add_argument("--rows", default=None, help=f"comma-separated subset of {','.join(ALL_ROWS)} (default: all; "
+                   "--quick leaves out memory, ~5 min of paper-size steps on a CPU)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="device of the step and embed rows")
     p.add_argument("--out", default="bench.json", help="JSON file for the table and ratios (default bench.json)")
     p.add_argument("--librosa_python", default=None,
@@ -1010,6 +1014,8 @@ def main(argv=None):
     if args._step:
         return step_worker(json.loads(args._step))
 
+    if args.rows is None:
+        args.rows = ",".join(r for r in ALL_ROWS if not (args.quick and r == "memory"))
     rows_wanted = [r.strip() for r in args.rows.split(",") if r.strip()]
     unknown = set(rows_wanted) - set(ALL_ROWS)
     if unknown:

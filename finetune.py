@@ -37,14 +37,20 @@ class FinetuneConfig(TrainConfig):
     weight_at: float = 1.0
     use_text: bool = True             # False = HTCL_w/o_text (Table 2): L_aa only
     use_trigger_text: bool = False    # True = released code: L_at over both songs, L_af both ways
+    gradient_checkpointing: str = "inherit"  # inherit (the stage-1 artifact's setting) | on | off, both towers
 
 
 def main(argv=None):
     cfg = parse_config(FinetuneConfig, "finetune", argv)
+    if cfg.gradient_checkpointing not in ("inherit", "on", "off"):
+        raise SystemExit(f"--gradient_checkpointing must be inherit, on or off, not {cfg.gradient_checkpointing!r}")
     model, tokenizer = htcl.load_artifact(cfg.init_from)
     # nanochat-style: say what the stage-1 artifact decided, so a run is self-explaining.
     print(f"init_from {cfg.init_from}: audio {model.cfg.audio.layers} layers x {model.cfg.audio.hidden}, "
           f"text {model.cfg.text_model} ({model.cfg.text_pooling} pooling), embed_dim {model.cfg.embed_dim}")
+    if cfg.gradient_checkpointing != "inherit":
+        on = cfg.gradient_checkpointing == "on"
+        model.set_gradient_checkpointing(audio=on, text=on)
     model.train()
     model.freeze_unused(stage=2, use_text=cfg.use_text)
 

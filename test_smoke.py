@@ -205,6 +205,38 @@ def _stage_loss(m, batch, stage):
     return m(batch, stage=2, use_trigger_text=True)[0]
 
 
+@pytest.mark.parametrize("stage", [1, 2])
+def test_gradient_checkpointing_keeps_loss_and_gradients_and_stores_less(stage):
+    """Training mode, dropout on: recomputation replays the RNG, so loss and every gradient equal the
+    run without it; the tensors kept for backward (counted through saved_tensors_hooks) shrink."""
+    from transformers import AutoTokenizer
+    batch = _pair_batch(AutoTokenizer.from_pretrained(TINY_BERT), B=4)
+    runs = {}
+    for on in (False, True):
+        m = tiny_model().train()
+        m.freeze_unused(stage=stage)
+        m.set_gradient_checkpointing(audio=on, text=on)
+        saved = []
+        torch.manual_seed(1)
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel() * t.element_size()) or t,
+                                                      lambda t: t):
+            loss = _stage_loss(m, batch, stage)
+        loss.backward()
+        runs[on] = (loss.item(), {n: p.grad for n, p in m.named_parameters() if p.grad is not None}, sum(saved))
+        assert m.cfg.audio.gradient_checkpointing is on and m.text_encoder.checkpointing is on
+    (l0, g0, s0), (l1, g1, s1) = runs[False], runs[True]
+    assert l1 == pytest.approx(l0, rel=1e-6) and g0.keys() == g1.keys() and len(g0) > 20
+    for n in g0:
+        torch.testing.assert_close(g1[n], g0[n], rtol=1e-4, atol=1e-6, msg=n)
+    assert s1 < 0.6 * s0, (s1, s0)
+
+
+def test_finetune_refuses_an_unknown_checkpointing_setting(tmp_path):
+    import finetune
+    with pytest.raises(SystemExit, match="inherit, on or off, not 'sometimes'"):
+        finetune.main(["--gradient_checkpointing", "sometimes", "--init_from", str(tmp_path / "none")])
+
+
 def _ddp_worker(rank, world, init_file, stage, out_dir):
     import torch.distributed as dist
     from transformers import AutoTokenizer
