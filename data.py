@@ -850,7 +850,10 @@ class Collator:
         if self.encoder is None:  # a slow (pure-Python) tokenizer: its own call
             return dict(self.tokenizer(texts, padding="longest", truncation=True,
                                        max_length=self.max_text_length, return_tensors="pt"))
-        encs = self.encoder.encode_batch(texts)
+        # encode_batch_fast skips the character offsets nobody here reads: ~20% faster on lyrics
+        # that fill 512 tokens (bench.py); tokenizers < 0.20 only has encode_batch
+        encode = getattr(self.encoder, "encode_batch_fast", None) or self.encoder.encode_batch
+        encs = encode(texts)
         fields = {"input_ids": "ids", "token_type_ids": "type_ids", "attention_mask": "attention_mask"}
         return {name: torch.from_numpy(np.array([getattr(e, fields[name]) for e in encs], dtype=np.int64))
                 for name in self.tokenizer.model_input_names if name in fields}
@@ -871,9 +874,10 @@ class Collator:
             if key.endswith("mel"):
                 lengths = torch.tensor([len(v) for v in values])
                 mel = torch.nn.utils.rnn.pad_sequence(values, batch_first=True)  # (B, T_max, 128), zeros
-                T = max(MIN_FRAMES, mel.shape[1])
-                batch[key] = F.pad(mel, (0, 0, 0, T - mel.shape[1])).float()  # (B, T, 128)
-                batch[key[: -len("mel")] + "padding_mask"] = torch.arange(T) >= lengths[:, None]  # (B, T)
+                if mel.shape[1] < MIN_FRAMES:  # a batch of only very short songs
+                    mel = F.pad(mel, (0, 0, 0, MIN_FRAMES - mel.shape[1]))  # (B, T, 128)
+                batch[key] = mel.float()
+                batch[key[: -len("mel")] + "padding_mask"] = torch.arange(mel.shape[1]) >= lengths[:, None]  # (B, T)
             elif key.endswith("text"):
                 batch[key[: -len("text")] + "tokens"] = self.tokenize(values)
             elif key.endswith("row"):
