@@ -24,7 +24,7 @@ Each step variant runs in its own process, so that its peak memory is its own. P
 then the ratios against the targets, and writes both as JSON:
 
     python bench.py --quick                      # CI-sized, under ~2 min (no memory rows)
-    python bench.py --out bench.json             # the full run, ~15 min on 2 busy CPU cores
+    python bench.py --out bench.json             # the full run, ~20 min on 2 busy CPU cores
     python bench.py --rows step,embed --device cuda
     python bench.py --librosa_python /tmp/libvenv/bin/python   # librosa from another venv
 """
