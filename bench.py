@@ -415,8 +415,7 @@ def bench_data(ctx):
 
 def _decode_only(path):
     with sf.SoundFile(path) as f:
-        return f.read(frames=int(data.MAX_SECONDS * f.samplerate), always_2d=True,
-                      dtype="int16" if f.subtype == "PCM_16" else "float32")
+        return data.read_prefix(f)
 
 
 def _result_line(stdout):

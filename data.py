@@ -72,6 +72,15 @@ def _all_finite(x):
     return math.isfinite(float(x @ x))
 
 
+def read_prefix(f, max_seconds=MAX_SECONDS):
+    """The first max_seconds of an open sf.SoundFile -> (frames, channels) array, as decoded.
+
+    16-bit files come back as int16, to be scaled by 1/32768: the same numbers as libsndfile's
+    float32 read, and ~2x faster for a wav (its per-sample convert is slow); others as float32."""
+    return f.read(frames=int(math.ceil(max_seconds * f.samplerate)), always_2d=True,
+                  dtype="int16" if f.subtype == "PCM_16" else "float32")
+
+
 def load_audio(path, max_seconds=MAX_SECONDS):
     """Decode the first `max_seconds` of an audio file -> float32 mono numpy array at 16 kHz.
 
@@ -90,12 +99,8 @@ def load_audio(path, max_seconds=MAX_SECONDS):
     with open(path, "rb") as fh:
         try:
             with sf.SoundFile(fh) as f:
-                sr = f.samplerate
-                # 16-bit files are read as int16 and scaled here: the same numbers as libsndfile's
-                # float32 read (x / 32768), and ~2x faster for a wav (its per-sample convert is slow)
-                pcm16 = f.subtype == "PCM_16"
-                x = f.read(frames=int(math.ceil(max_seconds * sr)), dtype="int16" if pcm16 else "float32",
-                           always_2d=True)
+                sr, pcm16 = f.samplerate, f.subtype == "PCM_16"
+                x = read_prefix(f, max_seconds)
         except sf.LibsndfileError as e:  # unknown container, truncated header, FLAC lost sync, ...
             raise AudioError(f"{path}: cannot decode: {e.error_string.strip()}") from None
     if len(x) == 0:  # e.g. a WAV header with no data: padding it would invent a silent song
