@@ -754,11 +754,11 @@ def make_step(spec, device):
 
 def step_worker(spec):
     """One training-step variant in this (fresh) process -> BENCH_RESULT line on stdout."""
-    if spec.get("ab"):
-        return ab_worker(spec)
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
     device = torch.device(spec["device"])
+    if spec.get("ab"):
+        return ab_worker(spec, device)
     model, batches, step, loss_of, params = make_step(spec, device)
     weights_mb = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()]) / 2**20
     audio_only = spec.get("tower") == "audio"
@@ -822,15 +822,12 @@ def step_worker(spec):
     print("BENCH_RESULT " + json.dumps(result), flush=True)
 
 
-def ab_worker(spec):
+def ab_worker(spec, device):
     """Ours and the reference in one (fresh) process, their steps alternating -> BENCH_RESULT line.
 
     Separate processes on a shared machine differ by more than the two designs do (seen here:
     ours / reference 0.87x in one full run, 1.14x in the next); alternating puts both under the
     same load. The order flips every round so neither always runs right after the other."""
-    if spec.get("threads"):
-        torch.set_num_threads(spec["threads"])
-    device = torch.device(spec["device"])
     arms = {arch: make_step(dict(spec, arch=arch), device) for arch in ("ours", "reference")}
     phases = {arch: [] for arch in arms}
     for i in range(spec["warmup"] + spec["iters"]):
