@@ -2028,3 +2028,84 @@ def test_initial_weights_equal_the_released_module_built_with_the_same_seed():
     assert set(mapped) == set(ours)
     for k, v in mapped.items():
         assert torch.equal(v, ours[k]), k
+
+
+def _released_mlp(dims):
+    """A released models/mlp.py MLP: (Linear, ReLU, Dropout(0)) blocks without the last ReLU and
+    Dropout, so its Linear layers sit at indices 0, 3, 6."""
+    blocks = []
+    for a, b in zip(dims[:-1], dims[1:]):
+        blocks += [torch.nn.Linear(a, b), torch.nn.ReLU(), torch.nn.Dropout(0.0)]
+    return torch.nn.Sequential(*blocks[:-2])
+
+
+def released_model_parts(stage, seed=0):
+    """The modules of a released ModelWrapper at a tiny size, every tensor perturbed off its init
+    (so that a swapped LayerNorm or a zero bias cannot hide a wrong mapping), and their state_dict
+    in the released layout: audio_model.*, text_model.*, audio_mlp.*, text_mlp.*, [fusion_mlp.*], taus."""
+    import bench
+    from transformers import AutoConfig, AutoModel
+    torch.manual_seed(seed)
+    parts = {"audio_model": bench.ReferenceAudioEncoder(tiny_audio_config()),
+             "text_model": AutoModel.from_config(AutoConfig.from_pretrained(TINY_BERT)),
+             "audio_mlp": _released_mlp([32, 16, 8, 6])}
+    parts["text_mlp"] = _released_mlp([parts["text_model"].config.hidden_size, 16, 8, 6])
+    if stage == 2:
+        parts["fusion_mlp"] = _released_mlp([12, 12, 6, 6])
+    state = {}
+    with torch.no_grad():
+        for name, module in parts.items():
+            module.eval()
+            for p in module.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+            state.update({f"{name}.{k}": v for k, v in module.state_dict().items()})
+    taus = {"tau": 2.1} if stage == 1 else {"tau_1": 2.2, "tau_2": 2.9, "tau_3": 3.3}
+    state.update({k: torch.tensor(v) for k, v in taus.items()})
+    return parts, state
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_convert_released_checkpoint_gives_the_released_embeddings_and_temperatures(tmp_path, stage):
+    parts, state = released_model_parts(stage)
+    torch.save(state, tmp_path / "model-3.pth")
+    out = run(sys.executable, "model.py", "convert-released", tmp_path / "model-3.pth", "--text_model", TINY_BERT,
+              "--out", tmp_path / "art", "--heads", 2)
+    assert f"stage-{stage} checkpoint" in out
+    from safetensors.torch import load_file
+    model, tok = htcl.load_artifact(tmp_path / "art")  # strict=True inside
+    assert set(load_file(tmp_path / "art" / "model.safetensors")) == set(model.state_dict())
+    assert model.cfg.text_pooling == "pooler"
+    want = {"at": 2.1, "aa": 2.6, "af": 2.6} if stage == 1 else {"at": 2.2, "aa": 2.9, "af": 3.3}
+    assert {k: round(v.item(), 5) for k, v in model.logit_scale.items()} == want
+    config = json.loads((tmp_path / "art" / "config.json").read_text())
+    assert bool(config["training"]["filled_fresh"]) == (stage == 1)
+
+    # The released forward, module by module: audio (120 s = 1251 frames, no mask, mean over all
+    # tokens, nn.TransformerEncoder) -> audio_mlp; BERT pooler_output -> text_mlp; fusion on the concat.
+    mel = torch.randn(2, 1251, 128, generator=torch.Generator().manual_seed(1))
+    tokens = dict(tok(["title: a b; artists: c; lyrics: d e f g", "title: h; artists: i; lyrics: j"],
+                      padding=True, return_tensors="pt"))
+    with torch.no_grad():
+        audio = parts["audio_mlp"](parts["audio_model"](mel))
+        text = parts["text_mlp"](parts["text_model"](**tokens).pooler_output)
+        torch.testing.assert_close(model.encode_audio(mel, normalize=False), audio, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(model.encode_text(tokens, normalize=False), text, atol=1e-5, rtol=1e-4)
+        if stage == 2:
+            fused = parts["fusion_mlp"](torch.cat([audio, text], 1))
+            torch.testing.assert_close(model.fuse(audio, text, normalize=False), fused, atol=1e-5, rtol=1e-4)
+
+
+def test_convert_released_refuses_a_key_it_cannot_place(tmp_path):
+    _, state = released_model_parts(2)
+    state["audio_model.adapter.weight"] = torch.zeros(3)
+    torch.save(state, tmp_path / "model-1.pth")
+    p = subprocess.run([sys.executable, "model.py", "convert-released", str(tmp_path / "model-1.pth"),
+                        "--text_model", TINY_BERT, "--out", str(tmp_path / "art"), "--heads", "2"],
+                       cwd=ROOT, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert p.returncode != 0 and "Traceback" not in p.stderr
+    assert "key 'audio_model.adapter.weight' has no place" in p.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "art").exists()
+    del state["audio_model.adapter.weight"], state["audio_mlp.6.bias"]  # and one of ours left unfilled
+    torch.save(state, tmp_path / "model-1.pth")
+    with pytest.raises(htcl.ConversionError, match="nothing in the checkpoint fills 'audio_proj.4.bias'"):
+        htcl.convert_released(tmp_path / "model-1.pth", TINY_BERT, tmp_path / "art", heads=2)
