@@ -12,6 +12,7 @@ Where each protocol lives (paper, section -> sub-command: functions):
                                                                       artist_graph_ndcg
   HTCL Table 2 and Figure 2 in one go                -> report:       report
   song embeddings, full song or 10 s chunks          -> embed:        embed_catalog
+  similar songs for audio files or song ids          -> search:       embed_audio_files, search, build_index
 
 The metrics (recall_at_k, map_at_k, ndcg_at_k, auc, macro_f1) are pure functions, each
 tested against a brute-force loop or a hand-worked value. pretrain.py imports recall_at_k.
@@ -40,7 +41,23 @@ Commands (from the repo root, on the bundled synthetic world; A = a trained arti
   python evaluate.py report --catalog sample_data/catalog.csv --emb emb/clap --emb emb/htcl \
       --favourites sample_data/favourites.csv --impressions sample_data/impressions.csv --out report/
   python evaluate.py matching-benchmark      # HR@100 timing at 100k songs x 10k users, random vectors
+  python evaluate.py embed --artifact A --catalog sample_data/catalog.csv --out emb/htcl [--index faiss]
+  python evaluate.py search --model A --catalog sample_data/catalog.csv --emb emb/htcl \
+      --query my_song.wav --query s0001 --k 10 [--index faiss] [--out similar.csv]
 Every sub-command prints a Markdown table and its wall time; --json FILE saves the numbers.
+
+Similar songs from Python (the search sub-command does this):
+  import evaluate as ev
+  from data import load_catalog
+  from model import load_artifact
+  model, tokenizer = load_artifact("runs/demo/finetune/final")
+  ids, keys = ev.load_embeddings("emb/htcl")           # or ev.embed_catalog(model, tokenizer, catalog)["audio"]
+  query = ev.embed_audio_files(model, ["my_song.wav"])  # (1, D), normalized
+  scores, rows = ev.search(query, keys, k=10)           # index=ev.build_index(keys): FAISS (pip install faiss-cpu)
+  catalog = load_catalog("sample_data/catalog.csv")
+  for score, row in zip(scores[0], rows[0]):
+      song = catalog[catalog.index[ids[row]]]
+      print(f"{score:.3f}  {song.song_id}  {song.title} - {song.artists}")
 """
 import argparse
 import csv

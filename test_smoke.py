@@ -2115,3 +2115,22 @@ def test_matching_with_a_faiss_index_gives_the_exact_hit_rate(tmp_path, capsys):
     capsys.readouterr()
     assert ev.main(args + ["--index", "faiss"])["c"]["hr"] == exact["e"]["hr"]
     assert "other order" not in capsys.readouterr().out
+
+
+def test_the_documented_python_search_snippet_runs_and_finds_a_songs_own_file(search_world, tmp_path, capsys):
+    import textwrap
+    w = search_world
+    emb = str(tmp_path / "emb")
+    ev.main(["embed", "--artifact", w["model"], "--catalog", w["catalog"], "--out", emb])
+    doc = ev.__doc__.split("Similar songs from Python")[1].split("\n", 1)[1]
+    snippet = textwrap.dedent("".join(line + "\n" for line in doc.splitlines() if line.startswith("  ")))
+    readme = open(os.path.join(ROOT, "README.md")).read().split("**From Python**")[1]
+    readme = readme.split("```python\n")[1].split("```")[0]
+    for old, new in (("runs/demo/finetune/final", w["model"]), ("emb/htcl", emb), ("runs/demo/emb", emb),
+                     ("my_song.wav", str(w["dir"] / "my_song.wav")), ("sample_data/catalog.csv", w["catalog"])):
+        snippet, readme = snippet.replace(old, new), readme.replace(old, new)
+    for code in (snippet, readme):
+        capsys.readouterr()
+        exec(compile(code, "snippet", "exec"), {})
+        lines = capsys.readouterr().out.splitlines()
+        assert len(lines) == 8 and lines[0].split()[1:3] == ["s3", "song"]  # its twin first, 8 songs listed
