@@ -1430,7 +1430,7 @@ def write_search_results(path, records):
             w.writerows(records)
 
 
-def _search_keys(args, catalog, cache):
+def _search_keys(args, catalog, cache, model):
     """The songs searched -> (song_ids, (N, D) embeddings, saved index path or None, meta)."""
     if args.emb:
         if is_artifact(args.emb):
@@ -1443,15 +1443,8 @@ def _search_keys(args, catalog, cache):
                              f"{', '.join(unknown[:5])}; was it embedded from another catalog?")
         return ids, x, index_path(args.emb), _saved_meta(args.emb)
     print(f"{args.model}: embedding {len(catalog)} songs; save them once with `embed` and pass --emb to skip this")
-    model, tokenizer = _search_model(args)
-    x = embed_catalog(model, tokenizer, catalog, cache=cache, batch_size=args.batch_size)["audio"]
+    x = embed_catalog(*model, catalog, cache=cache, batch_size=args.batch_size)["audio"]
     return [s.song_id for s in catalog.songs], x, None, {}
-
-
-def _search_model(args):
-    if not hasattr(args, "_loaded"):
-        args._loaded = load_artifact(args.model, DEVICE)
-    return args._loaded
 
 
 def cmd_search(args):
@@ -1460,8 +1453,11 @@ def cmd_search(args):
                          "`embed`), or both")
     if args.out and not args.out.endswith((".csv", ".json")):
         raise ValueError(f"--out {args.out}: the format follows the extension, .csv or .json")
+    if args.index == "faiss":
+        _faiss()  # missing: say so now, not after embedding the catalog
     catalog, cache = _load(args)
-    ids, keys, saved_index, meta = _search_keys(args, catalog, cache)
+    model = load_artifact(args.model, DEVICE) if args.model else None  # (model, tokenizer)
+    ids, keys, saved_index, meta = _search_keys(args, catalog, cache, model)
     row_of = {i: r for r, i in enumerate(ids)}
     queries = parse_queries(args.query, row_of, args.emb or catalog.path)
     files = [q for kind, q in queries if kind == "file"]
@@ -1473,7 +1469,7 @@ def cmd_search(args):
         if meta.get("artifact") and os.path.abspath(args.model) != meta["artifact"]:
             print(f"search: warning: {args.emb} was embedded by {meta['artifact']}, the queries by "
                   f"{os.path.abspath(args.model)}; their cosines mean nothing unless it is the same model")
-        file_emb = iter(embed_audio_files(_search_model(args)[0], files, meta.get("mode", "full"), args.batch_size))
+        file_emb = iter(embed_audio_files(model[0], files, meta.get("mode", "full"), args.batch_size))
     query_emb = np.stack([next(file_emb) if kind == "file" else keys[row_of[q]] for kind, q in queries])
     exclude = np.array([row_of[q] if kind == "song" else -1 for kind, q in queries])
     index = None
@@ -1578,6 +1574,8 @@ def _column(catalog, column):
 
 
 def cmd_embed(args):
+    if args.index == "faiss":
+        _faiss()  # missing: say so before embedding, not after
     catalog, cache = _load(args)
     rows = split_rows(catalog, args.split) if args.split != "all" else list(range(len(catalog)))
     model, tokenizer = load_artifact(args.artifact, DEVICE)
@@ -1622,6 +1620,8 @@ def cmd_matching(args):
           f"~ {args.list_size / len(catalog):.4f}")
     if stats["eligible"] == 0:
         raise SystemExit(f"{args.favourites}: no user has more than {args.triggers} favourites; lower --triggers")
+    if args.index == "faiss":
+        _faiss()
     results, rows = {}, []
     specs = dict(zip(_names(args.emb), args.emb))
     for name, emb in _embeddings(args, catalog, cache).items():
