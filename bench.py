@@ -19,6 +19,9 @@ What it measures, stage by stage, on synthetic inputs of the paper's sizes (noth
   embed     songs/s of evaluate.embed_catalog, full song and 10 s chunks, demo and paper encoders
   matching  seconds of evaluate.matching_benchmark (HR@100, on CPU) against songs and users; the
             sizes not run are extrapolated from those run, and marked so
+  search    similar-song search at 100k and 1M synthetic songs (D 100): exact top-k in torch and
+            the FAISS index evaluate.build_index makes (faiss-cpu; skipped without it): build
+            seconds, query latency (a batch, and one query at a time), recall@10 against exact
 
 Each step variant runs in its own process, so that its peak memory is its own. Prints one table,
 then the ratios against the targets, and writes both as JSON:
@@ -63,7 +66,7 @@ BERT_BASE_MULTILINGUAL = dict(model_type="bert", vocab_size=105879, hidden_size=
 # Dense bf16 tensor-core peak FLOP/s per GPU (vendor data sheets); MFU is reported against these.
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 
-ALL_ROWS = ("data", "loader", "step", "memory", "embed", "matching")
+ALL_ROWS = ("data", "loader", "step", "memory", "embed", "matching", "search")
 
 # -----------------------------------------------------------------------------
 # Measuring: wall time, medians, memory.
@@ -993,6 +996,68 @@ def bench_matching(ctx):
     return rows
 
 
+# --- search -----------------------------------------------------------------------------------
+
+
+def clustered_songs(n, dim=100, clusters=1000, noise=1.0, seed=0):
+    """n unit vectors around `clusters` random centres ("genres"), noise as large as the centres'
+    spread: harder for an approximate index than real embeddings tend to be, easier than pure noise."""
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((clusters, dim), dtype=np.float32)
+    x = centres[rng.integers(0, clusters, n)] + noise * rng.standard_normal((n, dim), dtype=np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def bench_search(ctx):
+    import importlib.util
+    import evaluate
+    rows, k = [], 10
+    sizes = [100_000] + ([] if ctx.args.quick else [1_000_000])  # quick: the 1M index takes ~1 min to build
+    for n in sizes:
+        keys = clustered_songs(n)
+        n_queries = 1000 if n <= 100_000 else 300
+        # song-id queries: each leaves itself out, so finding itself earns an index nothing
+        own = np.random.default_rng(1).choice(n, n_queries, replace=False)
+        queries = keys[own]
+
+        def timed(index):
+            t = time.perf_counter()
+            _, found = evaluate.search(queries, keys, k, own, index)
+            batch = (time.perf_counter() - t) / n_queries
+            t = time.perf_counter()
+            for q, r in zip(queries[:50], own[:50]):
+                evaluate.search(q[None], keys, k, r[None], index)
+            return found, batch, (time.perf_counter() - t) / 50
+
+        exact_r, seconds, single = timed(None)
+        rows.append(row("search", f"{n:,} songs, D 100, exact top-{k} in torch", 1 / seconds, "queries/s",
+                        None, f"{1000 * seconds:.2f} ms/query in a batch of {n_queries}, {1000 * single:.1f} ms "
+                        f"alone; recall 1 by definition; {threads(torch.get_num_threads())}",
+                        key=f"search_{n}_exact"))
+        if importlib.util.find_spec("faiss") is None:
+            rows.append(row("search", f"{n:,} songs, FAISS", None, "queries/s", None,
+                            "NOT RUN: faiss-cpu not installed (pip install faiss-cpu)", key=f"search_{n}_faiss"))
+            continue
+        import faiss
+        # the index embed --index faiss builds at this size; at 100k also the approximate one, for scale
+        for approx_from in sorted({evaluate.FAISS_APPROX_FROM, 0} if n < evaluate.FAISS_APPROX_FROM else {0},
+                                  reverse=True):
+            t = time.perf_counter()
+            index = evaluate.build_index(keys, approx_from=approx_from)
+            build = time.perf_counter() - t
+            kind = "IndexFlatIP (exact)" if n < approx_from else \
+                f"IVF{faiss.extract_index_ivf(index).nlist},Flat nprobe {evaluate.FAISS_NPROBE}"
+            got, seconds, single = timed(index)
+            recall = float(np.mean([len(set(a) & set(b)) / k for a, b in zip(got, exact_r)]))
+            rows.append(row("search", f"{n:,} songs, D 100, FAISS {kind}", 1 / seconds, "queries/s", None,
+                            f"recall@{k} {recall:.3f} vs exact; build {build:.1f} s; "
+                            f"{1000 * seconds:.2f} ms/query in a batch, {1000 * single:.1f} ms alone; "
+                            f"{threads(faiss.omp_get_max_threads())}", recall=recall, build_s=build,
+                            key=f"search_{n}_{'ivf' if approx_from == 0 else 'flat'}"))
+            del index
+    return rows
+
+
 # -----------------------------------------------------------------------------
 # Ratios against the targets, and the report.
 
@@ -1062,6 +1127,9 @@ def ratios(rows):
     ratio("paper loader, workers 0: 1 torch thread / default", "loader_paper_1thread", "loader_paper")
     ratio("demo loader: with tokenization / without", "loader_demo", "loader_demo_notext")
     ratio("embed paper: chunked / full", "embed_paper_chunked", "embed_paper_full")
+    for n in ("100000", "1000000"):
+        ratio(f"search {int(n):,} songs: FAISS IVF / exact torch, queries/s in a batch", f"search_{n}_ivf",
+              f"search_{n}_exact")
     for r in rows:  # the memory rows: does the paper's per-GPU batch fit an 80 GB GPU?
         if r["key"].startswith("memory_") and r.get("fits") is not None:
             text = f"{r['rate']:.1f} GB" if r.get("rate") else "out of memory"
@@ -1144,7 +1212,7 @@ def main(argv=None):
     t0 = time.time()
     rows = []
     benches = {"data": bench_data, "loader": bench_loader, "step": bench_step, "memory": bench_memory,
-               "embed": bench_embed, "matching": bench_matching}
+               "embed": bench_embed, "matching": bench_matching, "search": bench_search}
     with tempfile.TemporaryDirectory(prefix="htcl-bench-") as tmp:
         ctx = Context(args, tmp)
         for name in ALL_ROWS:

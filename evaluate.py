@@ -12,6 +12,7 @@ Where each protocol lives (paper, section -> sub-command: functions):
                                                                       artist_graph_ndcg
   HTCL Table 2 and Figure 2 in one go                -> report:       report
   song embeddings, full song or 10 s chunks          -> embed:        embed_catalog
+  similar songs for audio files or song ids          -> search:       embed_audio_files, search, build_index
 
 The metrics (recall_at_k, map_at_k, ndcg_at_k, auc, macro_f1) are pure functions, each
 tested against a brute-force loop or a hand-worked value. pretrain.py imports recall_at_k.
@@ -40,9 +41,26 @@ Commands (from the repo root, on the bundled synthetic world; A = a trained arti
   python evaluate.py report --catalog sample_data/catalog.csv --emb emb/clap --emb emb/htcl \
       --favourites sample_data/favourites.csv --impressions sample_data/impressions.csv --out report/
   python evaluate.py matching-benchmark      # HR@100 timing at 100k songs x 10k users, random vectors
+  python evaluate.py embed --artifact A --catalog sample_data/catalog.csv --out emb/htcl [--index faiss]
+  python evaluate.py search --model A --catalog sample_data/catalog.csv --emb emb/htcl \
+      --query my_song.wav --query s0001 --k 10 [--index faiss] [--out similar.csv]
 Every sub-command prints a Markdown table and its wall time; --json FILE saves the numbers.
+
+Similar songs from Python (the search sub-command does this):
+  import evaluate as ev
+  from data import load_catalog
+  from model import load_artifact
+  model, tokenizer = load_artifact("runs/demo/finetune/final")
+  ids, keys = ev.load_embeddings("emb/htcl")           # or ev.embed_catalog(model, tokenizer, catalog)["audio"]
+  query = ev.embed_audio_files(model, ["my_song.wav"])  # (1, D), normalized
+  scores, rows = ev.search(query, keys, k=10)           # index=ev.build_index(keys): FAISS (pip install faiss-cpu)
+  catalog = load_catalog("sample_data/catalog.csv")
+  for score, row in zip(scores[0], rows[0]):
+      song = catalog[catalog.index[ids[row]]]
+      print(f"{score:.3f}  {song.song_id}  {song.title} - {song.artists}")
 """
 import argparse
+import csv
 import json
 import math
 import os
@@ -59,7 +77,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from data import (HOP_LENGTH, MIN_FRAMES, SAMPLE_RATE, Collator, MelCache, SongDataset, load_catalog,
-                  load_favourites, split_rows)
+                  load_favourites, song_mel, split_rows)
 from data import _read_records  # the CSV/JSONL reader whose errors name file, line and column
 from model import load_artifact
 
@@ -346,7 +364,7 @@ def sample_matching_cases(favourites, n_triggers=30, seed=0):
 
 @torch.no_grad()
 def matching_hits(emb, triggers, targets, per_trigger=10, list_size=100, merge="best", batch_size=1024,
-                  progress=True):
+                  progress=True, index=None):
     """Whether each user's target is on the merged candidate list. -> (U,) bool tensor.
 
     emb: (N, D) song embeddings; triggers: (U, T) song rows; targets: (U,) song rows.
@@ -356,14 +374,15 @@ def matching_hits(emb, triggers, targets, per_trigger=10, list_size=100, merge="
          first per_trigger survivors are exactly that user's top per_trigger.
       2. per batch of users: drop each user's triggers, keep per_trigger per
          trigger, merge by the rule, check the target.
+    index: a FAISS index over emb (rows in emb's order) for phase 1, None for exact search.
     """
     U, T = triggers.shape
     if U == 0:
         return torch.zeros(0, dtype=torch.bool)
     unique, position = torch.unique(triggers, return_inverse=True)  # position: (U, T) into unique
     bar = _progress(len(unique), "matching: neighbours of trigger songs") if progress else None
-    nb_score, nb_index = cosine_topk(_as_float_tensor(emb)[unique], emb, per_trigger + T, batch_size=batch_size,
-                                     progress=bar)
+    nb_score, nb_index = neighbours(_as_float_tensor(emb)[unique], emb, per_trigger + T, index, batch_size,
+                                    progress=bar)
     if bar is not None:
         bar.close()
     hits = []
@@ -373,7 +392,7 @@ def matching_hits(emb, triggers, targets, per_trigger=10, list_size=100, merge="
         score = nb_score[position[start:start + batch_size]]
         is_trigger = (idx[..., None] == trig[:, None, None, :]).any(-1)  # (B, T, K)
         rank = torch.cumsum(~is_trigger, dim=2) - 1  # rank among the surviving candidates
-        keep = ~is_trigger & (rank < per_trigger)
+        keep = ~is_trigger & (rank < per_trigger) & (idx >= 0)  # -1: a slot an approximate index left empty
         # Each rule orders candidates by a key, smaller first.
         if merge == "best":
             key = -score
@@ -833,12 +852,7 @@ def embed_catalog(model, tokenizer, catalog, rows=None, mode="full", kinds=("aud
     bar = _progress(len(rows), f"embed ({mode})")
     for batch in loader:
         mel, mask = batch["mel"].to(device), batch["padding_mask"].to(device)
-        if mode == "full":
-            audio = model.encode_audio(mel, mask, normalize=False)  # (B, D)
-        elif mode == "chunked":
-            audio = _encode_chunked(model, mel, mask, chunk_frames, MIN_FRAMES, batch_size)
-        else:
-            raise ValueError(f"unknown embed mode {mode!r} (full, chunked)")
+        audio = _encode_audio(model, mel, mask, mode, batch_size, chunk_frames)  # (B, D)
         text = model.encode_text({k: v.to(device) for k, v in batch["tokens"].items()}, normalize=False) \
             if want_text else None
         if "audio" in kinds:
@@ -850,6 +864,15 @@ def embed_catalog(model, tokenizer, catalog, rows=None, mode="full", kinds=("aud
         bar.update(len(mel))
     bar.close()
     return {k: torch.cat(v).float().cpu().numpy() for k, v in out.items()}
+
+
+def _encode_audio(model, mel, mask, mode, batch_size, chunk_frames=CHUNK_FRAMES):
+    """(B, T, M) padded log-mels -> (B, D) un-normalized audio projections, whole song or 10 s windows."""
+    if mode == "full":
+        return model.encode_audio(mel, mask, normalize=False)  # (B, D)
+    if mode == "chunked":
+        return _encode_chunked(model, mel, mask, chunk_frames, MIN_FRAMES, batch_size)
+    raise ValueError(f"unknown embed mode {mode!r} (full, chunked)")
 
 
 def _encode_chunked(model, mel, mask, chunk_frames, min_frames, batch_size):
@@ -1241,6 +1264,276 @@ def _pm(mean_std_pair, digits=4):
 
 
 # -----------------------------------------------------------------------------
+# Similar-song search: "which songs of my catalog sound like this file?"
+# A query is an audio file (embedded here: no catalog row, no text) or a song id of
+# the catalog. Songs are compared by their audio embeddings, the only kind a bare
+# file has. Exact cosine top-k in torch (cosine_topk) by default; for large catalogs
+# a FAISS index (faiss-cpu, an optional extra imported only when asked for) that
+# `embed --index faiss` saves beside the embeddings, and `matching` can use too.
+
+# Below this many songs the index is exact (IndexFlatIP); from it on, approximate:
+# IVF (inverted lists of k-means cells, sqrt(N) cells) scanning FAISS_NPROBE cells a
+# query, with exact cosines for the songs scanned. Chosen by measuring (README
+# Performance): of the candidates tried on 2 busy cores it was the one that built in
+# minutes (IVF-PQ did not), and unlike PQ it returns true cosine scores; it keeps
+# all vectors (400 MB at 1M x 100-d).
+FAISS_APPROX_FROM = 1_000_000
+FAISS_NPROBE = 64
+
+
+def _faiss():
+    try:
+        import faiss
+    except ImportError:
+        raise ModuleNotFoundError("--index faiss needs the optional package faiss-cpu: pip install faiss-cpu "
+                                  "(or leave out --index for exact search in torch)") from None
+    return faiss
+
+
+def _unit_rows(x):
+    """(N, D) -> L2-normalized float32 C-contiguous numpy, the layout FAISS wants."""
+    return np.ascontiguousarray(F.normalize(_as_float_tensor(x), dim=-1).cpu().numpy(), dtype=np.float32)
+
+
+def build_index(emb, approx_from=FAISS_APPROX_FROM, nprobe=FAISS_NPROBE, seed=0):
+    """A FAISS inner-product index over the normalized rows of emb (N, D): cosine search.
+    Exact below approx_from songs, IVF-Flat with ~sqrt(N) cells from it on."""
+    faiss = _faiss()
+    x = _unit_rows(emb)
+    n, d = x.shape
+    if n < approx_from:
+        index = faiss.IndexFlatIP(d)
+    else:
+        nlist = 2 ** round(math.log2(math.sqrt(n)))  # 1,024 cells at 1M songs
+        index = faiss.index_factory(d, f"IVF{nlist},Flat", faiss.METRIC_INNER_PRODUCT)
+        # 40 songs a cell train k-means as well as all of them would (FAISS warns below 39)
+        sample = np.random.default_rng(seed).choice(n, min(n, 40 * nlist), replace=False)
+        index.train(x[np.sort(sample)])
+        faiss.extract_index_ivf(index).nprobe = nprobe
+    index.add(x)
+    return index
+
+
+def index_path(spec, kind="audio"):
+    """Where `embed --index faiss` saves the index of an embeddings spec: FOLDER/{kind}.faiss or NAME.faiss."""
+    return os.path.join(spec, f"{kind}.faiss") if os.path.isdir(spec) else spec[:-len(".npy")] + ".faiss"
+
+
+def load_index(path, n, dim, nprobe=FAISS_NPROBE):
+    """A saved index, checked against the embeddings it claims to hold (n rows of dim)."""
+    faiss = _faiss()
+    index = faiss.read_index(path)
+    if (index.ntotal, index.d) != (n, dim):
+        raise ValueError(f"{path}: the index holds {index.ntotal} x {index.d} vectors but its embeddings are "
+                         f"{n} x {dim}; rebuild it with `embed --index faiss`")
+    if hasattr(faiss, "try_extract_index_ivf") and faiss.try_extract_index_ivf(index) is not None:
+        faiss.extract_index_ivf(index).nprobe = nprobe
+    return index
+
+
+def neighbours(queries, keys, k, index=None, batch_size=1024, progress=None):
+    """Top-k keys by cosine for each query -> (scores (Q, k), rows (Q, k)) torch tensors, best first.
+    index None: exact, cosine_topk in torch. A FAISS index over keys: its search; a row -1 (score
+    -inf) is a slot an approximate index left empty."""
+    if index is None:
+        return cosine_topk(queries, keys, k, batch_size=batch_size, progress=progress)
+    q = _unit_rows(queries)
+    k = min(k, index.ntotal)
+    scores, rows = [], []
+    for start in range(0, len(q), batch_size):
+        s, r = index.search(q[start:start + batch_size], k)
+        scores.append(np.where(r >= 0, s, -np.inf))
+        rows.append(r)
+        if progress is not None:
+            progress.update(len(r))
+    return (torch.from_numpy(np.concatenate(scores)).float().reshape(-1, k),
+            torch.from_numpy(np.concatenate(rows)).long().reshape(-1, k))
+
+
+def search(query_emb, key_emb, k=10, exclude=None, index=None):
+    """The k songs most cosine-similar to each query -> (scores (Q, k) float32, rows (Q, k) int64) numpy.
+
+    query_emb (Q, D) and key_emb (N, D): arrays or tensors, normalized here. exclude: (Q,) key
+    row that query q may not retrieve (the song itself, for a song-id query), -1 for none.
+    index: a FAISS index over key_emb (build_index, load_index), None for exact search.
+    Rows -1 with score -inf fill slots left empty (k > N, or an approximate index's miss).
+    """
+    scores, rows = neighbours(query_emb, key_emb, k + 1, index)  # one spare for the excluded song
+    scores, rows = scores.numpy(), rows.numpy()
+    width = min(k, rows.shape[1])
+    if exclude is not None:
+        drop = rows == np.asarray(exclude)[:, None]
+        order = np.argsort(drop, axis=1, kind="stable")  # the excluded song, if listed, moves last
+        rows, scores = np.take_along_axis(rows, order, 1), np.take_along_axis(scores, order, 1)
+        drop = np.take_along_axis(drop, order, 1)
+        rows, scores = np.where(drop, -1, rows), np.where(drop, -np.inf, scores)
+    return scores[:, :width].astype(np.float32), rows[:, :width].astype(np.int64)
+
+
+@torch.no_grad()
+def embed_audio_files(model, paths, mode="full", batch_size=16):
+    """Audio files, no catalog row or text needed -> (len(paths), D) float32 normalized audio
+    embeddings: the computation embed_catalog does (eval mode, first 120 s, padded batches with a
+    mask), so a catalog song's own file gets its catalog embedding back."""
+    model.eval()
+    device = next(model.parameters()).device
+    collate = Collator(tokenizer=None)  # mels only: padding and masks, no tokenizer needed
+    out = []
+    for start in range(0, len(paths), batch_size):
+        batch = collate([{"mel": song_mel(p)} for p in paths[start:start + batch_size]])
+        mel, mask = batch["mel"].to(device), batch["padding_mask"].to(device)
+        out.append(F.normalize(_encode_audio(model, mel, mask, mode, batch_size), dim=-1))
+    return torch.cat(out).float().cpu().numpy()
+
+
+def _saved_meta(spec):
+    """meta.json of an `embed` folder ({} for NAME.npy or when absent)."""
+    path = os.path.join(spec, "meta.json") if os.path.isdir(spec) else ""
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
+
+
+def parse_queries(queries, song_ids, source):
+    """Each --query -> ("file", path) or ("song", song_id). `id:X` forces a song id; a string that
+    is both an existing file and a song id is an error, as is one that is neither."""
+    out = []
+    for q in queries:
+        if q.startswith("id:") and q[3:] in song_ids:
+            out.append(("song", q[3:]))
+            continue
+        is_file, is_song = os.path.isfile(q), q in song_ids
+        if is_file and is_song:
+            raise ValueError(f"--query {q}: both a file and a song_id of {source}; write ./{q} for the file "
+                             f"or id:{q} for the song")
+        if not is_file and not is_song:
+            import difflib
+            close = difflib.get_close_matches(q, song_ids, n=3) if len(song_ids) <= 100_000 else []
+            hint = f" (close song_ids: {', '.join(close)})" if close else ""
+            raise ValueError(f"--query {q}: no such file, and no song_id '{q}' in {source}{hint}")
+        out.append(("file", q) if is_file else ("song", q))
+    return out
+
+
+SEARCH_COLUMNS = ("query", "rank", "song_id", "score", "title", "artists")
+
+
+def write_search_results(path, records):
+    """records (dicts with SEARCH_COLUMNS) -> path, CSV or JSON by its extension."""
+    if path.endswith(".json"):
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(records, f, indent=1, ensure_ascii=False)
+    else:
+        with open(path, "w", newline="", encoding="utf-8") as f:
+            w = csv.DictWriter(f, fieldnames=SEARCH_COLUMNS)
+            w.writeheader()
+            w.writerows(records)
+
+
+def _search_keys(args, catalog, cache, model):
+    """The songs searched -> (song_ids, (N, D) embeddings, saved index path or None, meta)."""
+    if args.emb:
+        if is_artifact(args.emb):
+            raise ValueError(f"--emb {args.emb}: an artifact folder; pass it as --model, or give --emb the "
+                             f"output of `embed`")
+        ids, x = load_embeddings(args.emb)
+        unknown = [i for i in ids if i not in catalog.index]
+        if unknown:
+            raise ValueError(f"{args.emb}: {len(unknown)} embedded songs are not in {catalog.path}, e.g. "
+                             f"{', '.join(unknown[:5])}; was it embedded from another catalog?")
+        return ids, x, index_path(args.emb), _saved_meta(args.emb)
+    print(f"{args.model}: embedding {len(catalog)} songs; save them once with `embed` and pass --emb to skip this")
+    x = embed_catalog(*model, catalog, cache=cache, batch_size=args.batch_size)["audio"]
+    return [s.song_id for s in catalog.songs], x, None, {}
+
+
+def cmd_search(args):
+    if not args.model and not args.emb:
+        raise ValueError("search: give --model ARTIFACT (embeds catalog and queries) or --emb SAVED (from "
+                         "`embed`), or both")
+    if args.out and not args.out.endswith((".csv", ".json")):
+        raise ValueError(f"--out {args.out}: the format follows the extension, .csv or .json")
+    if args.index == "faiss":
+        _faiss()  # missing: say so now, not after embedding the catalog
+    catalog, cache = _load(args)
+    model = load_artifact(args.model, DEVICE) if args.model else None  # (model, tokenizer)
+    ids, keys, saved_index, meta = _search_keys(args, catalog, cache, model)
+    row_of = {i: r for r, i in enumerate(ids)}
+    queries = parse_queries(args.query, row_of, args.emb or catalog.path)
+    files = [q for kind, q in queries if kind == "file"]
+    file_emb = None
+    if files:
+        if not args.model:
+            raise ValueError(f"--query {files[0]}: an audio file; embedding it needs --model ARTIFACT (the model "
+                             f"that made {args.emb})")
+        if meta.get("artifact") and os.path.abspath(args.model) != meta["artifact"]:
+            print(f"search: warning: {args.emb} was embedded by {meta['artifact']}, the queries by "
+                  f"{os.path.abspath(args.model)}; their cosines mean nothing unless it is the same model")
+        file_emb = iter(embed_audio_files(model[0], files, meta.get("mode", "full"), args.batch_size))
+    query_emb = np.stack([next(file_emb) if kind == "file" else keys[row_of[q]] for kind, q in queries])
+    exclude = np.array([row_of[q] if kind == "song" else -1 for kind, q in queries])
+    index = None
+    if args.index == "faiss":
+        if saved_index and os.path.exists(saved_index):
+            index = load_index(saved_index, *keys.shape, nprobe=args.nprobe)
+        else:
+            print(f"search: building a FAISS index of {len(ids)} songs in memory"
+                  + (f" (save it with `embed --index faiss`: no {saved_index})" if saved_index else ""))
+            index = build_index(keys, nprobe=args.nprobe)
+    scores, rows = search(query_emb, keys, args.k, exclude, index)
+    records = []
+    for (kind, q), s, r in zip(queries, scores, rows):
+        table = []
+        for rank, (score, row) in enumerate(((s_, r_) for s_, r_ in zip(s, r) if r_ >= 0), start=1):
+            song = catalog[catalog.index[ids[row]]]
+            records.append({"query": q, "rank": rank, "song_id": song.song_id, "score": round(float(score), 6),
+                            "title": song.title, "artists": song.artists})
+            table.append([rank, f"{score:.4f}", song.song_id, song.title, song.artists])
+        print(f"\nsearch: {q} ({'audio file' if kind == 'file' else 'song id, itself left out'})")
+        print(markdown_table(["rank", "score", "song_id", "title", "artists"], table))
+    if args.out:
+        write_search_results(args.out, records)
+        print(f"search: {len(records)} rows -> {args.out}")
+    return records
+
+
+def _matching_index(spec, catalog, emb, args):
+    """The saved FAISS index of an --emb when its rows are the catalog's, in order; else one built here."""
+    saved = index_path(spec) if not is_artifact(spec) and (os.path.isdir(spec) or spec.endswith(".npy")) else None
+    if saved and os.path.exists(saved):
+        ids = read_ids(os.path.join(spec, "ids.txt") if os.path.isdir(spec) else spec[:-len(".npy")] + ".ids.txt")
+        if ids == [s.song_id for s in catalog.songs]:
+            return load_index(saved, *emb.shape, nprobe=args.nprobe)
+        print(f"matching: {saved} indexes other songs or another order than {catalog.path}; building one here")
+    return build_index(emb, nprobe=args.nprobe)
+
+
+def add_search_parser(command):
+    q = command("search", cmd_search, "similar songs: the top k of a catalog for audio files or song ids",
+                source=False)
+    q.add_argument("--catalog", required=True, help="catalog CSV/JSONL (data.py format): titles and artists, "
+                   "and the songs searched when --emb is not given")
+    q.add_argument("--query", action="append", required=True, metavar="FILE_OR_SONG_ID",
+                   help="an audio file (no catalog row needed) or a song_id (left out of its own results; "
+                        "id:X forces a song id); repeat for several")
+    q.add_argument("--model", help="artifact folder (pretrain.py / finetune.py): embeds the audio-file queries, "
+                   "and the catalog when --emb is not given")
+    q.add_argument("--emb", help="embeddings saved by `embed` (a folder, or NAME.npy + NAME.ids.txt): the songs "
+                   "searched, instead of embedding the catalog again")
+    q.add_argument("--k", type=int, default=10, help="results per query")
+    q.add_argument("--index", default="exact", choices=["exact", "faiss"],
+                   help="exact: cosine top-k in torch; faiss: the index saved by `embed --index faiss` (built in "
+                        "memory if absent; pip install faiss-cpu)")
+    q.add_argument("--nprobe", type=int, default=FAISS_NPROBE,
+                   help=f"cells an approximate FAISS index (>= {FAISS_APPROX_FROM:,} songs) scans per query")
+    q.add_argument("--cache", help="log-mel cache folder (data.py prepare) for embedding the catalog")
+    q.add_argument("--batch-size", type=int, default=16, help="songs per forward pass when embedding")
+    q.add_argument("--out", help="also write one row per (query, rank) to this .csv or .json file")
+    return q
+
+
+# -----------------------------------------------------------------------------
 # Command line. Each sub-command loads the catalog and every --emb once, runs
 # one protocol, prints a Markdown table and its wall time, and can save JSON.
 
@@ -1282,6 +1575,8 @@ def _column(catalog, column):
 
 
 def cmd_embed(args):
+    if args.index == "faiss":
+        _faiss()  # missing: say so before embedding, not after
     catalog, cache = _load(args)
     rows = split_rows(catalog, args.split) if args.split != "all" else list(range(len(catalog)))
     model, tokenizer = load_artifact(args.artifact, DEVICE)
@@ -1290,6 +1585,13 @@ def cmd_embed(args):
     meta = {"artifact": os.path.abspath(args.artifact), "catalog": os.path.abspath(args.catalog), "mode": args.mode,
             "split": args.split, "kinds": kinds, "chunk_frames": CHUNK_FRAMES if args.mode == "chunked" else None}
     save_embeddings(args.out, [catalog[r].song_id for r in rows], embs, meta)
+    for kind, x in embs.items():  # an index of embeddings written before would now be stale
+        path = index_path(args.out, kind)
+        if args.index == "faiss":
+            _faiss().write_index(build_index(x), path)
+            print(f"embed: FAISS index of {kind} -> {path}")
+        elif os.path.exists(path):
+            os.remove(path)
     print(f"embed: {len(rows)} songs x {', '.join(f'{k} {v.shape[1]}-d' for k, v in embs.items())} -> {args.out}")
     return {"songs": len(rows), "kinds": kinds, "out": args.out}
 
@@ -1319,10 +1621,14 @@ def cmd_matching(args):
           f"~ {args.list_size / len(catalog):.4f}")
     if stats["eligible"] == 0:
         raise SystemExit(f"{args.favourites}: no user has more than {args.triggers} favourites; lower --triggers")
+    if args.index == "faiss":
+        _faiss()
     results, rows = {}, []
+    specs = dict(zip(_names(args.emb), args.emb))
     for name, emb in _embeddings(args, catalog, cache).items():
         t0 = time.time()
-        hits = matching_hits(emb, triggers, targets, args.per_trigger, args.list_size, args.merge)
+        index = _matching_index(specs[name], catalog, emb, args) if args.index == "faiss" else None
+        hits = matching_hits(emb, triggers, targets, args.per_trigger, args.list_size, args.merge, index=index)
         results[name] = {"hr": float(hits.float().mean()), "users": len(hits), "seconds": time.time() - t0}
         rows.append([name, f"{100 * results[name]['hr']:.2f}%", len(hits), f"{results[name]['seconds']:.1f}"])
     print(markdown_table(["emb", f"HR@{args.list_size}", "users", "seconds"], rows))
@@ -1497,6 +1803,11 @@ def build_parser():
     q.add_argument("--split", default="all", choices=["all", "train", "val", "test"], help="which catalog rows")
     q.add_argument("--cache", help="log-mel cache folder (data.py prepare); without it audio is decoded here")
     q.add_argument("--batch-size", type=int, default=16)
+    q.add_argument("--index", default="none", choices=["none", "faiss"],
+                   help="faiss: also save a FAISS index of each kind (KIND.faiss) for `search`/`matching "
+                        "--index faiss`; exact below 1M songs, IVF from 1M on (pip install faiss-cpu)")
+
+    add_search_parser(command)
 
     q = command("probe", cmd_probe, "semantic tasks: MLP probe accuracy / macro-F1 on frozen embeddings (HTCL)")
     q.add_argument("--label", action="append", default=None, help="label column(s) (default: genre, language)")
@@ -1518,6 +1829,10 @@ def build_parser():
     q.add_argument("--merge", default="best", choices=["best", "round-robin"],
                    help="how candidates become one list (paper silent; our reading: best cosine)")
     q.add_argument("--seed", type=int, default=0, help="draws each user's target")
+    q.add_argument("--index", default="exact", choices=["exact", "faiss"],
+                   help="neighbour search: exact cosine in torch, or the FAISS index `embed --index faiss` saved "
+                        "(built in memory if absent)")
+    q.add_argument("--nprobe", type=int, default=FAISS_NPROBE, help="cells an approximate FAISS index scans")
 
     q = sub.add_parser("matching-benchmark", allow_abbrev=False,
                        help="time matching on random vectors (default 100k songs x 10k users)")
