@@ -16,6 +16,7 @@ import json
 import math
 import os
 import pickle
+import shutil
 import signal
 import struct
 import subprocess
@@ -1835,10 +1836,15 @@ def test_retrieval_queries_tag_text_through_the_artifacts_text_tower(tiny_world,
         sf.write(tmp_path / f"s{i}.wav", x.astype(np.float32), 16000)
         rows.append(f"s{i},s{i}.wav,song {i},artist {i},la,{('rock', 'jazz')[i % 2]},en,train\n")
     (tmp_path / "catalog.csv").write_text("song_id,audio,title,artists,lyrics,genre,language,split\n" + "".join(rows))
-    out = ev.main(["retrieval", "--catalog", str(tmp_path / "catalog.csv"), "--emb", str(d / "artifact"),
+    # The fixture's artifact with mean text pooling: a random BERT's [CLS] barely depends on the
+    # text, which would let a wrong query text ("rock" for "genre: rock") rank the songs the same.
+    shutil.copytree(d / "artifact", tmp_path / "artifact")
+    config = json.loads((tmp_path / "artifact" / "config.json").read_text())
+    (tmp_path / "artifact" / "config.json").write_text(json.dumps({**config, "text_pooling": "mean"}))
+    out = ev.main(["retrieval", "--catalog", str(tmp_path / "catalog.csv"), "--emb", str(tmp_path / "artifact"),
                    "--tag", "genre", "--k", "10", "--template", "{column}: {value}"])["artifact/genre/t2m"]
 
-    model, tok = htcl.load_artifact(d / "artifact")
+    model, tok = htcl.load_artifact(tmp_path / "artifact")
     catalog = load_catalog(tmp_path / "catalog.csv")
     tags = [catalog.label(r, "genre") for r in range(8)]
     with torch.no_grad():
