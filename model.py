@@ -544,7 +544,14 @@ def load_artifact(folder, device="cpu"):
         config = json.load(f)
     config.pop("training", None)
     model = HTCL(HTCLConfig.from_dict(config))
-    state = load_file(os.path.join(folder, "model.safetensors"))  # safetensors: no pickle, no code
+    weights = os.path.join(folder, "model.safetensors")
+    state = load_file(weights)  # safetensors: no pickle, no code
+    # Strict: a missing or renamed key would otherwise keep its random init without a word.
+    expected = model.state_dict().keys()
+    missing, unexpected = sorted(expected - state.keys()), sorted(state.keys() - expected)
+    if missing or unexpected:
+        raise ValueError(f"{weights} does not match its config.json: missing {missing[:5]} "
+                         f"({len(missing)} in all), unexpected {unexpected[:5]} ({len(unexpected)} in all)")
     model.load_state_dict(state, strict=True)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     return model.to(device).eval(), tokenizer
