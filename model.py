@@ -361,7 +361,8 @@ class HTCL(nn.Module):
     stage2_loss:  w_aa * L_aa + w_af * L_af + w_at * L_at (Eq. 5, Sec. 2.2)
 
     Each loss has its own learnable temperature, kept as a log logit scale in
-    self.logit_scale[name] for name in ("at", "aa", "af").
+    self.logit_scale[name] for name in ("at", "aa", "af"); with cfg.learn_temperature = False
+    (the CrossMuSim variant's fixed tau = 0.07) they stay at cfg.logit_scale_init.
     """
 
     LOSSES = ("at", "aa", "af")
