@@ -871,15 +871,19 @@ class CrossMuSimDataset(SongDataset):
     samples of that type, and a song with none of the types falls back to its HTCL text X_t (one
     "song" sample), so nothing is dropped silently. `counts` says how many samples of each type.
     set_epoch(e) changes the draws; within an epoch, sample k is a pure function of (seed, e, k).
+    redraw=False keeps epoch 0's draws whatever set_epoch says (Accelerate's loaders call it on
+    every pass): held-out samples that are the same at every validation and after a resume.
     """
 
     def __init__(self, catalog, rows, cache=None, on_error="raise", crop_frames=104, seed=3407,
-                 text_types=TEXT_TYPES, aspect_column="aspects", caption_column="caption", max_aspects=5):
+                 text_types=TEXT_TYPES, aspect_column="aspects", caption_column="caption", max_aspects=5,
+                 redraw=True):
         super().__init__(catalog, rows, cache, on_error)
         unknown = set(text_types) - set(TEXT_TYPES)
         if unknown or not text_types:
             raise ValueError(f"text_types must be a non-empty subset of {TEXT_TYPES}, got {tuple(text_types)}")
-        self.crop_frames, self.seed, self.max_aspects, self.epoch = crop_frames, seed, max_aspects, 0
+        self.crop_frames, self.seed, self.max_aspects = crop_frames, seed, max_aspects
+        self.redraw, self.epoch = redraw, 0
         self.samples = []  # (row, type, the pieces a text is drawn from)
         for row in self.rows:
             song, before = catalog[row], len(self.samples)
@@ -892,7 +896,8 @@ class CrossMuSimDataset(SongDataset):
         self.counts = {t: sum(s[1] == t for s in self.samples) for t in (*TEXT_TYPES, "song")}
 
     def set_epoch(self, epoch):
-        self.epoch = epoch
+        if self.redraw:
+            self.epoch = epoch
 
     def __len__(self):
         return len(self.samples)

@@ -489,7 +489,7 @@ def main(argv=None):
 
 def crossmusim_sets(cfg, catalog, cache, train_rows, val_rows):
     """CrossMuSim samples of the train and held-out songs. The held-out ones keep epoch 0's draws,
-    so the validation loss compares like with like across epochs; the retrieval metrics of
+    so the validation loss compares like with like across epochs and resumes; the retrieval metrics of
     validate() stay on whole songs and their text X_t."""
     if cfg.samples != "crossmusim":
         raise SystemExit(f"--samples must be song or crossmusim, not {cfg.samples!r}")
@@ -500,7 +500,7 @@ def crossmusim_sets(cfg, catalog, cache, train_rows, val_rows):
               aspect_column=cfg.aspect_column, caption_column=cfg.caption_column, max_aspects=cfg.max_aspects)
     try:
         train_set = data.CrossMuSimDataset(catalog, train_rows, cache, on_error="skip", **kw)
-        val_set = data.CrossMuSimDataset(catalog, val_rows, cache, **kw)
+        val_set = data.CrossMuSimDataset(catalog, val_rows, cache, redraw=False, **kw)
     except ValueError as e:
         raise SystemExit(f"--text_types: {e}") from None
     if train_set.crop_frames < data.MIN_FRAMES:

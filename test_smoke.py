@@ -2058,6 +2058,10 @@ def test_crossmusim_samples_one_per_text_type_fall_back_and_depend_only_on_seed_
         ds.set_epoch(epoch)
         changed |= draws(ds) != first
     assert changed
+    frozen = data.CrossMuSimDataset(catalog, [0, 1, 2], _MemoryCache(), crop_frames=17, seed=1, aspect_column="tags",
+                                    redraw=False)
+    frozen.set_epoch(5)  # held-out samples: epoch 0's draws at every pass
+    assert draws(frozen) == first
     with pytest.raises(ValueError, match="text_types"):
         data.CrossMuSimDataset(catalog, [0], _MemoryCache(), text_types=("lyrics", "chorus"))
 
