@@ -8,6 +8,8 @@ Paper: Pan et al., "HTCL", ICMR 2025 (arXiv 2505.23298).
                     (title, artists, lyrics) for BERT.
   Sec. 2.2          stage-2 training pairs <trigger song, recommended song> that users favoured.
   Table 2           HTCL_w_CF: pairs mined from co-occurrence in users' favourite sequences.
+CrossMuSim (../shared/paper-notes.md Sec. 2), the stage-1 variant: each text type (aspects,
+caption, a lyric line) its own training sample with a random audio crop (CrossMuSimDataset).
 
 Commands:
   python data.py synth --out sample_data --songs 640 --users 250 --seed 3407   # bundled toy world
