@@ -8,6 +8,8 @@ Paper: Pan et al., "HTCL", ICMR 2025 (arXiv 2505.23298).
                     (title, artists, lyrics) for BERT.
   Sec. 2.2          stage-2 training pairs <trigger song, recommended song> that users favoured.
   Table 2           HTCL_w_CF: pairs mined from co-occurrence in users' favourite sequences.
+CrossMuSim (../shared/paper-notes.md Sec. 2), the stage-1 variant: each text type (aspects,
+caption, a lyric line) its own training sample with a random audio crop (CrossMuSimDataset).
 
 Commands:
   python data.py synth --out sample_data --songs 640 --users 250 --seed 3407   # bundled toy world
@@ -27,6 +29,7 @@ import io
 import json
 import math
 import os
+import re
 import shutil
 import stat
 import time
@@ -812,6 +815,111 @@ class PairDataset(SongDataset):
                 "trig_row": t, "rec_row": r}
 
 
+# CrossMuSim's training samples (paper-notes Sec. 2): each text type of a song is its own
+# sample, paired with a random audio crop. Every random choice is drawn from a generator seeded
+# by (seed, epoch, sample index), so a sample does not depend on which worker builds it or on
+# what was drawn before: a resumed run sees exactly the samples of an uninterrupted one.
+
+TEXT_TYPES = ("aspects", "caption", "lyrics")
+_ASPECT_SEPARATORS = re.compile(r"\s*[,;|]\s*")
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+
+
+def seconds_to_frames(seconds):
+    """Log-mel frames in `seconds` of audio at the 96 ms hop: 10 s -> 104."""
+    return int(round(seconds * SAMPLE_RATE)) // HOP_LENGTH
+
+
+def random_crop(mel, crop_frames, rng):
+    """(T, M) -> (min(T, crop_frames), M): a window of crop_frames at a uniform random start;
+    a song no longer than the window is returned whole."""
+    start = int(rng.integers(0, len(mel) - crop_frames + 1)) if len(mel) > crop_frames else 0
+    return mel[start:start + crop_frames]
+
+
+def split_aspects(value):
+    """'rock, loud; guitar' -> ['rock', 'loud', 'guitar'] (comma, semicolon or bar separated)."""
+    return [a for a in _ASPECT_SEPARATORS.split(value.strip()) if a]
+
+
+def sample_aspects(aspects, rng, max_aspects=5):
+    """CrossMuSim aspects text: 1..max_aspects distinct keywords in random order, joined by ', '."""
+    k = int(rng.integers(1, min(max_aspects, len(aspects)) + 1))
+    return ", ".join(aspects[i] for i in rng.permutation(len(aspects))[:k])
+
+
+def split_sentences(text):
+    return [s for s in _SENTENCE_END.split(text.strip()) if s]
+
+
+def sample_caption(sentences, rng):
+    """CrossMuSim caption text: the first n sentences, n uniform in 1..len(sentences)."""
+    return " ".join(sentences[:int(rng.integers(1, len(sentences) + 1))])
+
+
+def lyric_lines(lyrics):
+    return [line.strip() for line in lyrics.splitlines() if line.strip()]
+
+
+class CrossMuSimDataset(SongDataset):
+    """CrossMuSim training samples: one (song, text type) -> {"mel": (<= crop_frames, 128) random
+    crop, "text": that type's text, "row": catalog row}.
+
+    Text types, each drawn afresh on every visit:
+      aspects  up to max_aspects random keywords of the song's `aspect_column`,
+      caption  a random block of sentences from the start of its `caption_column`,
+      lyrics   one random non-empty line of its lyrics.
+    A song gets a sample for each type it has text for; a catalog without a column simply has no
+    samples of that type, and a song with none of the types falls back to its HTCL text X_t (one
+    "song" sample), so nothing is dropped silently. `counts` says how many samples of each type.
+    set_epoch(e) changes the draws; within an epoch, sample k is a pure function of (seed, e, k).
+    redraw=False keeps epoch 0's draws whatever set_epoch says (Accelerate's loaders call it on
+    every pass): held-out samples that are the same at every validation and after a resume.
+    """
+
+    def __init__(self, catalog, rows, cache=None, on_error="raise", crop_frames=104, seed=3407,
+                 text_types=TEXT_TYPES, aspect_column="aspects", caption_column="caption", max_aspects=5,
+                 redraw=True):
+        super().__init__(catalog, rows, cache, on_error)
+        unknown = set(text_types) - set(TEXT_TYPES)
+        if unknown or not text_types:
+            raise ValueError(f"text_types must be a non-empty subset of {TEXT_TYPES}, got {tuple(text_types)}")
+        self.crop_frames, self.seed, self.max_aspects = crop_frames, seed, max_aspects
+        self.redraw, self.epoch = redraw, 0
+        self.samples = []  # (row, type, the pieces a text is drawn from)
+        for row in self.rows:
+            song, before = catalog[row], len(self.samples)
+            pieces = {"aspects": split_aspects(catalog.label(row, aspect_column)) if aspect_column in catalog.columns else [],
+                      "caption": split_sentences(catalog.label(row, caption_column)) if caption_column in catalog.columns else [],
+                      "lyrics": lyric_lines(song.lyrics)}
+            self.samples += [(row, t, pieces[t]) for t in text_types if pieces[t]]
+            if len(self.samples) == before:
+                self.samples.append((row, "song", [song.text]))
+        self.counts = {t: sum(s[1] == t for s in self.samples) for t in (*TEXT_TYPES, "song")}
+
+    def set_epoch(self, epoch):
+        if self.redraw:
+            self.epoch = epoch
+
+    def __len__(self):
+        return len(self.samples)
+
+    def text(self, kind, pieces, rng):
+        if kind == "aspects":
+            return sample_aspects(pieces, rng, self.max_aspects)
+        if kind == "caption":
+            return sample_caption(pieces, rng)
+        return pieces[int(rng.integers(len(pieces)))]  # a lyric line, or the one fallback text
+
+    def __getitem__(self, k):
+        row, kind, pieces = self.samples[k]
+        mel = self.mel(row)
+        if mel is None:
+            return None
+        rng = np.random.default_rng([self.seed, self.epoch, k])
+        return {"mel": random_crop(mel, self.crop_frames, rng), "text": self.text(kind, pieces, rng), "row": row}
+
+
 def _batch_encoder(tokenizer, max_length):
     """A copy of a fast tokenizer's Rust backend set to truncate at max_length and pad to the
     batch's longest, as the wrapper sets it per call (sides and pad ids from the tokenizer);
@@ -932,6 +1040,20 @@ LANGUAGES = {  # two vowels as (F1, F2, F3) Hz; syllables/s; letters the made-up
     "sefa": dict(vowels=((550, 1850, 2550), (650, 1650, 3400)), rate=6.0, consonants="sfvz", letters="ea"),
     "dobu": dict(vowels=((400, 1050, 3300), (600, 1400, 2000)), rate=4.5, consonants="dbpw", letters="ou"),
 }
+# CrossMuSim-style descriptions (aspects = tag keywords, caption = a few sentences), written from a
+# song's genre, language and voicing; like the rest of the text they never mention the hidden factor.
+GENRE_ASPECTS = {
+    "ambient": "calm dreamy slow soft floating atmospheric".split(),
+    "rock": "loud energetic guitar driving raw distorted".split(),
+    "jazz": "smooth swing saxophone mellow relaxed improvised".split(),
+    "electronic": "danceable synth energetic pulsing club futuristic".split(),
+    "folk": "warm acoustic fiddle nostalgic gentle rustic".split(),
+    "hiphop": "groovy beat urban confident rhymes bouncy".split(),
+}
+GENRE_SCENES = {
+    "ambient": ("sleep", "meditation"), "rock": ("driving", "the gym"), "jazz": ("a late dinner", "a rainy day"),
+    "electronic": ("a party", "running"), "folk": ("a campfire", "a slow morning"), "hiphop": ("the street", "a workout"),
+}
 HIDDEN_DRONE_HZ = (200, 270, 365, 492, 665, 897, 1211)  # hidden factor h -> drone pitch (x1, x1.5, x2)
 SYNTH_SECONDS = (3.5, 5.0)  # song durations; 1.5% of songs are 0.8-1.5 s to exercise MIN_FRAMES padding
 
@@ -1032,6 +1154,20 @@ def _softmax(logits):
     return p / p.sum()
 
 
+def _synth_description(rng, genre, language, voiced):
+    """[aspects, caption] of one synthetic song: the genre and 2-4 of its aspect words as tags, and
+    2-3 short sentences (sound, voice, scene)."""
+    words = GENRE_ASPECTS[genre]
+    picked = [words[j] for j in rng.permutation(len(words))[:int(rng.integers(2, 5))]]
+    aspects = [genre] + picked + ([] if voiced else ["instrumental"])
+    article = "An" if picked[0][0] in "aeiou" else "A"
+    sentences = [f"{article} {picked[0]} {genre} track with a {picked[1]} feel."]
+    sentences.append(f"The vocals are in {language}." if voiced else "There are no vocals.")
+    if rng.random() < 0.5:
+        sentences.append(f"Good for {GENRE_SCENES[genre][int(rng.integers(2))]}.")
+    return [", ".join(aspects), " ".join(sentences)]
+
+
 def synth(out, songs=640, users=250, seed=3407, artists=60, max_pairs=4000):
     """Write the synthetic world to `out`: catalog.csv + audio/, favourites.csv, pairs.csv,
     impressions.csv, artist_graph.csv, artist_split.csv and tiny-bert/ (BERT config + WordPiece
@@ -1112,8 +1248,13 @@ def synth(out, songs=640, users=250, seed=3407, artists=60, max_pairs=4000):
         catalog_rows.append([sid, audio, title, artist_str, lyrics, genre, lang, f"h{s_hidden[i]}",
                              f"a{s_artist[i] + 1:03d}", s_split[i]])
         texts.append(Song(sid, audio, title, artist_str, lyrics).text)
+    # CrossMuSim columns from a generator of their own, so every other file stays byte-identical
+    arng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(12,)))
+    for i, row in enumerate(catalog_rows):
+        row += _synth_description(arng, genres[s_genre[i]], languages[s_lang[i]], bool(s_voiced[i]))
     _write_csv(os.path.join(out, "catalog.csv"), ["song_id", "audio", "title", "artists", "lyrics", "genre",
-                                                  "language", "hidden_factor", "artist_id", "split"], catalog_rows)
+                                                  "language", "hidden_factor", "artist_id", "split",
+                                                  "aspects", "caption"], catalog_rows)
 
     # users: a strong hidden-factor taste and a weak genre taste; 35-60 favourites each. Half the
     # favourites come from a "similar songs" channel, which also leans towards the previous song.

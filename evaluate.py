@@ -77,7 +77,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from data import (HOP_LENGTH, MIN_FRAMES, SAMPLE_RATE, Collator, MelCache, SongDataset, load_catalog,
-                  load_favourites, song_mel, split_rows)
+                  load_favourites, seconds_to_frames, song_mel, split_rows)
 from data import _read_records  # the CSV/JSONL reader whose errors name file, line and column
 from model import load_artifact
 
@@ -184,12 +184,15 @@ def macro_f1(y_true, y_pred):
 
 
 @torch.no_grad()
-def cosine_topk(queries, keys, k, exclude=None, batch_size=1024, progress=None):
+def cosine_topk(queries, keys, k, exclude=None, batch_size=1024, progress=None, groups=None):
     """Top-k keys by cosine for each query, in blocks of rows so memory stays ~SCORE_BLOCK_BYTES.
 
     queries (Q, D), keys (N, D) -> (scores (Q, k), indices (Q, k)) torch tensors, best first.
     exclude: (Q,) key index that query q may not retrieve (itself, when the queries are songs
     of the catalog being searched).
+    groups: (query_groups (Q,), key_groups (N,)) int codes, -1 = none: query q may not retrieve
+    a key of its own group (evaluate.py retrieval --exclude-same). Such keys score -inf, so
+    they come last; a caller whose k exceeds the allowed keys must ignore -inf scores.
     """
     q = F.normalize(_as_float_tensor(queries), dim=-1)
     keys = F.normalize(_as_float_tensor(keys), dim=-1)
@@ -199,6 +202,9 @@ def cosine_topk(queries, keys, k, exclude=None, batch_size=1024, progress=None):
         s = q[start:start + batch_size] @ keys.T  # (b, N)
         if exclude is not None:
             s[torch.arange(s.shape[0]), torch.as_tensor(exclude[start:start + batch_size])] = -float("inf")
+        if groups is not None:
+            qg = torch.as_tensor(groups[0][start:start + batch_size])[:, None]  # (b, 1)
+            s[(qg == torch.as_tensor(groups[1])[None, :]) & (qg >= 0)] = -float("inf")
         v, j = s.topk(k, dim=1)
         scores.append(v)
         indices.append(j)
@@ -625,23 +631,44 @@ def plot_histograms(cosines, path, bins=50):
 #        relevant song in the top K" (hit rate), the only reading under which R@1 is informative.
 #   Same-artist leakage: share of queries whose top 100 holds a song by the
 #        query's artist, and how many such songs on average.
+#   Leakage control (--exclude-same COLUMN, e.g. artist_id): songs that share the
+#        query's value of COLUMN are neither positives nor candidates, so a model
+#        cannot score by recognising the artist (or the work a clip comes from).
 # A tag is one string per song per column; "" means untagged: never a query, never a positive.
+# An exclusion value "" groups nothing.
+
+
+def group_codes(values):
+    """Column values -> int codes, -1 for "" (no group)."""
+    values = np.asarray(values, dtype=object)
+    codes = np.unique(values, return_inverse=True)[1].astype(np.int64)
+    return np.where(values == "", -1, codes)
 
 
 @torch.no_grad()
-def music_to_music_map(emb, tags, k=100, batch_size=1024):
-    """mAP@k of query-by-example: (N, D), N tags -> (mAP, number of queries)."""
+def music_to_music_map(emb, tags, k=100, batch_size=1024, exclude_same=None):
+    """mAP@k of query-by-example: (N, D), N tags -> (mAP, number of queries).
+    exclude_same: N values (e.g. artists); songs sharing the query's value are left out."""
     tags = np.asarray(tags, dtype=object)
     codes = np.unique(tags, return_inverse=True)[1]
     tagged = tags != ""
     counts = np.bincount(codes[tagged], minlength=codes.max() + 1 if len(codes) else 0)
     n_relevant = counts[codes] - 1  # songs sharing the query's tag, itself excluded
+    groups = None
+    if exclude_same is not None:
+        g = group_codes(exclude_same)
+        # songs of the query's own group with its tag (itself included) are not positives
+        pair = codes * (g.max() + 2) + (g + 1)
+        same = np.bincount(pair[tagged & (g >= 0)], minlength=pair.max() + 1)[pair]
+        n_relevant = np.where(g >= 0, counts[codes] - same, n_relevant)
     queries = np.flatnonzero(tagged & (n_relevant > 0))
     if len(queries) == 0:
         return float("nan"), 0
+    if exclude_same is not None:
+        groups = (g[queries], g)
     e = _as_float_tensor(emb)
-    idx = cosine_topk(e[queries], e, k, exclude=queries, batch_size=batch_size)[1].numpy()
-    relevant = codes[idx] == codes[queries][:, None]
+    scores, idx = cosine_topk(e[queries], e, k, exclude=queries, batch_size=batch_size, groups=groups)
+    relevant = (codes[idx.numpy()] == codes[queries][:, None]) & np.isfinite(scores.numpy())
     return map_at_k(relevant, n_relevant[queries], k), len(queries)
 
 
@@ -665,14 +692,16 @@ def text_to_music(query_emb, query_tags, song_emb, song_tags, ks=(1, 5), map_k=1
     return out
 
 
-def same_artist_stats(emb, artists, k=100, batch_size=1024):
+def same_artist_stats(emb, artists, k=100, batch_size=1024, exclude_same=None):
     """Share of songs whose top-k neighbours hold >= 1 song by the same artist, and the mean count
-    (over all queries and over the queries with >= 1). Songs with artist "" are skipped as queries."""
+    (over all queries and over the queries with >= 1). Songs with artist "" are skipped as queries.
+    exclude_same: as in music_to_music_map, the candidates of the leakage control."""
     artists = np.asarray(artists, dtype=object)
     queries = np.flatnonzero(artists != "")
+    groups = None if exclude_same is None else (group_codes(exclude_same)[queries], group_codes(exclude_same))
     e = _as_float_tensor(emb)
-    idx = cosine_topk(e[queries], e, k, exclude=queries, batch_size=batch_size)[1].numpy()
-    same = (artists[idx] == artists[queries][:, None]).sum(1)
+    scores, idx = cosine_topk(e[queries], e, k, exclude=queries, batch_size=batch_size, groups=groups)
+    same = ((artists[idx.numpy()] == artists[queries][:, None]) & np.isfinite(scores.numpy())).sum(1)
     return {"share_with_same_artist": float((same > 0).mean()), "mean_same_artist": float(same.mean()),
             "mean_same_artist_given_any": float(same[same > 0].mean()) if (same > 0).any() else 0.0,
             "queries": len(queries)}
@@ -826,19 +855,23 @@ CHUNK_FRAMES = 10 * SAMPLE_RATE // HOP_LENGTH  # CrossMuSim's 10 s windows: 104 
 
 
 @torch.no_grad()
-def embed_catalog(model, tokenizer, catalog, rows=None, mode="full", kinds=("audio",), cache=None, batch_size=16,
-                  chunk_frames=CHUNK_FRAMES):
+def embed_catalog(model, tokenizer, catalog, rows=None, mode=None, kinds=("audio",), cache=None, batch_size=16,
+                  chunk_frames=None):
     """Embeddings of catalog songs -> {kind: (len(rows), D) float32 numpy}, rows in the order given.
 
     mode "full":    the whole decoded song (first 120 s) in one pass: HTCL's setting.
     mode "chunked": non-overlapping windows of chunk_frames (10 s), each encoded on its own,
                     then mean-pooled: CrossMuSim's inference. A trailing window shorter than
                     MIN_FRAMES is dropped, unless it is the song's only one.
+    mode None:      the mode the model was trained for (model.cfg.embed_mode); chunk_frames None:
+                    model.cfg.chunk_seconds (10 s unless the artifact says otherwise).
     NOTE(paper): CrossMuSim chunks the whole track; here the chunks cover the first
     120 s that data.py decodes and caches. Chunk projections are averaged before
     L2 normalization, so the fusion MLP receives the same kind of input as in training.
     """
     rows = list(range(len(catalog))) if rows is None else list(rows)
+    mode = mode or model.cfg.embed_mode
+    chunk_frames = chunk_frames or seconds_to_frames(model.cfg.chunk_seconds)
     dataset = SongDataset(catalog, rows, cache)
     if len(dataset) != len(rows):  # songs whose audio failed in prepare: no embedding, so say which
         lost = sorted(set(rows) - set(dataset.rows))
@@ -997,16 +1030,18 @@ def is_artifact(spec):
         and not os.path.exists(os.path.join(spec, "ids.txt"))
 
 
-def song_embeddings(spec, catalog, kind="audio", mode="full", cache=None, batch_size=16):
-    """Any embedding source -> (len(catalog), D) float32, row r = catalog song r."""
+def song_embeddings(spec, catalog, kind="audio", mode=None, cache=None, batch_size=16):
+    """Any embedding source -> (len(catalog), D) float32, row r = catalog song r.
+    mode (artifacts only): full | chunked | None = what the artifact was trained for."""
     if spec == "random" or spec.startswith("random:"):
         dim = spec.split(":", 1)[1] if ":" in spec else "100"
         if not dim.isdigit() or int(dim) < 1:
             raise ValueError(f"--emb {spec}: expected random or random:D with D a positive integer")
         return random_embeddings(len(catalog), int(dim))
     if is_artifact(spec):
-        print(f"{spec}: embedding {len(catalog)} songs ({kind}, {mode}); save them once with `embed` to skip this")
         model, tokenizer = load_artifact(spec, DEVICE)
+        print(f"{spec}: embedding {len(catalog)} songs ({kind}, {mode or model.cfg.embed_mode}); "
+              f"save them once with `embed` to skip this")
         return embed_catalog(model, tokenizer, catalog, mode=mode, kinds=(kind,), cache=cache,
                              batch_size=batch_size)[kind]
     ids, x = load_embeddings(spec, kind)
@@ -1191,7 +1226,7 @@ def artist_features(kind, artists, catalog=None, song_emb=None, artist_column="a
 
 
 def report(sources, catalog, favourites=None, impressions=None, pairs=None, out_dir="report", kind="audio",
-           mode="full", cache=None, probe_seeds=(0, 1, 2, 3, 4), ranking_seeds=(0,), ranking_epochs=2):
+           mode=None, cache=None, probe_seeds=(0, 1, 2, 3, 4), ranking_seeds=(0,), ranking_epochs=2):
     """sources: {name: embedding spec}; favourites / impressions / pairs: paths or None.
     Writes out_dir/table2.md (ACC genre, ACC language, HR@100, CTR AUC, CVR AUC, as in HTCL
     Table 2; "-" where the data is missing) and out_dir/figure2.png (from pairs, else from
@@ -1581,9 +1616,11 @@ def cmd_embed(args):
     rows = split_rows(catalog, args.split) if args.split != "all" else list(range(len(catalog)))
     model, tokenizer = load_artifact(args.artifact, DEVICE)
     kinds = ["audio"] + ["text"] * args.text + ["fused"] * args.fused
-    embs = embed_catalog(model, tokenizer, catalog, rows, args.mode, kinds, cache, args.batch_size)
-    meta = {"artifact": os.path.abspath(args.artifact), "catalog": os.path.abspath(args.catalog), "mode": args.mode,
-            "split": args.split, "kinds": kinds, "chunk_frames": CHUNK_FRAMES if args.mode == "chunked" else None}
+    mode = args.mode or model.cfg.embed_mode  # an explicit --mode wins over what the artifact was trained for
+    embs = embed_catalog(model, tokenizer, catalog, rows, mode, kinds, cache, args.batch_size)
+    meta = {"artifact": os.path.abspath(args.artifact), "catalog": os.path.abspath(args.catalog), "mode": mode,
+            "split": args.split, "kinds": kinds,
+            "chunk_frames": seconds_to_frames(model.cfg.chunk_seconds) if mode == "chunked" else None}
     save_embeddings(args.out, [catalog[r].song_id for r in rows], embs, meta)
     for kind, x in embs.items():  # an index of embeddings written before would now be stale
         path = index_path(args.out, kind)
@@ -1679,22 +1716,39 @@ def cmd_distance(args):
     return results
 
 
+def _own_artifact(spec):
+    """The artifact an --emb came from: itself, or the one an `embed` folder's meta.json names."""
+    if is_artifact(spec):
+        return spec
+    meta = os.path.join(spec, "meta.json")
+    if os.path.isdir(spec) and os.path.exists(meta):
+        with open(meta) as f:
+            artifact = json.load(f).get("artifact")
+        return artifact if artifact and is_artifact(artifact) else None
+    return None
+
+
 def cmd_retrieval(args):
     catalog, cache = _load(args)
     embs = _embeddings(args, catalog, cache)
-    text_tower = args.artifact or next((s for s in args.emb if is_artifact(s)), None)
-    if text_tower and not args.tag_emb:
-        model, tokenizer = load_artifact(text_tower, DEVICE)
+    # T2M text tower of each --emb: --artifact for all, else the model's own (an artifact, or the artifact
+    # of an embed folder), else (random, other models' files) the first own tower found
+    own = [_own_artifact(s) for s in args.emb]
+    fallback = next((a for a in own if a), None)
+    towers = {name: args.artifact or a or fallback for name, a in zip(embs, own)}
+    loaded = {}
+    text_tower = any(towers.values())
     # songs searched (and searching): the whole catalog, or one split of it
     keep = np.arange(len(catalog)) if args.split == "all" else np.array(split_rows(catalog, args.split), dtype=int)
     if len(keep) < 2:
         raise SystemExit(f"retrieval: {len(keep)} songs in split '{args.split}' of {catalog.path}")
+    exclude = None if not args.exclude_same else np.asarray(_column(catalog, args.exclude_same), dtype=object)[keep]
     results, rows = {}, []
     for name, emb in embs.items():
         emb = emb[keep]
         for column in args.tag:
             tags = np.asarray(_column(catalog, column), dtype=object)[keep]
-            m2m, n = music_to_music_map(emb, tags, args.k)
+            m2m, n = music_to_music_map(emb, tags, args.k, exclude_same=exclude)
             results[f"{name}/{column}/m2m"] = {f"mAP@{args.k}": m2m, "queries": n}
             rows.append([name, f"M2M {column}", f"mAP@{args.k} {m2m:.4f}", n])
             values = sorted(set(tags) - {""})
@@ -1702,9 +1756,11 @@ def cmd_retrieval(args):
             if args.tag_emb:
                 ids, x = load_embeddings(args.tag_emb)
                 queries = align(ids, x, values, args.tag_emb, what="tag")
-            elif text_tower:
+            elif towers[name]:
+                if towers[name] not in loaded:
+                    loaded[towers[name]] = load_artifact(towers[name], DEVICE)
                 texts = [args.template.format(value=v, column=column) for v in values]
-                queries = embed_texts(model, tokenizer, texts)
+                queries = embed_texts(*loaded[towers[name]], texts)
             if queries is not None:
                 t2m = text_to_music(queries, values, emb, tags)
                 results[f"{name}/{column}/t2m"] = t2m
@@ -1714,7 +1770,8 @@ def cmd_retrieval(args):
         if artist_column is None:  # default: artist_id when the catalog has it
             artist_column = "artist_id" if "artist_id" in catalog.columns else ""
         if artist_column:
-            sa = same_artist_stats(emb, np.asarray(_column(catalog, artist_column), dtype=object)[keep], args.k)
+            sa = same_artist_stats(emb, np.asarray(_column(catalog, artist_column), dtype=object)[keep], args.k,
+                                   exclude_same=exclude)
             results[f"{name}/same_artist"] = sa
             rows.append([name, f"same artist in top {args.k}",
                          f"{100 * sa['share_with_same_artist']:.2f}% of queries, {sa['mean_same_artist']:.2f} songs "
@@ -1784,9 +1841,9 @@ def build_parser():
                            help="embeddings: embed folder, NAME.npy (+ NAME.ids.txt), artifact folder, or "
                                 "random[:D]; repeat to compare")
             q.add_argument("--kind", default="audio", choices=KINDS, help="which embedding of a folder/artifact")
-            q.add_argument("--mode", default="full", choices=["full", "chunked"],
+            q.add_argument("--mode", default=None, choices=["full", "chunked"],
                            help="an artifact embedded on the fly: whole song (HTCL) or mean of 10 s chunks "
-                                "(CrossMuSim)")
+                                "(CrossMuSim); default: the mode the artifact was trained for")
             q.add_argument("--cache", help="log-mel cache folder (data.py prepare) for artifacts")
             q.add_argument("--batch-size", type=int, default=16, help="songs per forward pass when embedding")
         return q
@@ -1796,8 +1853,9 @@ def build_parser():
     q.add_argument("--artifact", required=True, help="folder written by pretrain.py / finetune.py")
     q.add_argument("--catalog", required=True)
     q.add_argument("--out", required=True, help="output folder")
-    q.add_argument("--mode", default="full", choices=["full", "chunked"],
-                   help="full: whole song (120 s) at once (HTCL); chunked: mean of 10 s windows (CrossMuSim)")
+    q.add_argument("--mode", default=None, choices=["full", "chunked"],
+                   help="full: whole song (120 s) at once (HTCL); chunked: mean of 10 s windows (CrossMuSim); "
+                        "default: the mode the artifact was trained for (config.json embed_mode)")
     q.add_argument("--text", action="store_true", help="also write text.npy (text tower)")
     q.add_argument("--fused", action="store_true", help="also write fused.npy (fusion MLP, stage 2)")
     q.add_argument("--split", default="all", choices=["all", "train", "val", "test"], help="which catalog rows")
@@ -1869,9 +1927,13 @@ def build_parser():
                    help="search within these catalog rows only (default: all)")
     q.add_argument("--artist-column", default=None,
                    help="column naming a song's artist (default: artist_id if present; '' skips the statistic)")
-    q.add_argument("--artifact", help="text tower for T2M queries (default: an artifact given as --emb)")
+    q.add_argument("--artifact", help="text tower for T2M queries of every --emb (default: each model's own "
+                                      "artifact; for random and plain files the first one given)")
     q.add_argument("--tag-emb", help="T2M query embeddings NAME.npy whose ids file holds the tag values")
     q.add_argument("--template", default="{value}", help="T2M query text, e.g. '{column}: {value}'")
+    q.add_argument("--exclude-same", metavar="COLUMN", default=None,
+                   help="leakage control: songs sharing the query's value of COLUMN (e.g. artist_id) are neither "
+                        "positives nor candidates in M2M and the same-artist statistic")
 
     q = sub.add_parser("artist-graph", allow_abbrev=False,
                        help="GraphSAGE artist similarity NDCG@200 over 0-4 layers (Grotschla et al.)")
@@ -1885,7 +1947,7 @@ def build_parser():
     q.add_argument("--catalog", help="needed for --features mean")
     q.add_argument("--emb", action="append", help="song embeddings for --features mean")
     q.add_argument("--kind", default="audio", choices=KINDS)
-    q.add_argument("--mode", default="full", choices=["full", "chunked"])
+    q.add_argument("--mode", default=None, choices=["full", "chunked"], help="default: the artifact's embed_mode")
     q.add_argument("--cache")
     q.add_argument("--batch-size", type=int, default=16)
     q.add_argument("--artist-column", default="artist_id", help="catalog column naming a song's artist")

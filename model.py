@@ -61,6 +61,11 @@ class HTCLConfig:
     fusion_dims: tuple = (200, 100, 100)      # released code: concat(100, 100) -> 200 -> 100 -> 100
     logit_scale_init: float = 2.6             # released code: exp(2.6) ~ 13.5, tau ~ 0.074
     logit_scale_max: float = math.log(100)    # NOTE(paper): released code does not clamp; CLIP/open_clip clamp to ln 100
+    # CrossMuSim variant switches (paper-notes Sec. 2); the defaults are HTCL's.
+    learn_temperature: bool = True            # HTCL: learnable; False = tau fixed at exp(-logit_scale_init) (CrossMuSim: 0.07)
+    audio_pooling: str = "mean"               # mean (released HTCL code) | cls (CrossMuSim: embedding at [CLS])
+    embed_mode: str = "full"                  # inference the model was trained for: full (HTCL: whole song) | chunked (CrossMuSim)
+    chunk_seconds: float = 10.0               # CrossMuSim: 10 s training crops and inference chunks (embed_mode chunked)
     text_model_config: dict = field(default_factory=dict)  # filled in when saved, so loading needs no hub
 
     @property
@@ -192,10 +197,13 @@ class AudioEncoder(nn.Module):
     no padding, the two designs give the same embedding.
     """
 
-    def __init__(self, cfg: AudioConfig = None):
+    def __init__(self, cfg: AudioConfig = None, pooling="mean"):
         super().__init__()
         cfg = cfg or AudioConfig()
         self.cfg = cfg
+        if pooling not in ("mean", "cls"):
+            raise ValueError(f"audio_pooling must be mean or cls, got {pooling!r}")
+        self.pooling = pooling
         self.stem = ConvStem(cfg)
         self.feature_norm = nn.LayerNorm(cfg.conv_channels)
         self.feature_proj = nn.Linear(cfg.conv_channels, cfg.hidden)
@@ -234,6 +242,8 @@ class AudioEncoder(nn.Module):
             else:
                 x = layer(x, attn_mask)
 
+        if self.pooling == "cls":  # CrossMuSim: the [CLS] output; the mask kept padding out of it
+            return x[:, 0]  # (B, D)
         # Mean over [CLS] and the song's tokens (released code: mean over all tokens).
         w = valid.to(x.dtype)[..., None]  # (B, 1 + N, 1)
         return (x * w).sum(1) / w.sum(1)  # (B, D)
@@ -378,7 +388,8 @@ class HTCL(nn.Module):
     stage2_loss:  w_aa * L_aa + w_af * L_af + w_at * L_at (Eq. 5, Sec. 2.2)
 
     Each loss has its own learnable temperature, kept as a log logit scale in
-    self.logit_scale[name] for name in ("at", "aa", "af").
+    self.logit_scale[name] for name in ("at", "aa", "af"); with cfg.learn_temperature = False
+    (the CrossMuSim variant's fixed tau = 0.07) they stay at cfg.logit_scale_init.
     """
 
     LOSSES = ("at", "aa", "af")
@@ -386,7 +397,7 @@ class HTCL(nn.Module):
     def __init__(self, cfg: HTCLConfig):
         super().__init__()
         self.cfg = cfg
-        self.audio_encoder = AudioEncoder(cfg.audio)
+        self.audio_encoder = AudioEncoder(cfg.audio, cfg.audio_pooling)
         self.text_encoder = TextEncoder(cfg.text_model, cfg.text_pretrained, cfg.text_pooling,
                                         cfg.text_model_config, cfg.text_gradient_checkpointing)
         cfg.text_model_config = self.text_encoder.model.config.to_dict()  # so an artifact rebuilds offline
@@ -394,7 +405,10 @@ class HTCL(nn.Module):
         self.text_proj = mlp((self.text_encoder.hidden, *cfg.proj_dims))
         self.fusion = mlp((2 * cfg.embed_dim, *cfg.fusion_dims))
         self.logit_scale = nn.ParameterDict(
-            {name: nn.Parameter(torch.tensor(cfg.logit_scale_init)) for name in self.LOSSES})
+            {name: nn.Parameter(torch.tensor(cfg.logit_scale_init), requires_grad=cfg.learn_temperature)
+             for name in self.LOSSES})
+        if cfg.embed_mode not in ("full", "chunked"):
+            raise ValueError(f"embed_mode must be full or chunked, got {cfg.embed_mode!r}")
 
     def encode_audio(self, mel, padding_mask=None, normalize=True):
         z = self.audio_proj(self.audio_encoder(mel, padding_mask))
@@ -425,6 +439,8 @@ class HTCL(nn.Module):
             unused = ["text_encoder.", "text_proj.", "fusion.", "logit_scale.at", "logit_scale.af"]
         if self.text_encoder.pooling != "pooler":
             unused.append("text_encoder.model.pooler.")
+        if not self.cfg.learn_temperature:  # a fixed tau (CrossMuSim) is a constant: no gradient, no optimizer state
+            unused.append("logit_scale.")
         for name, p in self.named_parameters():
             p.requires_grad_(not any(name.startswith(u) for u in unused))
 

@@ -3,6 +3,7 @@
     python data.py prepare --catalog CATALOG --cache CACHE          # once: log-mels into a memory-mapped cache
     accelerate launch pretrain.py --catalog CATALOG --cache CACHE --out_dir runs/pretrain
     accelerate launch pretrain.py --preset sample_data/preset.toml  # the bundled demo
+    accelerate launch pretrain.py --preset presets/crossmusim.toml  # the CrossMuSim variant (paper-notes Sec. 2)
     python pretrain.py -h                                             # every option, with its default
 
 The final artifact (runs/pretrain/final: config.json + model.safetensors +
@@ -51,6 +52,7 @@ class TrainConfig:
     text_lr: float = 3e-5             # Sec. 2.1: small BERT lr against catastrophic forgetting
     audio_lr: float = 0.0             # audio encoder's lr; 0 = lr (paper: one lr; released stage 2: 1e-5, heads 1e-4)
     warmup_ratio: float = 0.05        # NOTE(paper): no schedule in paper or released code; warmup + cosine here
+    warmup_epochs: float = 0.0        # > 0: warm up over this many epochs instead of warmup_ratio (CrossMuSim: 1)
     lr_schedule: str = "cosine"       # cosine (after the warmup) | constant (released code: no schedule)
     max_grad_norm: float = 1.0        # NOTE(paper): no clipping in the released code; guards the from-scratch encoder
     seed: int = 3407                  # released code
@@ -69,6 +71,14 @@ class TrainConfig:
 @dataclass
 class PretrainConfig(TrainConfig):
     model: htcl.HTCLConfig = field(default_factory=htcl.HTCLConfig)
+    # The CrossMuSim variant (paper-notes Sec. 2; presets/crossmusim.toml) is this stage with
+    # another sampling: each text type its own sample, paired with a random crop of
+    # model.chunk_seconds. The defaults are HTCL's (a whole song with its text X_t).
+    samples: str = "song"             # song (HTCL Sec. 2.1) | crossmusim (a crop + one text type per sample)
+    text_types: tuple = ("aspects", "caption", "lyrics")  # CrossMuSim: each text type is its own sample
+    aspect_column: str = "aspects"    # catalog column of tag keywords (comma separated); absent = no aspect samples
+    caption_column: str = "caption"   # catalog column of captions; absent = no caption samples
+    max_aspects: int = 5              # CrossMuSim: up to 5 random keywords
 
 
 def _flat_fields(cls, prefix=""):
@@ -258,8 +268,11 @@ def train(cfg, model, tokenizer, loss_fn, train_set, val_set, song_set, stage):
 
     collate = data.Collator(tokenizer, cfg.max_text_length)
     on_cuda = accelerator.device.type == "cuda"
+    # A dataset that draws per epoch (CrossMuSim crops) is told the epoch before each pass; its
+    # workers must then be started afresh each epoch, so they hold the dataset with that epoch.
+    redraws = hasattr(train_set, "set_epoch")
     loader_kw = dict(collate_fn=collate, num_workers=cfg.num_workers, pin_memory=on_cuda,
-                     persistent_workers=cfg.num_workers > 0)
+                     persistent_workers=cfg.num_workers > 0 and not redraws)
     if len(train_set) < cfg.batch_per_device * world:
         raise SystemExit(f"{len(train_set)} training samples are fewer than one batch "
                          f"({cfg.batch_per_device} x {world} processes)")
@@ -278,8 +291,8 @@ def train(cfg, model, tokenizer, loss_fn, train_set, val_set, song_set, stage):
     total_steps = steps_per_epoch * cfg.epochs
     if cfg.max_steps:
         total_steps = min(total_steps, cfg.max_steps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total_steps, int(cfg.warmup_ratio * total_steps),
-                                                                           cfg.lr_schedule))
+    warmup_steps = round(cfg.warmup_epochs * steps_per_epoch) if cfg.warmup_epochs > 0 else int(cfg.warmup_ratio * total_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total_steps, warmup_steps, cfg.lr_schedule))
     model, optimizer, train_loader, val_loader, song_loader = accelerator.prepare(
         model, optimizer, train_loader, val_loader, song_loader)
     # The scheduler is stepped by hand once per optimizer step (not through prepare,
@@ -314,6 +327,8 @@ def train(cfg, model, tokenizer, loss_fn, train_set, val_set, song_set, stage):
         skip = progress["batches"] if epoch == progress["epoch"] else 0
         loader = accelerator.skip_first_batches(train_loader, skip) if skip else train_loader
         loader.set_epoch(epoch)  # the same shuffle as an uninterrupted run, also for the skipping loader
+        if redraws:
+            train_set.set_epoch(epoch)  # the same crops and texts as an uninterrupted run
         batches = skip
         for batch in tqdm(loader, desc=f"epoch {epoch}", initial=skip, total=len(train_loader),
                           disable=None if is_main else True, leave=False):  # None: no bar unless a terminal
@@ -400,7 +415,8 @@ class IntervalLog:
                "samples_per_s": self.n * self.batch_global / (time.time() - self.t0),
                **{f"loss_{k}": v for k, v in parts.items()}}
         detail = f" ({' '.join(f'{k} {v:.3f}' for k, v in parts.items())})" if len(parts) > 1 else ""
-        temps = " ".join(f"{k} {1 / v.exp().item():.4f}" for k, v in net.logit_scale.items() if v.requires_grad)
+        temps = " ".join(f"{k} {1 / v.exp().item():.4f}" for k, v in net.logit_scale.items() if v.requires_grad) \
+            or f"{1 / math.exp(net.cfg.logit_scale_init):.4f} (fixed)"
         self.say(f"step {step:>6}/{self.total_steps} | loss {rec['loss']:.4f}{detail} | ln(B) {rec['ln_B']:.4f} | "
                  f"lr {lr:.2e} | temp {temps} | {rec['samples_per_s']:.1f} samples/s")
         self.write(rec)
@@ -467,15 +483,45 @@ def main(argv=None):
     cfg = parse_config(PretrainConfig, "pretrain", argv)
     from transformers import AutoTokenizer
     catalog, cache, train_rows, val_rows = load_songs(cfg)
+    song_set = data.SongDataset(catalog, val_rows, cache)
+    # Straight from audio (no cache), a training song that fails to decode is skipped with a
+    # warning; held-out songs must all be there, so they raise.
+    if cfg.samples == "song":
+        train_set, val_set = data.SongDataset(catalog, train_rows, cache, on_error="skip"), song_set
+    else:
+        train_set, val_set = crossmusim_sets(cfg, catalog, cache, train_rows, val_rows)
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.text_model)
     torch.manual_seed(cfg.seed)  # the same initial weights on every process
     model = htcl.HTCL(cfg.model)
     model.freeze_unused(stage=1)
-    val_set = data.SongDataset(catalog, val_rows, cache)
-    # Straight from audio (no cache), a training song that fails to decode is skipped with a
-    # warning; held-out songs must all be there, so they raise.
-    train_set = data.SongDataset(catalog, train_rows, cache, on_error="skip")
-    train(cfg, model, tokenizer, stage1_loss, train_set, val_set, val_set, stage=1)
+    train(cfg, model, tokenizer, stage1_loss, train_set, val_set, song_set, stage=1)
+
+
+def crossmusim_sets(cfg, catalog, cache, train_rows, val_rows):
+    """CrossMuSim samples of the train and held-out songs. The held-out ones keep epoch 0's draws,
+    so the validation loss compares like with like across epochs and resumes; the retrieval metrics of
+    validate() stay on whole songs and their text X_t."""
+    if cfg.samples != "crossmusim":
+        raise SystemExit(f"--samples must be song or crossmusim, not {cfg.samples!r}")
+    # trained on crops, embedded by chunks of the same length: the artifact says so, and
+    # evaluate.py embeds it that way unless told otherwise
+    cfg.model.embed_mode = "chunked"
+    kw = dict(crop_frames=data.seconds_to_frames(cfg.model.chunk_seconds), seed=cfg.seed, text_types=cfg.text_types,
+              aspect_column=cfg.aspect_column, caption_column=cfg.caption_column, max_aspects=cfg.max_aspects)
+    try:
+        train_set = data.CrossMuSimDataset(catalog, train_rows, cache, on_error="skip", **kw)
+        val_set = data.CrossMuSimDataset(catalog, val_rows, cache, redraw=False, **kw)
+    except ValueError as e:
+        raise SystemExit(f"--text_types: {e}") from None
+    if train_set.crop_frames < data.MIN_FRAMES:
+        raise SystemExit(f"--model.chunk_seconds {cfg.model.chunk_seconds} gives {train_set.crop_frames} frames, fewer "
+                         f"than the audio encoder's {data.MIN_FRAMES}")
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"crossmusim samples ({cfg.model.chunk_seconds:g} s crops): "
+              + ", ".join(f"{n} {t}" for t, n in train_set.counts.items() if n)
+              + f" from {len(train_set.rows)} songs (columns: aspects '{cfg.aspect_column}', "
+                f"caption '{cfg.caption_column}'; 'song' = no such text, the song's X_t instead)")
+    return train_set, val_set
 
 
 if __name__ == "__main__":

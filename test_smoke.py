@@ -1990,11 +1990,19 @@ def test_report_on_sample_data_stage2_beats_stage1_on_hr_and_stage1_beats_random
     assert pre["acc_genre"][0] > rnd["acc_genre"][0] + 0.2, res
 
 
-def test_resume_after_kill_mid_epoch_replays_the_same_losses(tmp_path, demo_cache):
+# The CrossMuSim variant draws a random crop and text per sample and epoch: with one text type
+# (aspects) it has one sample per song, so the same 7 steps an epoch as HTCL's stage 1.
+RESUME_VARIANTS = {"htcl": [PRESET],
+                   "crossmusim": [os.path.join("sample_data", "crossmusim.toml"), "--text_types", "aspects"]}
+
+
+@pytest.mark.parametrize("variant", list(RESUME_VARIANTS))
+def test_resume_after_kill_mid_epoch_replays_the_same_losses(tmp_path, demo_cache, variant):
     """kill -9 in the middle of an epoch, --resume: model, optimizer, scheduler, RNG and data
-    order come back, so every later step has the loss of an uninterrupted run."""
-    common = [sys.executable, "pretrain.py", "--preset", PRESET, "--cache", demo_cache, "--epochs", 3,
-              "--log_every", 1, "--checkpoint_every", 3]
+    order (and the variant's random crops and texts) come back, so every later step has the loss
+    of an uninterrupted run."""
+    common = [sys.executable, "pretrain.py", "--preset", *RESUME_VARIANTS[variant], "--cache", demo_cache,
+              "--epochs", 3, "--log_every", 1, "--checkpoint_every", 3]
     run(*common, "--out_dir", tmp_path / "full")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     p = subprocess.Popen([str(c) for c in common + ["--out_dir", tmp_path / "cut"]], cwd=ROOT, env=env,
@@ -2681,3 +2689,203 @@ def test_stage2_loss_weights_are_applied_in_the_model_and_by_finetune(tmp_path, 
     with torch.no_grad():
         loss, parts = captured["loss_fn"](model, batch)
     assert loss.item() == pytest.approx(weighted(parts), rel=1e-6)
+# --- issue 12: the CrossMuSim training variant ---
+
+
+def test_random_crop_has_the_crop_length_stays_inside_the_song_and_is_seeded():
+    mel = torch.arange(50, dtype=torch.float32)[:, None].repeat(1, 3)  # row t holds t: a crop shows its start
+    starts = []
+    for seed in range(200):
+        crop = data.random_crop(mel, 20, np.random.default_rng(seed))
+        assert crop.shape == (20, 3)
+        s = int(crop[0, 0])
+        assert torch.equal(crop[:, 0], torch.arange(s, s + 20, dtype=torch.float32))  # contiguous
+        assert 0 <= s <= 30
+        starts.append(s)
+        assert torch.equal(crop, data.random_crop(mel, 20, np.random.default_rng(seed)))  # same seed, same crop
+    assert min(starts) == 0 and max(starts) == 30 and len(set(starts)) > 20  # every start reachable
+    assert torch.equal(data.random_crop(mel[:12], 20, np.random.default_rng(0)), mel[:12])  # short song: whole
+    assert data.seconds_to_frames(10) == ev.CHUNK_FRAMES == 104
+
+
+def test_aspect_and_caption_samplers_draw_what_the_paper_describes():
+    aspects = data.split_aspects(" rock, loud;guitar |raw, , energetic,fast ")
+    assert aspects == ["rock", "loud", "guitar", "raw", "energetic", "fast"]
+    sizes = set()
+    for seed in range(300):
+        words = data.sample_aspects(aspects, np.random.default_rng(seed), max_aspects=5).split(", ")
+        assert 1 <= len(words) <= 5 and len(set(words)) == len(words) and set(words) <= set(aspects)
+        sizes.add(len(words))
+    assert sizes == {1, 2, 3, 4, 5}
+    assert data.sample_aspects(["solo"], np.random.default_rng(0)) == "solo"
+    sentences = data.split_sentences("A calm track. It has no vocals!  Good for sleep? yes")
+    assert sentences == ["A calm track.", "It has no vocals!", "Good for sleep?", "yes"]
+    seen = set()
+    for seed in range(100):
+        caption = data.sample_caption(sentences, np.random.default_rng(seed))
+        n = next(i for i in range(1, 5) if caption == " ".join(sentences[:i]))  # always a block from the start
+        seen.add(n)
+    assert seen == {1, 2, 3, 4}
+
+
+class _MemoryCache:
+    """Stands in for data.MelCache: row r's mel is r + a ramp over its 40 frames."""
+    cache_dir = "memory"
+
+    def has(self, row):
+        return True
+
+    def mel(self, row):
+        return torch.arange(40, dtype=torch.float32)[:, None].repeat(1, 4) + 1000 * row
+
+
+def test_crossmusim_samples_one_per_text_type_fall_back_and_depend_only_on_seed_epoch_index(tmp_path):
+    write_catalog(tmp_path / "c.csv", [
+        ("a", "a.wav", "Ta", "Art", "line one\nline two\n\nline three", "rock, loud, raw", "Loud. Fast. Raw."),
+        ("b", "b.wav", "Tb", "Art", "", "jazz", ""),            # aspects only
+        ("c", "c.wav", "Tc", "Art", "", "", ""),                # nothing: its X_t
+    ], header=("song_id", "audio", "title", "artists", "lyrics", "tags", "caption"))
+    catalog = data.load_catalog(str(tmp_path / "c.csv"))
+    ds = data.CrossMuSimDataset(catalog, [0, 1, 2], _MemoryCache(), crop_frames=17, seed=1, aspect_column="tags")
+    assert [(r, t) for r, t, _ in ds.samples] == [(0, "aspects"), (0, "caption"), (0, "lyrics"), (1, "aspects"),
+                                                 (2, "song")]
+    assert ds.counts == {"aspects": 2, "caption": 1, "lyrics": 1, "song": 1}
+    for k, (row, kind, _) in enumerate(ds.samples):
+        item = ds[k]
+        assert item["row"] == row and item["mel"].shape == (17, 4) and int(item["mel"][0, 0]) // 1000 == row
+    assert ds[2]["text"] in ("line one", "line two", "line three")
+    assert ds[4]["text"] == catalog[2].text
+    # a catalog without the aspect column (the default name is absent here): no aspect samples
+    no_aspects = data.CrossMuSimDataset(catalog, [0, 1, 2], _MemoryCache(), crop_frames=17)
+    assert [t for _, t, _ in no_aspects.samples] == ["caption", "lyrics", "song", "song"]
+    # sample k is a function of (seed, epoch, k): the same in a fresh copy, new in another epoch
+    again = data.CrossMuSimDataset(catalog, [0, 1, 2], _MemoryCache(), crop_frames=17, seed=1, aspect_column="tags")
+    def draws(d):
+        return [(d[k]["text"], int(d[k]["mel"][0, 0])) for k in range(len(d))]
+    first = draws(ds)
+    assert draws(again) == first == draws(ds)
+    changed = False
+    for epoch in range(1, 6):
+        ds.set_epoch(epoch)
+        changed |= draws(ds) != first
+    assert changed
+    frozen = data.CrossMuSimDataset(catalog, [0, 1, 2], _MemoryCache(), crop_frames=17, seed=1, aspect_column="tags",
+                                    redraw=False)
+    frozen.set_epoch(5)  # held-out samples: epoch 0's draws at every pass
+    assert draws(frozen) == first
+    with pytest.raises(ValueError, match="text_types"):
+        data.CrossMuSimDataset(catalog, [0], _MemoryCache(), text_types=("lyrics", "chorus"))
+
+
+@pytest.mark.parametrize("learn", [False, True])
+def test_a_fixed_temperature_stays_fixed_through_training_steps(learn):
+    import pretrain
+    from transformers import AutoTokenizer
+    tau_init = math.log(1 / 0.07)
+    m = tiny_model(learn_temperature=learn, logit_scale_init=tau_init).train()
+    m.freeze_unused(stage=1)
+    cfg = pretrain.TrainConfig(lr=1e-2, text_lr=1e-2)
+    opt = pretrain.build_optimizer(m, cfg, "cpu")
+    in_opt = {id(p) for g in opt.param_groups for p in g["params"]}
+    assert (id(m.logit_scale["at"]) in in_opt) is learn
+    batch = _pair_batch(AutoTokenizer.from_pretrained(TINY_BERT), B=6)
+    before = {n: p.detach().clone() for n, p in m.named_parameters()}
+    for _ in range(3):
+        loss = _stage_loss(m, batch, 1)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        m.clamp_logit_scales()
+    assert m.logit_scale["at"].grad is None or learn
+    assert 1 / math.exp(before["logit_scale.at"].item()) == pytest.approx(0.07, rel=1e-6)
+    moved = m.logit_scale["at"].item() != before["logit_scale.at"].item()
+    assert moved is learn  # fixed: bit for bit tau = 0.07 still; learnable: it moved
+    assert not torch.equal(before["audio_proj.0.weight"], m.audio_proj[0].weight)  # the rest did train
+
+
+def test_cls_pooling_ignores_padding_and_differs_from_the_mean():
+    torch.manual_seed(0)
+    enc = htcl.AudioEncoder(tiny_audio_config(), pooling="cls").eval()
+    mean_enc = htcl.AudioEncoder(tiny_audio_config()).eval()
+    mean_enc.load_state_dict(enc.state_dict())
+    song = torch.randn(1, 60, 128)
+    padded = torch.cat([song, 5 * torch.randn(1, 40, 128)], 1)  # junk in the padding
+    mask = torch.zeros(1, 100, dtype=torch.bool)
+    mask[:, 60:] = True
+    with torch.no_grad():
+        alone = enc(song)
+        torch.testing.assert_close(enc(padded, mask), alone, atol=2e-5, rtol=1e-4)
+        assert (enc(padded) - alone).abs().max() > 1e-3  # without the mask the padding leaks into [CLS]
+        assert (mean_enc(song) - alone).abs().max() > 1e-3  # the switch does change the pooling
+    with pytest.raises(ValueError, match="audio_pooling"):
+        htcl.AudioEncoder(tiny_audio_config(), pooling="max")
+
+
+def test_artifact_trained_for_chunks_is_embedded_by_chunks_of_its_length_by_default(tiny_world, tmp_path):
+    from data import load_catalog, song_mel
+    d = tiny_world
+    model, tokenizer = htcl.load_artifact(str(d / "artifact"))
+    model.cfg.embed_mode, model.cfg.chunk_seconds = "chunked", 2.5
+    htcl.save_artifact(model, tokenizer, str(tmp_path / "art"))
+    catalog = load_catalog(d / "catalog.csv")
+    ev.main(["embed", "--artifact", str(tmp_path / "art"), "--catalog", str(d / "catalog.csv"),
+             "--out", str(tmp_path / "emb"), "--batch-size", "2"])
+    assert json.loads((tmp_path / "emb" / "meta.json").read_text())["mode"] == "chunked"
+    got = np.load(tmp_path / "emb" / "audio.npy")
+    for r in range(3):  # hand loop over the song's 26-frame (2.5 s) windows
+        mel = song_mel(catalog[r].audio)
+        starts = [s for s in range(0, len(mel), 26) if s == 0 or len(mel) - s >= data.MIN_FRAMES]
+        with torch.no_grad():
+            chunks = [model.encode_audio(mel[s:s + 26][None], normalize=False)[0] for s in starts]
+        np.testing.assert_allclose(got[r], F.normalize(torch.stack(chunks).mean(0), dim=0).numpy(), atol=1e-5)
+    ev.main(["embed", "--artifact", str(tmp_path / "art"), "--catalog", str(d / "catalog.csv"),
+             "--out", str(tmp_path / "full"), "--mode", "full"])  # an explicit --mode wins
+    full = np.load(tmp_path / "full" / "audio.npy")
+    assert json.loads((tmp_path / "full" / "meta.json").read_text())["mode"] == "full"
+    assert not np.allclose(full[0], got[0], atol=1e-3)
+
+
+def test_exclude_same_drops_the_querys_group_from_positives_and_candidates_like_brute_force():
+    rng = np.random.default_rng(7)
+    n = 60
+    tags = rng.choice(["rock", "jazz", "folk", ""], n)
+    artists = rng.choice(["p", "q", "r", "s", "t", ""], n)
+    emb = rng.standard_normal((n, 5))
+    sims = _unit(emb) @ _unit(emb).T
+    k = 8
+    aps, counts = [], []
+    for q in range(n):
+        allowed = [j for j in range(n) if j != q and (artists[q] == "" or artists[j] != artists[q])]
+        order = sorted(allowed, key=lambda j: -sims[q, j])[:k]
+        if artists[q] != "":
+            counts.append(sum(artists[j] == artists[q] for j in order))
+        if tags[q] == "":
+            continue
+        n_rel = sum(tags[j] == tags[q] for j in allowed)
+        if n_rel == 0:
+            continue
+        hits, total = 0, 0.0
+        for i, j in enumerate(order):
+            if tags[j] == tags[q]:
+                hits += 1
+                total += hits / (i + 1)
+        aps.append(total / min(k, n_rel))
+    got, nq = ev.music_to_music_map(emb, tags, k=k, batch_size=7, exclude_same=artists)
+    assert nq == len(aps) and got == pytest.approx(np.mean(aps))
+    plain, _ = ev.music_to_music_map(emb, tags, k=k)
+    assert plain != pytest.approx(got)  # the control changes the score on this case
+    sa = ev.same_artist_stats(emb, artists, k=k, exclude_same=artists)
+    assert sa["share_with_same_artist"] == 0 and sum(counts) == 0
+    # hand-made: a (artist x) has its twin b (also x) closest and c (artist y) next, both rock
+    e = np.array([[1, 0], [0.99, 0.1], [0.9, 0.4], [0, 1]])
+    t, a = ["rock", "rock", "rock", "jazz"], ["x", "x", "y", "z"]
+    assert ev.music_to_music_map(e, t, k=2)[0] == pytest.approx(1.0)
+    # with x excluded: query a's only positive is c (rank 1): AP 1; b likewise; c's positives a, b: AP 1
+    # and d (jazz) has no positive: not a query
+    assert ev.music_to_music_map(e, t, k=2, exclude_same=a) == (pytest.approx(1.0), 3)
+    e2 = np.array([[1, 0], [0.99, 0.1], [0, 1], [0.3, 0.95]])  # now c sits far from a and b; d is closer to them
+    t2, a2 = ["rock", "rock", "jazz", "rock"], ["x", "x", "y", "z"]
+    # query a, candidates c, d (b excluded): d (rock) ranks first: AP 1. Query d: candidates a, b, c, with
+    # c first (jazz), then b, a: hits at ranks 2 and 3 -> (1/2 + 2/3) / 2
+    res = ev.music_to_music_map(e2, t2, k=3, exclude_same=a2)
+    assert res[1] == 3 and res[0] == pytest.approx((1 + 1 + (1 / 2 + 2 / 3) / 2) / 3)
