@@ -986,6 +986,10 @@ def bench_artist_graph(ctx):
     OLGA-size graph with the released random features (2613-d), and the whole 0-4 sweep at 200
     epochs, extrapolated: epoch time is linear in the layer count (fitted to 1 and 4)."""
     import evaluate
+    small_edges, small_split = olga_like_graph(scale=0.02, communities=10)  # warm-up: the first optimizer
+    evaluate.train_artist_gnn(evaluate.artist_features("random", small_split, dim=8),  # pulls in ~20 s of
+                              evaluate.message_passing_graphs(small_edges, small_split), small_split, 1,  # imports
+                              evaluate.ArtistGraphConfig(epochs=1, steps_per_epoch=1))
     edges, split = olga_like_graph()
     x = evaluate.artist_features("random", split)
     graphs = evaluate.message_passing_graphs(edges, split)

@@ -8,8 +8,8 @@ Where each protocol lives (paper, section -> sub-command: functions):
   HTCL Figure 2, cosine of favoured vs not           -> distance:     pair_cosines, separation, plot_histograms
   CrossMuSim M2M mAP@100, T2M R@1/R@5/mAP@10,        -> retrieval:    music_to_music_map, text_to_music,
     same-artist leakage                                               same_artist_stats
-  Grotschla et al. (MuRS 2024) GraphSAGE NDCG@200    -> artist-graph: message_passing_edges, ArtistGNN,
-                                                                      artist_graph_ndcg
+  Grotschla et al. (MuRS 2024) GraphSAGE NDCG@200    -> artist-graph: message_passing_graphs, ArtistGNN,
+    (the authors' released protocol)                                  train_artist_gnn, artist_graph_ndcg
   HTCL Table 2 and Figure 2 in one go                -> report:       report
   song embeddings, full song or 10 s chunks          -> embed:        embed_catalog
 
@@ -766,6 +766,7 @@ class SAGEConv(nn.Module):
         self.lin_r = nn.Linear(d, d, bias=False)
 
     def forward(self, h, adj):
+        # NOTE(paper): L2 here, before the ELU, as PyG's normalize=True in the released layer does
         mean = torch.sparse.mm(adj, F.relu(self.project(h)))  # (n, d): mean over in-neighbours
         return F.normalize(self.lin_l(mean) + self.lin_r(h), dim=1)
 
@@ -901,7 +902,9 @@ def released_ndcg_at_k(relevant, n_relevant, k):
 def artist_ndcg(z, truth, k=200):
     """z: (n, D) embeddings of the eval artists; truth: (2, *) hidden edges in local indices 0..n-1,
     both ways. Each artist ranks the others by Euclidean distance; mean over the artists with >= 1
-    hidden edge -> {"ndcg": standard NDCG@k, "ndcg_released": released formula, "queries": count}."""
+    hidden edge -> {"ndcg": standard NDCG@k, "ndcg_released": released formula, "queries": count}.
+    NOTE(paper): that mean (paper-notes section 3), not the mean over non-zero NDCGs that the newest
+    released custom_train.py logs: only the former puts the paper's 0-layer .017 at chance level."""
     n = z.shape[0]
     adjacency = torch.zeros(n, n, dtype=torch.bool)
     adjacency[truth[0], truth[1]] = True
