@@ -19,6 +19,9 @@ What it measures, stage by stage, on synthetic inputs of the paper's sizes (noth
   embed     songs/s of evaluate.embed_catalog, full song and 10 s chunks, demo and paper encoders
   matching  seconds of evaluate.matching_benchmark (HR@100, on CPU) against songs and users; the
             sizes not run are extrapolated from those run, and marked so
+  artist    seconds per epoch of evaluate.train_artist_gnn (the released artist-graph protocol) at
+            1 and 4 layers on a synthetic graph of OLGA's size (olga_like_graph), and the 0-4 layer
+            x 200-epoch sweep extrapolated from them (--rows artist: ~10 min on a busy machine)
 
 Each step variant runs in its own process, so that its peak memory is its own. Prints one table,
 then the ratios against the targets, and writes both as JSON:
