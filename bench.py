@@ -26,7 +26,7 @@ What it measures, stage by stage, on synthetic inputs of the paper's sizes (noth
 Each step variant runs in its own process, so that its peak memory is its own. Prints one table,
 then the ratios against the targets, and writes both as JSON:
 
-    python bench.py --quick                      # CI-sized, under ~2 min (no memory rows)
+    python bench.py --quick                      # CI-sized, under ~2 min (no memory or artist rows)
     python bench.py --out bench.json             # the full run, ~20 min on 2 busy CPU cores
     python bench.py --rows step,embed --device cuda
     python bench.py --librosa_python /tmp/libvenv/bin/python   # librosa from another venv
@@ -1156,7 +1156,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="CI-sized: fewer songs, variants and iterations (< ~2 min)")
     p.add_argument("--rows", default=None, help=f"comma-separated subset of {','.join(ALL_ROWS)} (default: all; "
-                   "--quick leaves out memory, ~5 min of paper-size steps on a CPU)")
+                   "--quick leaves out memory, ~5 min of paper-size steps on a CPU, and artist, minutes of OLGA-size epochs)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="device of the step and embed rows")
     p.add_argument("--out", default="bench.json", help="JSON file for the table and ratios (default bench.json)")
     p.add_argument("--librosa_python", default=None,
@@ -1172,7 +1172,7 @@ def main(argv=None):
         return step_worker(json.loads(args._step))
 
     if args.rows is None:
-        args.rows = ",".join(r for r in ALL_ROWS if not (args.quick and r == "memory"))
+        args.rows = ",".join(r for r in ALL_ROWS if not (args.quick and r in ("memory", "artist")))
     rows_wanted = [r.strip() for r in args.rows.split(",") if r.strip()]
     unknown = set(rows_wanted) - set(ALL_ROWS)
     if unknown:
