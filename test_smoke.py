@@ -2080,3 +2080,11 @@ def test_artist_graph_cli_reports_both_formulas_and_every_flag_acts(tmp_path, ca
     ev.main(args + ["--features", "mean", "--catalog", str(tmp_path / "catalog.csv"), "--emb",
                     str(tmp_path / "e.npy"), "--batch-size", "7"])
     assert seen["args"][-1] == 7  # --batch-size reaches the on-the-fly embedding of an --emb
+
+
+def test_random_artist_features_are_the_released_uniform_2613_d_and_seeded():
+    x = ev.artist_features("random", ["a"] * 40)
+    assert x.shape == (40, 2613) and x.dtype == np.float32
+    assert x.min() >= 0 and x.max() < 1 and abs(x.mean() - 0.5) < 0.01  # uniform [0, 1), not Gaussian
+    assert np.array_equal(x, ev.artist_features("random", ["b"] * 40))
+    assert not np.array_equal(x, ev.artist_features("random", ["a"] * 40, seed=1))
