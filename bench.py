@@ -22,11 +22,14 @@ What it measures, stage by stage, on synthetic inputs of the paper's sizes (noth
   search    similar-song search at 100k and 1M synthetic songs (D 100): exact top-k in torch and
             the FAISS index evaluate.build_index makes (faiss-cpu; skipped without it): build
             seconds, query latency (a batch, and one query at a time), recall@10 against exact
+  artist    seconds per epoch of evaluate.train_artist_gnn (the released artist-graph protocol) at
+            1 and 4 layers on a synthetic graph of OLGA's size (olga_like_graph), and the 0-4 layer
+            x 200-epoch sweep extrapolated from them (--rows artist: ~10 min on a busy machine)
 
 Each step variant runs in its own process, so that its peak memory is its own. Prints one table,
 then the ratios against the targets, and writes both as JSON:
 
-    python bench.py --quick                      # CI-sized, under ~2 min (no memory rows)
+    python bench.py --quick                      # CI-sized, under ~2 min (no memory or artist rows)
     python bench.py --out bench.json             # the full run, ~20 min on 2 busy CPU cores
     python bench.py --rows step,embed --device cuda
     python bench.py --librosa_python /tmp/libvenv/bin/python   # librosa from another venv
@@ -66,7 +69,7 @@ BERT_BASE_MULTILINGUAL = dict(model_type="bert", vocab_size=105879, hidden_size=
 # Dense bf16 tensor-core peak FLOP/s per GPU (vendor data sheets); MFU is reported against these.
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 
-ALL_ROWS = ("data", "loader", "step", "memory", "embed", "matching", "search")
+ALL_ROWS = ("data", "loader", "step", "memory", "embed", "matching", "search", "artist")
 
 # -----------------------------------------------------------------------------
 # Measuring: wall time, medians, memory.
@@ -1058,6 +1061,111 @@ def bench_search(ctx):
     return rows
 
 
+# --- artist graph -----------------------------------------------------------------------------
+
+OLGA = {"nodes": 17_673, "pairs": 101_029, "train": 14_139, "val": 1_767, "test": 1_767}  # paper-notes.md sec. 3
+
+
+def olga_like_graph(seed=0, scale=1.0, communities=500, within=0.85, alpha=1.5):
+    """A synthetic artist graph of OLGA's size -> (edges (E, 2) lower id -> higher id, as OLGA stores
+    them, split (N,)). Power-law degrees (Chung-Lu weights, Pareto tail alpha) and communities: an
+    edge stays inside its first end's community with probability `within`, so neighbours of
+    neighbours tend to be neighbours and graph layers have something to find. `scale` shrinks
+    every count (for the early-stopping check)."""
+    rng = np.random.default_rng(seed)
+    n, n_pairs = int(OLGA["nodes"] * scale), int(OLGA["pairs"] * scale)
+    weight = rng.pareto(alpha, n) + 1.0
+    community = rng.integers(0, communities, n)
+    order = np.argsort(community, kind="stable")  # nodes grouped by community, for within-draws
+    cum = np.cumsum(weight[order])
+    start = np.searchsorted(community[order], np.arange(communities))
+    lo = np.concatenate([[0.0], cum])[start]
+    hi = cum[np.concatenate([start[1:], [n]]) - 1]
+    pairs = np.empty((0, 2), dtype=np.int64)
+    while len(pairs) < n_pairs:
+        m = 2 * (n_pairs - len(pairs))
+        u = order[np.minimum(np.searchsorted(cum, rng.random(m) * cum[-1]), n - 1)]
+        c = community[u]
+        r = np.where(rng.random(m) < within, lo[c] + rng.random(m) * (hi[c] - lo[c]), rng.random(m) * cum[-1])
+        v = order[np.minimum(np.searchsorted(cum, r), n - 1)]
+        new = np.stack([np.minimum(u, v), np.maximum(u, v)], 1)[u != v]
+        pairs = np.unique(np.concatenate([pairs, new]), axis=0)
+    pairs = pairs[rng.permutation(len(pairs))[:n_pairs]]
+    split = np.empty(n, dtype=object)
+    perm = rng.permutation(n)
+    n_train, n_val = int(OLGA["train"] * scale), int(OLGA["val"] * scale)
+    split[perm[:n_train]], split[perm[n_train:n_train + n_val]], split[perm[n_train + n_val:]] = "train", "val", "test"
+    return pairs[np.lexsort((pairs[:, 1], pairs[:, 0]))], split
+
+
+def bench_artist_graph(ctx):
+    """Seconds per epoch (16 full-graph steps + the validation loss) at 1 and 4 layers on the
+    OLGA-size graph with the released random features (2613-d), and the whole 0-4 sweep at 200
+    epochs, extrapolated: epoch time is linear in the layer count (fitted to 1 and 4)."""
+    import evaluate
+    small_edges, small_split = olga_like_graph(scale=0.02, communities=10)  # warm-up: the first optimizer
+    evaluate.train_artist_gnn(evaluate.artist_features("random", small_split, dim=8),  # pulls in ~20 s of
+                              evaluate.message_passing_graphs(small_edges, small_split), small_split, 1,  # imports
+                              evaluate.ArtistGraphConfig(epochs=1, steps_per_epoch=1))
+    edges, split = olga_like_graph()
+    x = evaluate.artist_features("random", split)
+    graphs = evaluate.message_passing_graphs(edges, split)
+    epochs = 1 if ctx.args.quick else 2
+    cfg = evaluate.ArtistGraphConfig(epochs=epochs)
+    per_epoch, rows = {}, []
+    for n_layers in (1, 4):
+        t = time.time()
+        evaluate.train_artist_gnn(x, graphs, split, n_layers, cfg)
+        per_epoch[n_layers] = (time.time() - t) / epochs
+        rows.append(row("artist-graph/epoch", f"{n_layers} layer(s), {len(split):,} artists, {len(edges):,} pairs",
+                        per_epoch[n_layers], "s/epoch", None, f"{epochs} epoch(s), setup included; 1 torch thread "
+                        f"(evaluate.one_thread); load average {load_average()}", key=f"artist_epoch_{n_layers}"))
+    slope = (per_epoch[4] - per_epoch[1]) / 3
+    sweep = sum(per_epoch[1] + slope * (n_layers - 1) for n_layers in range(5)) * 200
+    rows.append(row("artist-graph/sweep", "0-4 layers x 200 epochs (released), estimated", sweep / 60, "min",
+                    None, "NOT RUN: from the two rows above, epoch time linear in the layer count",
+                    key="artist_sweep_200"))
+    return rows
+
+
+def artist_curve(n_layers, scale=0.1, dim=256, epochs=200, seed=0):
+    """One released-protocol run on a scaled-down OLGA-like graph, scored on the test set after every
+    epoch -> {"val_loss": [...], "ndcg": [...], "ndcg_released": [...], "seconds": ...}. Stopping
+    early only truncates a run (same seed, same draws), so one run gives every stopping rule's
+    result next to the last epoch's."""
+    import evaluate
+    edges, split = olga_like_graph(seed, scale, communities=max(1, int(500 * scale)))
+    x = evaluate.artist_features("random", split, dim=dim)
+    graphs = evaluate.message_passing_graphs(edges, split)
+    test = np.flatnonzero(split == "test")
+    local = torch.full((len(split),), -1, dtype=torch.long)
+    local[test] = torch.arange(len(test))
+    curve = {"ndcg": [], "ndcg_released": []}
+
+    def score(epoch, model):
+        r = evaluate.artist_ndcg(evaluate.embed_artists(model, x, graphs["test"], test, n_layers),
+                                 local[graphs["truth_test"]])
+        curve["ndcg"].append(r["ndcg"])
+        curve["ndcg_released"].append(r["ndcg_released"])
+
+    t = time.time()
+    _, history = evaluate.train_artist_gnn(x, graphs, split, n_layers, evaluate.ArtistGraphConfig(epochs=epochs),
+                                           seed, on_epoch=score)
+    return {**curve, "val_loss": history["val_loss"], "lr": history["lr"], "seconds": time.time() - t,
+            "n_layers": n_layers, "scale": scale, "dim": dim}
+
+
+def stop_epoch(val_loss, patience):
+    """The epoch (1-based) at which --early-stop PATIENCE ends a run with this val-loss curve."""
+    best, since = float("inf"), 0
+    for epoch, v in enumerate(val_loss, 1):
+        since = 0 if v < best else since + 1
+        best = min(best, v)
+        if since >= patience:
+            return epoch
+    return len(val_loss)
+
+
 # -----------------------------------------------------------------------------
 # Ratios against the targets, and the report.
 
@@ -1170,7 +1278,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="CI-sized: fewer songs, variants and iterations (< ~2 min)")
     p.add_argument("--rows", default=None, help=f"comma-separated subset of {','.join(ALL_ROWS)} (default: all; "
-                   "--quick leaves out memory, ~5 min of paper-size steps on a CPU)")
+                   "--quick leaves out memory, ~5 min of paper-size steps on a CPU, and artist, minutes of OLGA-size epochs)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="device of the step and embed rows")
     p.add_argument("--out", default="bench.json", help="JSON file for the table and ratios (default bench.json)")
     p.add_argument("--librosa_python", default=None,
@@ -1186,7 +1294,7 @@ def main(argv=None):
         return step_worker(json.loads(args._step))
 
     if args.rows is None:
-        args.rows = ",".join(r for r in ALL_ROWS if not (args.quick and r == "memory"))
+        args.rows = ",".join(r for r in ALL_ROWS if not (args.quick and r in ("memory", "artist")))
     rows_wanted = [r.strip() for r in args.rows.split(",") if r.strip()]
     unknown = set(rows_wanted) - set(ALL_ROWS)
     if unknown:
@@ -1212,7 +1320,8 @@ def main(argv=None):
     t0 = time.time()
     rows = []
     benches = {"data": bench_data, "loader": bench_loader, "step": bench_step, "memory": bench_memory,
-               "embed": bench_embed, "matching": bench_matching, "search": bench_search}
+               "embed": bench_embed, "matching": bench_matching, "search": bench_search,
+               "artist": bench_artist_graph}
     with tempfile.TemporaryDirectory(prefix="htcl-bench-") as tmp:
         ctx = Context(args, tmp)
         for name in ALL_ROWS:
