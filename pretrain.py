@@ -99,11 +99,41 @@ def _flatten_toml(d, prefix=""):
             yield prefix + k, v
 
 
+# Fields holding a path. In a preset a relative path is read from the preset file's folder, so a
+# preset works from any working directory; on the command line it stays relative to the cwd.
+# text_model may also be a hub name: it is resolved only when that folder exists.
+PATH_FIELDS = ("catalog", "cache", "out_dir", "init_from", "pairs", "model.text_model")
+
+
+def _preset_path(preset, name, value):
+    if name not in PATH_FIELDS or not isinstance(value, str) or not value or os.path.isabs(value):
+        return value
+    path = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(preset)), value))
+    return value if name == "model.text_model" and not os.path.isdir(path) else path
+
+
+def usage_hint(script, needs):
+    """What a stage needs and the one command that runs the demo: printed when run with no arguments."""
+    return (f"{script}: nothing to train on: give {needs},\n"
+            f"or a preset that sets them (--preset FILE.toml). Every option: python {script} -h\n"
+            f"The bundled demo (a few minutes on a CPU): bash sample_data/demo.sh, or this stage alone:\n"
+            f"  accelerate launch {script} --preset sample_data/preset.toml")
+
+
+def exit_with_usage(script, needs):
+    """Print usage_hint and exit. Exit status 2 (a usage error), except under `accelerate launch`,
+    which turns any non-zero exit of the script into its own traceback: there the hint is the answer,
+    as -h is, and exits 0."""
+    print(usage_hint(script, needs), file=sys.stderr)
+    raise SystemExit(0 if "ACCELERATE_MIXED_PRECISION" in os.environ else 2)
+
+
 def parse_config(cls, section, argv=None):
     """Build `cls` from its defaults, then `--preset FILE.toml` ([section] table), then CLI flags.
 
     Every field (nested ones as --model.audio.layers) becomes a flag with its
-    default in -h; unknown flags and unknown preset keys are errors.
+    default in -h; unknown flags and unknown preset keys are errors. Relative paths
+    in a preset are read from its folder (PATH_FIELDS).
     """
     flat = dict(_flat_fields(cls))
     comments = {**_field_comments(htcl.AudioConfig), **_field_comments(htcl.HTCLConfig), **_field_comments(cls)}
@@ -132,7 +162,7 @@ def parse_config(cls, section, argv=None):
         for name, v in _flatten_toml(table):
             if name not in flat:
                 raise SystemExit(f"{path}: [{section}] has unknown key {name!r}")
-            values[name] = tuple(v) if isinstance(flat[name], tuple) else v
+            values[name] = tuple(v) if isinstance(flat[name], tuple) else _preset_path(path, name, v)
     values.update({k: (tuple(v) if isinstance(v, list) else v) for k, v in args.items() if v is not None})
 
     cfg = cls()
@@ -234,8 +264,9 @@ def train(cfg, model, tokenizer, loss_fn, train_set, val_set, song_set, stage):
     cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
     world = PartialState(cpu=cpu).num_processes
     if cfg.global_batch % (cfg.batch_per_device * world):
-        raise SystemExit(f"global_batch {cfg.global_batch} is not a multiple of batch_per_device "
-                         f"{cfg.batch_per_device} x {world} processes")
+        raise SystemExit(f"--global_batch {cfg.global_batch} is not a multiple of --batch_per_device "
+                         f"{cfg.batch_per_device} x {world} processes; set both (e.g. --global_batch 32 "
+                         f"--batch_per_device 32 for a small catalog)")
     accum = cfg.global_batch // (cfg.batch_per_device * world)
     accelerator = Accelerator(cpu=cpu, mixed_precision=cfg.mixed_precision or None, gradient_accumulation_steps=accum,
                               dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True))
@@ -252,7 +283,8 @@ def train(cfg, model, tokenizer, loss_fn, train_set, val_set, song_set, stage):
                      persistent_workers=cfg.num_workers > 0)
     if len(train_set) < cfg.batch_per_device * world:
         raise SystemExit(f"{len(train_set)} training samples are fewer than one batch "
-                         f"({cfg.batch_per_device} x {world} processes)")
+                         f"(--batch_per_device {cfg.batch_per_device} x {world} processes): lower "
+                         f"--global_batch and --batch_per_device (global = per device x processes x accumulation)")
     # drop_last: the gathered contrastive loss needs the same batch on every process.
     # Own generator: creating a loader iterator then draws no number from the global RNG, so
     # dropout after a mid-epoch resume sees the same random stream as an uninterrupted run.
@@ -453,8 +485,14 @@ def load_songs(cfg):
 
 
 def main(argv=None):
+    if not (sys.argv[1:] if argv is None else argv):
+        exit_with_usage("pretrain.py", "--catalog CATALOG (and --cache CACHE from `data.py prepare`)")
     cfg = parse_config(PretrainConfig, "pretrain", argv)
     from transformers import AutoTokenizer
+    try:  # before anything slow: a missing text model is one line, in seconds
+        cfg.model.text_model = htcl.resolve_text_model(cfg.model.text_model)
+    except ValueError as e:  # what was looked for and how to fix it
+        raise SystemExit(f"Error: {e}") from None
     catalog, cache, train_rows, val_rows = load_songs(cfg)
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.text_model)
     torch.manual_seed(cfg.seed)  # the same initial weights on every process

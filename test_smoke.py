@@ -1777,7 +1777,10 @@ def test_report_writes_table2_and_figure2(tmp_path):
                       out_dir=str(tmp_path / "rep"), probe_seeds=(0,), ranking_epochs=1)
     lines = table.splitlines()
     assert lines[0] == "| Model | ACC genre | ACC lang | HR@100 | CTR AUC | CVR AUC | Fig. 2 AUC |"
-    assert lines[2].startswith("| e | ") and lines[3].startswith("| random | ") and len(lines) == 4
+    assert lines[2].startswith("| e | ") and lines[3].startswith("| random | ") and lines[4] == ""
+    # this world's users have <= 30 favourites: HR@100 is "-", and the footnote says why
+    assert lines[3].split(" | ")[3] == "-" and lines[5:] == [
+        f'- HR@100 "-": no user of {tmp_path / "favourites.csv"} has more than 30 favourites (--triggers)']
     assert (tmp_path / "rep" / "table2.md").read_text().strip() == table
     assert (tmp_path / "rep" / "figure2.png").exists()
 
