@@ -62,6 +62,7 @@ class TrainConfig:
     max_nonfinite_steps: int = 10     # skip a step whose loss/gradient is NaN/inf; stop after this many in a row
     resume: bool = False              # continue from the last checkpoint in out_dir
     max_steps: int = 0                # > 0: stop after this many optimizer steps (smoke runs)
+    report_to: str = "none"           # Accelerate tracker for the curves: none | tensorboard (pip install tensorboard) | wandb | ...
 
 
 @dataclass
@@ -268,8 +269,13 @@ def train(cfg, model, tokenizer, loss_fn, train_set, val_set, song_set, stage):
                          f"{cfg.batch_per_device} x {world} processes; set both (e.g. --global_batch 32 "
                          f"--batch_per_device 32 for a small catalog)")
     accum = cfg.global_batch // (cfg.batch_per_device * world)
+    trackers = _trackers(cfg.report_to)
     accelerator = Accelerator(cpu=cpu, mixed_precision=cfg.mixed_precision or None, gradient_accumulation_steps=accum,
-                              dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True))
+                              dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+                              log_with=trackers, project_dir=cfg.out_dir if trackers else None)
+    if trackers:  # e.g. tensorboard --logdir runs/demo/pretrain
+        accelerator.init_trackers(f"stage{stage}", config={k: v if isinstance(v, (int, float, str, bool)) else str(v)
+                                                           for k, v in _flatten_toml(asdict(cfg))})
     set_seed(cfg.seed)
     is_main = accelerator.is_main_process
 
@@ -325,7 +331,8 @@ def train(cfg, model, tokenizer, loss_fn, train_set, val_set, song_set, stage):
     say(f"stage {stage}: {len(train_set)} train / {len(val_set)} val samples, {len(song_set)} held-out songs | "
         f"{world} process(es) x {cfg.batch_per_device} x {accum} accumulation = global batch {cfg.global_batch} | "
         f"{steps_per_epoch} steps/epoch, {total_steps} steps | {sum(p.numel() for p in net.parameters()):,} params")
-    log = IntervalLog(cfg.out_dir if is_main else None, say, stage, batch_global, total_steps)
+    log = IntervalLog(cfg.out_dir if is_main else None, say, stage, batch_global, total_steps,
+                      accelerator if trackers else None)
 
     metrics, step, nonfinite_run = {}, progress["step"], 0
     model.train()
@@ -377,6 +384,8 @@ def train(cfg, model, tokenizer, loss_fn, train_set, val_set, song_set, stage):
         say(f"epoch {epoch} | " + " | ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
                                               for k, v in metrics.items()))
         log.write({"stage": stage, "epoch": epoch, "step": step, "skipped_nonfinite": log.skipped, **metrics})
+        if is_main:
+            plot_curves(os.path.join(cfg.out_dir, "log.jsonl"), os.path.join(cfg.out_dir, "curves.png"))
         save_checkpoint(accelerator, cfg, {"epoch": epoch + 1, "step": step, "batches": 0})
 
     accelerator.wait_for_everyone()
@@ -389,12 +398,27 @@ def train(cfg, model, tokenizer, loss_fn, train_set, val_set, song_set, stage):
     return {**metrics, "skipped_nonfinite": log.skipped}
 
 
+def _trackers(report_to):
+    """--report_to -> Accelerate's log_with (None for none); tensorboard is an optional extra."""
+    if report_to in ("", "none"):
+        return None
+    if report_to == "tensorboard":
+        try:
+            import tensorboard  # noqa: F401  (only to say what is missing, before Accelerate does)
+        except ImportError:
+            raise SystemExit("--report_to tensorboard needs the tensorboard package: pip install tensorboard "
+                             "(or --report_to none; curves.png is drawn either way)") from None
+    return report_to
+
+
 class IntervalLog:
     """One line per log interval: step, loss (parts), chance level ln(B), lr, temperatures,
-    samples/s; also appended to out_dir/log.jsonl. Non-finite losses are left out of the means."""
+    samples/s; also appended to out_dir/log.jsonl, and sent to the Accelerate trackers
+    (--report_to). Non-finite losses are left out of the means."""
 
-    def __init__(self, out_dir, say, stage, batch_global, total_steps):
+    def __init__(self, out_dir, say, stage, batch_global, total_steps, accelerator=None):
         self.say, self.stage, self.batch_global, self.total_steps = say, stage, batch_global, total_steps
+        self.accelerator = accelerator
         if out_dir:
             os.makedirs(out_dir, exist_ok=True)
         self.file = open(os.path.join(out_dir, "log.jsonl"), "a") if out_dir else None
@@ -421,7 +445,9 @@ class IntervalLog:
                "samples_per_s": self.n * self.batch_global / (time.time() - self.t0),
                **{f"loss_{k}": v for k, v in parts.items()}}
         detail = f" ({' '.join(f'{k} {v:.3f}' for k, v in parts.items())})" if len(parts) > 1 else ""
-        temps = " ".join(f"{k} {1 / v.exp().item():.4f}" for k, v in net.logit_scale.items() if v.requires_grad)
+        temps = {k: 1 / v.exp().item() for k, v in net.logit_scale.items() if v.requires_grad}
+        rec.update({f"temp_{k}": v for k, v in temps.items()})
+        temps = " ".join(f"{k} {v:.4f}" for k, v in temps.items())
         self.say(f"step {step:>6}/{self.total_steps} | loss {rec['loss']:.4f}{detail} | ln(B) {rec['ln_B']:.4f} | "
                  f"lr {lr:.2e} | temp {temps} | {rec['samples_per_s']:.1f} samples/s")
         self.write(rec)
@@ -431,10 +457,55 @@ class IntervalLog:
         if self.file:
             self.file.write(json.dumps(rec) + "\n")
             self.file.flush()
+        if self.accelerator is not None:
+            self.accelerator.log({k: v for k, v in rec.items() if isinstance(v, (int, float)) and k != "step"},
+                                 step=rec["step"])
 
     def close(self):
         if self.file:
             self.file.close()
+
+
+def plot_curves(log_path, png_path):
+    """Draw log.jsonl as png_path: training loss against its chance level ln(B), held-out R@K
+    against chance, learning rate, temperatures, each against the optimizer step.
+    Returns {panel: {series: (steps, values)}}, what was drawn."""
+    import matplotlib
+    matplotlib.use("Agg")  # files only; no display on a server
+    import matplotlib.pyplot as plt
+    with open(log_path) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    train_rows = [r for r in rows if "loss" in r]
+    val_rows = [r for r in rows if "val_loss" in r]
+
+    def series(rows, key):
+        pts = [(r["step"], r[key]) for r in rows if key in r]
+        return [p[0] for p in pts], [p[1] for p in pts]
+
+    keys = lambda rows, test: sorted({k for r in rows for k in r if test(k)})  # noqa: E731
+    panels = {
+        "loss (train) against chance ln(B)": {k: series(train_rows, k) for k in
+                                              ["loss", "ln_B"] + keys(train_rows, lambda k: k.startswith("loss_"))},
+        "held-out retrieval R@K": {k: series(val_rows, k) for k in
+                                   keys(val_rows, lambda k: "_R@" in k)},
+        "learning rate": {"lr": series(train_rows, "lr")},
+        "temperature": {k: series(train_rows, k) for k in keys(train_rows, lambda k: k.startswith("temp_"))},
+    }
+    fig, axes = plt.subplots(1, 4, figsize=(18, 3.6))
+    for ax, (title, lines) in zip(axes, panels.items()):
+        for name, (x, y) in lines.items():
+            chance = name in ("ln_B", "chance_R@10")
+            ax.plot(x, y, label=name, linestyle="--" if chance else "-", marker="" if len(x) > 1 else "o",
+                    color="black" if chance else None)
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("optimizer step")
+        if lines:
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(png_path + ".tmp.png", dpi=90)
+    plt.close(fig)
+    os.replace(png_path + ".tmp.png", png_path)  # a reader never sees half a PNG
+    return panels
 
 
 def save_checkpoint(accelerator, cfg, progress):
