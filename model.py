@@ -493,7 +493,7 @@ def resolve_text_model(name, timeout=4.0):
         pass
     fix = (f"Fix: set --model.text_model (text_model in a preset's [pretrain.model]) to a local folder "
            f"with config.json, weights and tokenizer, e.g. made on a connected machine by "
-           f"`huggingface-cli download {name} --local-dir DIR` and copied here; or fill the cache there and "
+           f"`hf download {name} --local-dir DIR` (huggingface_hub's CLI) and copied here; or fill the cache there and "
            f"copy {constants.HF_HUB_CACHE}, then run with HF_HUB_OFFLINE=1.")
     looked = f"text model {name!r}: no folder {os.path.abspath(name)}, not in the Hugging Face cache " \
              f"{constants.HF_HUB_CACHE}"

@@ -2023,7 +2023,7 @@ def test_missing_text_model_is_one_line_that_says_how_to_fix_it(capsys):
         pretrain.main(["--catalog", os.path.join(SAMPLE, "catalog.csv"), "--model.text_model", "no-such-org/no-bert"])
     msg = str(e.value.code)
     assert msg.startswith("Error: text model 'no-such-org/no-bert'") and "\n" not in msg
-    assert "--model.text_model" in msg and "HF_HUB_OFFLINE=1" in msg and "huggingface-cli download" in msg
+    assert "--model.text_model" in msg and "HF_HUB_OFFLINE=1" in msg and "hf download no-such-org/no-bert" in msg
 
 
 def test_batch_size_errors_name_both_flags():
