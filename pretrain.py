@@ -6,7 +6,9 @@
     python pretrain.py -h                                             # every option, with its default
 
 The final artifact (runs/pretrain/final: config.json + model.safetensors +
-tokenizer) is what finetune.py and evaluate.py load.
+tokenizer) is what finetune.py and evaluate.py load. Each run also writes log.jsonl and
+curves.png (plot_curves, redrawn at every epoch's end); --report_to tensorboard sends the
+same numbers to an Accelerate tracker. Relative paths in a preset are read from its folder.
 
 This file also holds what both stages share: the dataclass -> CLI config, the
 training loop (Accelerate: prepare / accumulate / backward, warmup + cosine,
@@ -95,9 +97,9 @@ def _field_comments(cls):
 def _flatten_toml(d, prefix=""):
     for k, v in d.items():
         if isinstance(v, dict):
-            yield from _flatten_toml(v, prefix + k + ".")
+            yield from _flatten_toml(v, prefix + str(k) + ".")
         else:
-            yield prefix + k, v
+            yield prefix + str(k), v
 
 
 # Fields holding a path. In a preset a relative path is read from the preset file's folder, so a

@@ -2177,3 +2177,11 @@ def test_small_catalog_preset_is_valid_and_reads_paths_from_its_folder():
     assert cfg.model.text_model == "../models/bert-base-multilingual-uncased"  # no such folder here: kept as given
     cfg = finetune.parse_config(finetune.FinetuneConfig, "finetune", ["--preset", preset])
     assert cfg.init_from == os.path.join(ROOT, "runs", "mine", "pretrain", "final")
+
+
+def test_report_to_tensorboard_without_the_package_says_how_to_install_it(monkeypatch):
+    import pretrain
+    assert pretrain._trackers("none") is None
+    monkeypatch.setitem(sys.modules, "tensorboard", None)  # import tensorboard now raises ImportError
+    with pytest.raises(SystemExit, match="pip install tensorboard"):
+        pretrain._trackers("tensorboard")
