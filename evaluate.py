@@ -40,7 +40,9 @@ Commands (from the repo root, on the bundled synthetic world; A = a trained arti
   python evaluate.py report --catalog sample_data/catalog.csv --emb emb/clap --emb emb/htcl \
       --favourites sample_data/favourites.csv --impressions sample_data/impressions.csv --out report/
   python evaluate.py matching-benchmark      # HR@100 timing at 100k songs x 10k users, random vectors
-Every sub-command prints a Markdown table and its wall time; --json FILE saves the numbers.
+Every sub-command prints a Markdown table and its wall time; --json FILE saves the numbers;
+-h shows every option with its default. A bad file, row, key or value stops the command line with
+one `Error: ...` line naming it (exit 1), as data.py does; report prints a line per protocol and model.
 """
 import argparse
 import json
