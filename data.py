@@ -384,17 +384,22 @@ def _warn_unknown(path, dropped, total, what):
 
 def load_pairs(path, catalog):
     """Pairs CSV (trigger_song_id, rec_song_id) -> [(trigger_row, rec_row)] catalog rows.
-    Rows naming an unknown song are dropped with a counted warning."""
+    Rows naming an unknown song, and self-pairs (s, s), are dropped with a counted warning."""
     path = str(path)
     _, records = _read_records(path, ("trigger_song_id", "rec_song_id"))
-    pairs, dropped = [], []
+    pairs, dropped, self_pairs = [], [], []
     for line, rec in records:
         t, r = rec["trigger_song_id"].strip(), rec["rec_song_id"].strip()
-        if t in catalog.index and r in catalog.index:
+        if t == r:  # a song paired with itself teaches nothing (mine-pairs skips these too)
+            self_pairs.append(line)
+        elif t in catalog.index and r in catalog.index:
             pairs.append((catalog.index[t], catalog.index[r]))
         else:
             dropped.append((line, t if t not in catalog.index else r))
     _warn_unknown(path, dropped, len(records), catalog.path)
+    if self_pairs:
+        warnings.warn(f"{path}: dropped {len(self_pairs)} of {len(records)} rows pairing a song with itself; "
+                      f"first on line(s) {', '.join(map(str, self_pairs[:5]))}")
     if not pairs:
         raise CatalogError(f"{path}: no usable pairs ({len(records)} rows, {len(dropped)} naming songs "
                            f"not in {catalog.path}); do the song ids match the catalog?")

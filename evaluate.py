@@ -44,7 +44,9 @@ Commands (from the repo root, on the bundled synthetic world; A = a trained arti
   python evaluate.py embed --artifact A --catalog sample_data/catalog.csv --out emb/htcl [--index faiss]
   python evaluate.py search --model A --catalog sample_data/catalog.csv --emb emb/htcl \
       --query my_song.wav --query s0001 --k 10 [--index faiss] [--out similar.csv]
-Every sub-command prints a Markdown table and its wall time; --json FILE saves the numbers.
+Every sub-command prints a Markdown table and its wall time; --json FILE saves the numbers;
+-h shows every option with its default. A bad file, row, key or value stops the command line with
+one `Error: ...` line naming it (exit 1), as data.py does; report prints a line per protocol and model.
 
 Similar songs from Python (the search sub-command does this):
   import evaluate as ev
@@ -262,30 +264,59 @@ class Probe(nn.Module):
 
 
 @one_thread()
-def train_probe(x_train, y_train, x_test, n_classes, hidden=512, epochs=100, lr=1e-3, weight_decay=1e-4,
-                batch_size=256, min_steps=1000, seed=0):
-    """Fit a Probe on (x_train, y_train) and return its class predictions for x_test (numpy int).
+def train_probes(x_train, y_train, x_test, n_classes, seeds=(0,), hidden=512, epochs=100, lr=1e-3,
+                 weight_decay=1e-4, batch_size=256, min_steps=1000):
+    """Fit one Probe per seed on (x_train, y_train) -> [class predictions for x_test (numpy int)], one per seed.
 
+    Each seed's probe has its own initialization (Probe built after torch.manual_seed(seed)) and its
+    own batch order (a generator seeded with seed). They train side by side as one batched model:
+    the loss is the sum of the seeds' losses, so each probe's gradient is its own, and AdamW works
+    element by element, so this is training them one after another with 1/len(seeds) of the steps
+    (the report's probes were most of its time: 5 seeds x 1000 small steps per label and model).
     Small training sets get more epochs, up to min_steps optimizer steps, so that a
     few hundred songs are not under-fitted where 30k would not be.
     """
-    g = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
     x_train = torch.as_tensor(x_train, dtype=torch.float32)
     y_train = torch.as_tensor(y_train, dtype=torch.long)
-    probe = Probe(x_train.mean(0), x_train.std(0, unbiased=False) + 1e-6, n_classes, hidden)
-    opt = torch.optim.AdamW(probe.parameters(), lr=lr, weight_decay=weight_decay)
-    probe.train()
+    mean, std = x_train.mean(0), x_train.std(0, unbiased=False) + 1e-6
+    probes = []
+    for seed in seeds:
+        torch.manual_seed(seed)
+        probes.append(Probe(mean, std, n_classes, hidden))
+    # Each Linear, stacked over seeds: weight (S, in, out) for baddbmm, bias (S, 1, out).
+    layers = zip(*[[m for m in p.net.modules() if isinstance(m, nn.Linear)] for p in probes])
+    params = []
+    for layer in layers:
+        params += [nn.Parameter(torch.stack([m.weight.detach().T for m in layer]).contiguous()),
+                   nn.Parameter(torch.stack([m.bias.detach() for m in layer])[:, None, :])]
+
+    def forward(x):  # (S, b, D) -> (S, b, n_classes); Probe.forward for every seed at once
+        h = (x - mean) / std
+        for i in range(0, len(params), 2):
+            h = torch.baddbmm(params[i + 1], F.relu(h) if i else h, params[i])
+        return h
+
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    generators = [torch.Generator().manual_seed(seed) for seed in seeds]
     epochs = max(epochs, math.ceil(min_steps / math.ceil(len(x_train) / batch_size)))
     for _ in range(epochs):
-        for idx in torch.randperm(len(x_train), generator=g).split(batch_size):
-            loss = F.cross_entropy(probe(x_train[idx]), y_train[idx])
+        orders = [torch.randperm(len(x_train), generator=g).split(batch_size) for g in generators]
+        for idx in zip(*orders):
+            idx = torch.stack(idx)  # (S, b): every seed's batch has the same size
+            logits = forward(x_train[idx])
+            # sum over seeds of each seed's mean cross-entropy
+            loss = F.cross_entropy(logits.flatten(0, 1), y_train[idx].flatten(), reduction="sum") / idx.shape[1]
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-    probe.eval()
     with torch.no_grad():
-        return probe(torch.as_tensor(x_test, dtype=torch.float32)).argmax(1).numpy()
+        x_test = torch.as_tensor(x_test, dtype=torch.float32)
+        return list(forward(x_test.expand(len(seeds), *x_test.shape)).argmax(-1).numpy())
+
+
+def train_probe(x_train, y_train, x_test, n_classes, seed=0, **kw):
+    """One probe: train_probes with a single seed."""
+    return train_probes(x_train, y_train, x_test, n_classes, seeds=(seed,), **kw)[0]
 
 
 def run_probe(emb, labels, split=None, train_split="train", test_split="test", seeds=(0, 1, 2, 3, 4),
@@ -301,16 +332,17 @@ def run_probe(emb, labels, split=None, train_split="train", test_split="test", s
     emb = np.asarray(emb, dtype=np.float32)
     labels = np.asarray(labels, dtype=object)
     has_label = labels != ""
+    # Seeds that share a split train together (train_probes); a random split is drawn per seed.
+    if split is not None:
+        split_arr = np.asarray(split, dtype=object)
+        groups = [(list(seeds), has_label & (split_arr == train_split), has_label & (split_arr == test_split))]
+    else:
+        groups = []
+        for seed in seeds:
+            is_test = np.random.default_rng(seed).random(len(labels)) < test_fraction
+            groups.append(([seed], has_label & ~is_test, has_label & is_test))
     accs, f1s = [], []
-    for seed in seeds:
-        if split is not None:
-            split_arr = np.asarray(split, dtype=object)
-            train = has_label & (split_arr == train_split)
-            test = has_label & (split_arr == test_split)
-        else:
-            rng = np.random.default_rng(seed)
-            is_test = rng.random(len(labels)) < test_fraction
-            train, test = has_label & ~is_test, has_label & is_test
+    for group, train, test in groups:
         if train.sum() == 0 or test.sum() == 0:
             raise ValueError(f"probe needs both splits non-empty: {train.sum()} train rows "
                              f"('{train_split}'), {test.sum()} test rows ('{test_split}')")
@@ -319,10 +351,10 @@ def run_probe(emb, labels, split=None, train_split="train", test_split="test", s
         # A test label never seen in training cannot be predicted: it stays in the
         # denominator (counted wrong) rather than being dropped.
         y_test = np.array([index.get(c, -1) for c in labels[test]])
-        y_pred = train_probe(emb[train], [index[c] for c in labels[train]], emb[test], len(classes),
-                             seed=seed, **train_kw)
-        accs.append(float((y_pred == y_test).mean()))
-        f1s.append(macro_f1(y_test, y_pred))
+        for y_pred in train_probes(emb[train], [index[c] for c in labels[train]], emb[test], len(classes),
+                                   seeds=group, **train_kw):
+            accs.append(float((y_pred == y_test).mean()))
+            f1s.append(macro_f1(y_test, y_pred))
     unseen = int((y_test == -1).sum())
     counts = np.unique(labels[train], return_counts=True)[1]
     return {"acc": mean_std(accs), "macro_f1": mean_std(f1s), "n_train": int(train.sum()),
@@ -426,6 +458,13 @@ def matching_hits(emb, triggers, targets, per_trigger=10, list_size=100, merge="
     return torch.cat(hits)
 
 
+def matching_chance(n_songs, n_triggers=30, per_trigger=10, list_size=100):
+    """HR of a list drawn at random: the target is one of the n_songs - n_triggers songs that are not
+    triggers, and the list holds at most min(list_size, n_triggers * per_trigger) of them. Never above 1."""
+    pool = max(n_songs - n_triggers, 1)
+    return min(list_size, n_triggers * per_trigger, pool) / pool
+
+
 def _progress(total, desc):
     # disable=None: shown on a terminal, silent in logs and tests
     return tqdm(total=total, desc=desc, unit="song", file=sys.stderr, mininterval=1.0, disable=None)
@@ -524,11 +563,19 @@ class DIN(nn.Module):
         self.head = _mlp([3 * d, *hidden, 1])
 
     def forward(self, target, history):
+        # History positions that are padding in every row of the batch are dropped: their weight
+        # is 0 whatever the attention says, so the result is the same, at the cost of real songs only.
+        history = history[:, (history >= 0).any(0)]
         pad = history < 0
         t = self.items(target)  # (B, D)
         h = self.items(history.masked_fill(pad, self.n_items))  # (B, L, D)
-        te = t[:, None, :].expand_as(h)
-        weight = self.attention(torch.cat([h, te, h - te, h * te], dim=-1)).squeeze(-1)  # (B, L)
+        # The activation unit's first layer on [h, t, h - t, h * t], rearranged: with its weight's
+        # four (hidden, D) blocks W_h, W_t, W_d, W_p it is h (W_h + W_d)' + (h * t) W_p' + t (W_t - W_d)' + b,
+        # the same function of the same parameters, and half the multiplications per position.
+        first = self.attention[0]
+        w_h, w_t, w_d, w_p = first.weight.split(t.shape[1], dim=1)
+        z = h @ (w_h + w_d).T + (h * t[:, None, :]) @ w_p.T + (t @ (w_t - w_d).T + first.bias)[:, None, :]
+        weight = self.attention[1:](z).squeeze(-1)  # (B, L)
         weight = weight.masked_fill(pad, 0.0)
         interest = (weight[..., None] * h).sum(1)  # (B, D)
         return self.head(torch.cat([interest, t, interest * t], dim=-1)).squeeze(-1)
@@ -1112,14 +1159,15 @@ def save_embeddings(folder, ids, embeddings, meta=None):
 
 
 def read_ids(path):
-    """One id per line -> list; empty lines inside, or duplicates, are errors naming the line."""
-    with open(path, encoding="utf-8") as f:
-        ids = f.read().splitlines()
+    """One id per line -> list; empty lines inside, or duplicates, are errors naming the line.
+    Read as catalogs are read (data.load_catalog): a UTF-8 BOM is skipped, each id is stripped."""
+    with open(path, encoding="utf-8-sig") as f:
+        ids = [i.strip() for i in f.read().splitlines()]
     while ids and ids[-1] == "":
         ids.pop()
     seen = {}
     for line, i in enumerate(ids, start=1):
-        if i.strip() == "":
+        if i == "":
             raise ValueError(f"{path}: line {line} is empty; expected one id per line")
         if i in seen:
             raise ValueError(f"{path}: id '{i}' on line {seen[i]} and again on line {line}")
@@ -1147,7 +1195,11 @@ def load_embeddings(spec, kind="audio"):
         raise FileNotFoundError(f"{npy_path}: no such file")
     if not os.path.exists(ids_path):
         raise FileNotFoundError(f"{npy_path}: no ids file {ids_path} (one song_id a line, in row order)")
-    x = np.load(npy_path, allow_pickle=False)
+    try:
+        x = np.load(npy_path, allow_pickle=False)  # never unpickle: a .npy can carry code
+    except ValueError as e:  # an object (pickled) array, or not a .npy at all
+        raise ValueError(f"{npy_path}: not a plain numeric .npy ({e}); save it with "
+                         f"np.save(path, array.astype(np.float32))") from None
     ids = read_ids(ids_path)
     if x.ndim != 2 or x.shape[0] != len(ids):
         raise ValueError(f"{npy_path}: shape {x.shape}, expected ({len(ids)}, D) to match the {len(ids)} ids "
@@ -1379,46 +1431,75 @@ def artist_features(kind, artists, catalog=None, song_emb=None, artist_column="a
 
 
 def report(sources, catalog, favourites=None, impressions=None, pairs=None, out_dir="report", kind="audio",
-           mode=None, cache=None, probe_seeds=(0, 1, 2, 3, 4), ranking_seeds=(0,), ranking_epochs=2):
+           mode=None, cache=None, probe_seeds=(0, 1, 2, 3, 4), ranking_seeds=(0,), ranking_epochs=2,
+           n_triggers=30):
     """sources: {name: embedding spec}; favourites / impressions / pairs: paths or None.
     Writes out_dir/table2.md (ACC genre, ACC language, HR@100, CTR AUC, CVR AUC, as in HTCL
-    Table 2; "-" where the data is missing) and out_dir/figure2.png (from pairs, else from
-    impressions) and out_dir/table2.json (the same numbers: {model: {acc_genre: [mean, std],
-    hr@100: ..., ...}}). Returns the Markdown table."""
+    Table 2; "-" where a protocol is skipped, with the reason as a footnote) and out_dir/figure2.png
+    (from pairs, else from impressions) and out_dir/table2.json (the same numbers: {model:
+    {acc_genre: [mean, std], hr@100: ..., ...}}). Prints a line per protocol and model, and each
+    protocol's total time. Returns the Markdown table with its footnotes."""
     os.makedirs(out_dir, exist_ok=True)
-    split = [catalog.label(r, "split") for r in range(len(catalog))] if "split" in catalog.columns else None
+    split, split_note = probe_split(catalog)
+    skipped = {}  # column -> why it shows "-"
+    for column, title in (("genre", "ACC genre"), ("language", "ACC lang")):
+        if column not in catalog.columns:
+            skipped[title] = f"{catalog.path} has no '{column}' column"
+    if split_note:
+        print("report: " + split_note)
     favs = cases = imp = None
     if favourites:
         favs = load_favourites(favourites, catalog)
-        cases = sample_matching_cases(favs)
+        cases = sample_matching_cases(favs, n_triggers)
+        if not len(cases[1]):
+            skipped["HR@100"] = f"no user of {favourites} has more than {n_triggers} favourites (--triggers)"
+    else:
+        skipped["HR@100"] = "no --favourites given"
     if impressions:
         imp = read_impressions(impressions, catalog)
+    else:
+        skipped["CTR AUC"] = skipped["CVR AUC"] = "no --impressions given"
     if pairs:
         fig_pairs = read_labelled_pairs(pairs, catalog)
     elif imp is not None:
         fig_pairs = pairs_from_impressions(imp)
     else:
         fig_pairs = None
+        skipped["Fig. 2 AUC"] = "neither --pairs nor --impressions given"
     header = ["Model", "ACC genre", "ACC lang", "HR@100", "CTR AUC", "CVR AUC", "Fig. 2 AUC"]
     rows, cosines, results = [], {}, {}
+    seconds = defaultdict(float)  # protocol -> total over models
+
+    @contextmanager
+    def timed(protocol, name):
+        t0 = time.time()
+        yield
+        dt = time.time() - t0
+        seconds[protocol] += dt
+        print(f"report: {name}: {protocol} {dt:.1f} s", flush=True)
+
     for name, spec in sources.items():
-        emb = song_embeddings(spec, catalog, kind, mode, cache)
+        with timed("embeddings", name):
+            emb = song_embeddings(spec, catalog, kind, mode, cache)
         row, res = [name], results.setdefault(name, {})
         for column in ("genre", "language"):
             if column in catalog.columns:
                 labels = [catalog.label(r, column) for r in range(len(catalog))]
-                res[f"acc_{column}"] = run_probe(emb, labels, split, seeds=probe_seeds)["acc"]
+                with timed(f"probe {column}", name):
+                    res[f"acc_{column}"] = run_probe(emb, labels, split, seeds=probe_seeds)["acc"]
                 row.append(_pm(res[f"acc_{column}"]))
             else:
                 row.append("-")
         if cases is not None and len(cases[1]):
-            res["hr@100"] = float(matching_hits(emb, cases[0], cases[1]).float().mean())
+            with timed("matching", name):
+                res["hr@100"] = float(matching_hits(emb, cases[0], cases[1], progress=False).float().mean())
             row.append(f"{100 * res['hr@100']:.2f}%")
         else:
             row.append("-")
         for task in ("ctr", "cvr"):
             if imp is not None:
-                res[f"{task}_auc"] = run_ranking(emb, imp, task, seeds=ranking_seeds, epochs=ranking_epochs)["auc"]
+                with timed(f"ranking {task}", name):
+                    res[f"{task}_auc"] = run_ranking(emb, imp, task, seeds=ranking_seeds, epochs=ranking_epochs)["auc"]
                 row.append(_pm(res[f"{task}_auc"]))
             else:
                 row.append("-")
@@ -1431,12 +1512,15 @@ def report(sources, catalog, favourites=None, impressions=None, pairs=None, out_
             row.append("-")
         rows.append(row)
     table = markdown_table(header, rows)
+    if skipped:
+        table += "\n\n" + "\n".join(f"- {column} \"-\": {why}" for column, why in skipped.items())
     with open(os.path.join(out_dir, "table2.md"), "w") as f:
         f.write(table + "\n")
     with open(os.path.join(out_dir, "table2.json"), "w") as f:  # the same numbers, for scripts
         json.dump(results, f, indent=1, default=float)
     if cosines:
         plot_histograms(cosines, os.path.join(out_dir, "figure2.png"))
+    print("report: time per protocol, all models: " + ", ".join(f"{k} {v:.1f} s" for k, v in seconds.items()))
     return table
 
 
@@ -1786,14 +1870,30 @@ def cmd_embed(args):
     return {"songs": len(rows), "kinds": kinds, "out": args.out}
 
 
+def probe_split(catalog, column="split", random_fraction=None):
+    """The probe's train/test split, shared by `probe` and `report` -> (split per row or None, note).
+    The catalog's split column when it has one (and no random fraction is asked for); otherwise
+    None: run_probe then holds out a seeded random fraction per seed (the same draws in both)."""
+    if random_fraction is None and column in catalog.columns:
+        return [catalog.label(r, column) for r in range(len(catalog))], None
+    fraction = random_fraction or PROBE_TEST_FRACTION
+    why = "as asked" if random_fraction is not None else f"{catalog.path} has no '{column}' column"
+    return None, f"probe: {why}: each seed holds out its own seeded random {fraction:.0%} of songs as test"
+
+
+PROBE_TEST_FRACTION = 0.2  # run_probe's held-out share when the catalog has no split
+
+
 def cmd_probe(args):
     catalog, cache = _load(args)
-    split = _column(catalog, args.split_column) if args.random_split is None else None
+    split, note = probe_split(catalog, args.split_column, args.random_split)
+    if note:
+        print(note)
     results, rows = {}, []
     for name, emb in _embeddings(args, catalog, cache).items():
         for column in args.label or ["genre", "language"]:
             r = run_probe(emb, _column(catalog, column), split, args.train_split, args.test_split,
-                          seeds=range(args.seeds), test_fraction=args.random_split or 0.2,
+                          seeds=range(args.seeds), test_fraction=args.random_split or PROBE_TEST_FRACTION,
                           hidden=args.hidden, epochs=args.epochs, lr=args.lr)
             results[f"{name}/{column}"] = r
             rows.append([name, column, _pm(r["acc"]), _pm(r["macro_f1"]), f"{r['majority']:.4f}",
@@ -1808,7 +1908,7 @@ def cmd_matching(args):
                                                         args.seed)
     print(f"matching: {stats['eligible']} of {stats['users']} users have > {args.triggers} distinct favourites"
           f" ({stats['duplicates']} repeated favourites counted once); chance HR@{args.list_size} "
-          f"~ {args.list_size / len(catalog):.4f}")
+          f"~ {matching_chance(len(catalog), args.triggers, args.per_trigger, args.list_size):.4f}")
     if stats["eligible"] == 0:
         raise SystemExit(f"{args.favourites}: no user has more than {args.triggers} favourites; lower --triggers")
     if args.index == "faiss":
@@ -1982,7 +2082,7 @@ def cmd_report(args):
     catalog, cache = _load(args)
     sources = dict(zip(_names(args.emb), args.emb))
     table = report(sources, catalog, args.favourites, args.impressions, args.pairs, args.out, args.kind, args.mode,
-                   cache)
+                   cache, n_triggers=args.triggers)
     print(table)
     print(f"report: {args.out}/table2.md" + (f", {args.out}/figure2.png" if args.pairs or args.impressions else ""))
     return {"table": table}
@@ -1998,12 +2098,21 @@ def _days(s):
         raise argparse.ArgumentTypeError(f"days as a range 1-7 or a list 1,2,3; got {s!r}") from None
 
 
+class _Parser(argparse.ArgumentParser):
+    """Every sub-command's parser: -h shows each option's default, abbreviations are refused."""
+
+    def __init__(self, *args, **kw):
+        kw.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
+        kw.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kw)
+
+
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
-    sub = p.add_subparsers(dest="command", required=True)
+    p = _Parser(description=__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     def command(name, fn, help, source=True):
-        q = sub.add_parser(name, help=help, description=help, allow_abbrev=False)
+        q = sub.add_parser(name, help=help, description=help)
         q.set_defaults(fn=fn)
         q.add_argument("--json", help="also write the results to this JSON file")
         if source:
@@ -2022,7 +2131,7 @@ def build_parser():
     q = command("embed", cmd_embed, "write song embeddings of a catalog (ids.txt + audio/text/fused .npy)",
                 source=False)
     q.add_argument("--artifact", required=True, help="folder written by pretrain.py / finetune.py")
-    q.add_argument("--catalog", required=True)
+    q.add_argument("--catalog", required=True, help="catalog CSV/JSONL (data.py format)")
     q.add_argument("--out", required=True, help="output folder")
     q.add_argument("--mode", default=None, choices=["full", "chunked"],
                    help="full: whole song (120 s) at once (HTCL); chunked: mean of 10 s windows (CrossMuSim); "
@@ -2031,7 +2140,7 @@ def build_parser():
     q.add_argument("--fused", action="store_true", help="also write fused.npy (fusion MLP, stage 2)")
     q.add_argument("--split", default="all", choices=["all", "train", "val", "test"], help="which catalog rows")
     q.add_argument("--cache", help="log-mel cache folder (data.py prepare); without it audio is decoded here")
-    q.add_argument("--batch-size", type=int, default=16)
+    q.add_argument("--batch-size", type=int, default=16, help="songs per forward pass")
     q.add_argument("--index", default="none", choices=["none", "faiss"],
                    help="faiss: also save a FAISS index of each kind (KIND.faiss) for `search`/`matching "
                         "--index faiss`; exact below 1M songs, IVF from 1M on (pip install faiss-cpu)")
@@ -2039,16 +2148,17 @@ def build_parser():
     add_search_parser(command)
 
     q = command("probe", cmd_probe, "semantic tasks: MLP probe accuracy / macro-F1 on frozen embeddings (HTCL)")
-    q.add_argument("--label", action="append", default=None, help="label column(s) (default: genre, language)")
-    q.add_argument("--split-column", default="split")
-    q.add_argument("--train-split", default="train")
-    q.add_argument("--test-split", default="test")
+    q.add_argument("--label", action="append", default=None, help="label column(s); none given: genre, language")
+    q.add_argument("--split-column", default="split",
+                   help="column with train/test; a catalog without it gets a seeded random split (as report)")
+    q.add_argument("--train-split", default="train", help="value of the split column that trains the probe")
+    q.add_argument("--test-split", default="test", help="value of the split column that scores it")
     q.add_argument("--random-split", type=float, default=None, metavar="FRACTION",
                    help="ignore the split column: each seed holds out this random fraction")
     q.add_argument("--seeds", type=int, default=5, help="runs; mean ± std is reported")
     q.add_argument("--hidden", type=int, default=512, help="hidden width; 0 = linear probe")
-    q.add_argument("--epochs", type=int, default=100)
-    q.add_argument("--lr", type=float, default=1e-3)
+    q.add_argument("--epochs", type=int, default=100, help="training epochs (at least 1000 steps on small sets)")
+    q.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate")
 
     q = command("matching", cmd_matching, "next-item HR@K from a favourites log (HTCL matching)")
     q.add_argument("--favourites", required=True, help="CSV user_id,song_id,timestamp")
@@ -2063,39 +2173,38 @@ def build_parser():
                         "(built in memory if absent)")
     q.add_argument("--nprobe", type=int, default=FAISS_NPROBE, help="cells an approximate FAISS index scans")
 
-    q = sub.add_parser("matching-benchmark", allow_abbrev=False,
-                       help="time matching on random vectors (default 100k songs x 10k users)")
+    q = sub.add_parser("matching-benchmark", help="time matching on random vectors (default 100k songs x 10k users)")
     q.set_defaults(fn=cmd_matching_benchmark)
-    q.add_argument("--json")
-    q.add_argument("--songs", type=int, default=100_000)
-    q.add_argument("--users", type=int, default=10_000)
-    q.add_argument("--dim", type=int, default=100)
+    q.add_argument("--json", help="also write the results to this JSON file")
+    q.add_argument("--songs", type=int, default=100_000, help="random songs")
+    q.add_argument("--users", type=int, default=10_000, help="random users, 31 favourites each")
+    q.add_argument("--dim", type=int, default=100, help="embedding width")
 
     q = command("ranking", cmd_ranking, "DIN CTR / CVR AUC with item embeddings from the representations (HTCL)")
     q.add_argument("--impressions", required=True, help="CSV user_id,song_id,day,clicked,favoured")
-    q.add_argument("--task", nargs="+", default=["ctr", "cvr"], choices=["ctr", "cvr"])
-    q.add_argument("--train-days", type=_days, default=list(range(1, 8)), help="default 1-7")
-    q.add_argument("--test-day", type=int, default=8)
+    q.add_argument("--task", nargs="+", default=["ctr", "cvr"], choices=["ctr", "cvr"], help="which AUCs")
+    q.add_argument("--train-days", type=_days, default=list(range(1, 8)), help="days that train DIN: 1-7 or 1,2,3")
+    q.add_argument("--test-day", type=int, default=8, help="day whose impressions are scored")
     q.add_argument("--behaviour", default="clicked", choices=["clicked", "favoured"],
                    help="what forms the user's behaviour sequence (songs on earlier days)")
     q.add_argument("--max-len", type=int, default=50, help="most recent behaviours kept")
-    q.add_argument("--epochs", type=int, default=2)
-    q.add_argument("--lr", type=float, default=1e-3)
-    q.add_argument("--seeds", type=int, default=1)
+    q.add_argument("--epochs", type=int, default=2, help="DIN training epochs")
+    q.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
+    q.add_argument("--seeds", type=int, default=1, help="runs; mean ± std is reported")
     q.add_argument("--freeze-items", action="store_true", help="keep item embeddings fixed (default: fine-tuned)")
 
     q = command("distance", cmd_distance, "Figure 2: cosine histograms of positive vs negative pairs")
     q.add_argument("--pairs", help="CSV anchor,song,label (positive/negative or 1/0)")
     q.add_argument("--impressions", help="derive pairs from an impressions log instead (see pairs_from_impressions)")
     q.add_argument("--out", default="figure2.png", help="PNG path")
-    q.add_argument("--bins", type=int, default=50)
+    q.add_argument("--bins", type=int, default=50, help="histogram bins over [-1, 1]")
 
     q = command("retrieval", cmd_retrieval, "CrossMuSim: M2M mAP@K, T2M R@1/R@5/mAP@10, same-artist leakage")
     q.add_argument("--tag", action="append", required=True,
                    help="tag column; repeat for several, e.g. genre (coarse), subgenre (fine)")
-    q.add_argument("--k", type=int, default=100)
+    q.add_argument("--k", type=int, default=100, help="K of M2M mAP@K and of the same-artist top K")
     q.add_argument("--split", default="all", choices=["all", "train", "val", "test"],
-                   help="search within these catalog rows only (default: all)")
+                   help="search within these catalog rows only")
     q.add_argument("--artist-column", default=None,
                    help="column naming a song's artist (default: artist_id if present; '' skips the statistic)")
     q.add_argument("--artifact", help="text tower for T2M queries of every --emb (default: each model's own "
@@ -2106,10 +2215,9 @@ def build_parser():
                    help="leakage control: songs sharing the query's value of COLUMN (e.g. artist_id) are neither "
                         "positives nor candidates in M2M and the same-artist statistic")
 
-    q = sub.add_parser("artist-graph", allow_abbrev=False,
-                       help="GraphSAGE artist similarity NDCG@200 over 0-4 layers (Grotschla et al.)")
+    q = sub.add_parser("artist-graph", help="GraphSAGE artist similarity NDCG@200 over 0-4 layers (Grotschla et al.)")
     q.set_defaults(fn=cmd_artist_graph)
-    q.add_argument("--json")
+    q.add_argument("--json", help="also write the results to this JSON file")
     q.add_argument("--edges", required=True, help="CSV artist_a,artist_b")
     q.add_argument("--artist-split", required=True, help="CSV artist_id,split")
     q.add_argument("--features", action="append", required=True,
@@ -2127,22 +2235,26 @@ def build_parser():
     q.add_argument("--artist-column", default="artist_id", help="catalog column naming a song's artist")
     q.add_argument("--eval-split", default="test", choices=["test", "val"],
                    help="artists scored; their mutual edges are hidden")
-    q.add_argument("--layers", type=int, nargs="+", default=[0, 1, 2, 3, 4])
-    q.add_argument("--k", type=int, default=200)
+    q.add_argument("--layers", type=int, nargs="+", default=[0, 1, 2, 3, 4], help="GraphSAGE depths compared")
+    q.add_argument("--k", type=int, default=200, help="K of NDCG@K")
     q.add_argument("--seeds", type=int, default=1, help="training seeds; mean ± std is reported")
     q.add_argument("--random-dim", type=int, default=2613, help="width of --features random (released: 2613)")
     q.add_argument("--verbose", action="store_true", help="print a line per epoch (losses, lr) on stderr")
     add_artist_graph_flags(q)
 
     q = command("report", cmd_report, "Table 2 (ACC genre/lang, HR@100, CTR/CVR AUC) and Figure 2 for several models")
-    q.add_argument("--favourites")
-    q.add_argument("--impressions")
-    q.add_argument("--pairs")
+    q.add_argument("--favourites", help="CSV user_id,song_id,timestamp: HR@100 (without it: '-')")
+    q.add_argument("--impressions", help="CSV user_id,song_id,day,clicked,favoured: CTR/CVR AUC, and Figure 2 "
+                                         "pairs when --pairs is not given (without both: '-')")
+    q.add_argument("--pairs", help="Figure 2 pairs: CSV anchor,song,label, or stage-2 trigger_song_id,rec_song_id")
+    q.add_argument("--triggers", type=int, default=30, help="matching: favourites before the target (paper: 30)")
     q.add_argument("--out", default="report", help="output folder")
     return p
 
 
 def main(argv=None):
+    """Run one sub-command. Errors are exceptions here (tests catch them); the command line (cli)
+    turns the known ones into one line."""
     args = build_parser().parse_args(argv)
     t0 = time.time()
     results = args.fn(args)
@@ -2165,5 +2277,14 @@ def _jsonable(x):
     raise TypeError(f"not JSON serializable: {type(x).__name__}")
 
 
+def cli(argv=None):
+    """main() with data.py's top-level handling: a known error (bad file, row, key or value) prints
+    `Error: ...`, which names the file, row or key, and exits 1; a traceback would add nothing."""
+    try:
+        return main(argv)
+    except (ValueError, OSError) as e:  # CatalogError, AudioError are ValueErrors; FileNotFoundError an OSError
+        raise SystemExit(f"Error: {e}") from None
+
+
 if __name__ == "__main__":
-    main()
+    cli()

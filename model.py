@@ -73,13 +73,15 @@ class HTCLConfig:
         return self.proj_dims[-1]
 
     @classmethod
-    def from_dict(cls, d):
+    def from_dict(cls, d, source="config"):
+        """config.json's dict -> HTCLConfig; unknown keys, top-level or inside "audio", are one ValueError."""
         d = dict(d)
-        audio = AudioConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.pop("audio", {}).items()})
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
+        audio = d.pop("audio", {})
+        unknown = sorted(set(d) - {f.name for f in fields(cls)})
+        unknown += sorted(f"audio.{k}" for k in set(audio) - {f.name for f in fields(AudioConfig)})
         if unknown:
-            raise ValueError(f"unknown HTCLConfig keys: {sorted(unknown)}")
+            raise ValueError(f"{source}: unknown HTCLConfig keys: {unknown}")
+        audio = AudioConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in audio.items()})
         d = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
         return cls(audio=audio, **d)
 
@@ -533,6 +535,47 @@ def clean_state_dict(state_dict):
     return out
 
 
+def resolve_text_model(name, timeout=4.0):
+    """A text model to load, or one ValueError that says what was looked for and how to fix it.
+
+    Order: a local folder (returned as is); the Hugging Face cache (its snapshot folder, so that
+    nothing later touches the network); else the hub, asked once with a short timeout. A machine
+    without internet otherwise sits through transformers' retries for ~50 s, then a long traceback.
+    """
+    if os.path.isdir(name):
+        return name
+    from huggingface_hub import constants, model_info, snapshot_download
+    try:
+        return snapshot_download(name, local_files_only=True)
+    except Exception:  # not cached (or not a valid repo id): go on to the hub
+        pass
+    fix = (f"Fix: set --model.text_model (text_model in a preset's [pretrain.model]) to a local folder "
+           f"with config.json, weights and tokenizer, e.g. made on a connected machine by "
+           f"`hf download {name} --local-dir DIR` (huggingface_hub's CLI) and copied here; or fill the cache there and "
+           f"copy {constants.HF_HUB_CACHE}, then run with HF_HUB_OFFLINE=1.")
+    looked = f"text model {name!r}: no folder {os.path.abspath(name)}, not in the Hugging Face cache " \
+             f"{constants.HF_HUB_CACHE}"
+    if constants.HF_HUB_OFFLINE:
+        raise ValueError(f"{looked}, and HF_HUB_OFFLINE is set. {fix}")
+    # One request in a daemon thread: a host that hangs (or a DNS lookup that does) cannot hold us.
+    import threading
+    result = {}
+
+    def ask():
+        try:
+            model_info(name, timeout=timeout)
+            result["ok"] = True
+        except Exception as e:
+            result["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+    thread = threading.Thread(target=ask, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if result.get("ok"):
+        return name  # reachable: transformers downloads it into the cache
+    reason = result.get("error", f"no answer in {timeout:.0f} s")
+    raise ValueError(f"{looked}, and the hub did not provide it ({reason}). {fix}")
+
+
 def save_artifact(model, tokenizer, folder, extra=None):
     """Write `folder`/{config.json, model.safetensors, tokenizer files}; `extra` goes into config.json too."""
     from safetensors.torch import save_file
@@ -559,15 +602,22 @@ def load_artifact(folder, device="cpu"):
     with open(path) as f:
         config = json.load(f)
     config.pop("training", None)
-    model = HTCL(HTCLConfig.from_dict(config))
-    weights = os.path.join(folder, "model.safetensors")
-    state = load_file(weights)  # safetensors: no pickle, no code
-    # Strict: a missing or renamed key would otherwise keep its random init without a word.
-    expected = model.state_dict().keys()
-    missing, unexpected = sorted(expected - state.keys()), sorted(state.keys() - expected)
-    if missing or unexpected:
-        raise ValueError(f"{weights} does not match its config.json: missing {missing[:5]} "
-                         f"({len(missing)} in all), unexpected {unexpected[:5]} ({len(unexpected)} in all)")
+    model = HTCL(HTCLConfig.from_dict(config, source=path))
+    state = load_file(os.path.join(folder, "model.safetensors"))  # safetensors: no pickle, no code
+    # Strict, and checked here: a missing or renamed key would otherwise keep its random init
+    # without a word, and a config.json that disagrees with the weights would be torch's
+    # size-mismatch traceback instead of one line naming the folder and the parameter.
+    expected = model.state_dict()
+    missing, extra = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    wrong = [k for k in expected if k in state and state[k].shape != expected[k].shape]
+    if missing or extra or wrong:
+        what = [f"parameter {k} has shape {tuple(state[k].shape)} in model.safetensors but "
+                f"{tuple(expected[k].shape)} by config.json" for k in wrong[:1]]
+        what += [f"config.json expects parameter {k}, missing from model.safetensors" for k in missing[:1]]
+        what += [f"model.safetensors holds unexpected parameter {k}, which config.json does not build"
+                 for k in extra[:1]]
+        raise ValueError(f"{folder}: config.json disagrees with model.safetensors ({len(wrong)} shape, "
+                         f"{len(missing)} missing, {len(extra)} unexpected parameters): {'; '.join(what)}")
     model.load_state_dict(state, strict=True)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     return model.to(device).eval(), tokenizer

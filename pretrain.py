@@ -7,7 +7,9 @@
     python pretrain.py -h                                             # every option, with its default
 
 The final artifact (runs/pretrain/final: config.json + model.safetensors +
-tokenizer) is what finetune.py and evaluate.py load.
+tokenizer) is what finetune.py and evaluate.py load. Each run also writes log.jsonl and
+curves.png (plot_curves, redrawn at every epoch's end); --report_to tensorboard sends the
+same numbers to an Accelerate tracker. Relative paths in a preset are read from its folder.
 
 This file also holds what both stages share: the dataclass -> CLI config, the
 training loop (Accelerate: prepare / accumulate / backward, warmup + cosine,
@@ -66,6 +68,7 @@ class TrainConfig:
     max_nonfinite_steps: int = 10     # skip a step whose loss/gradient is NaN/inf; stop after this many in a row
     resume: bool = False              # continue from the last checkpoint in out_dir
     max_steps: int = 0                # > 0: stop after this many optimizer steps (smoke runs)
+    report_to: str = "none"           # Accelerate tracker for the curves: none | tensorboard (pip install tensorboard) | wandb | ...
 
 
 @dataclass
@@ -106,16 +109,46 @@ def _field_comments(cls):
 def _flatten_toml(d, prefix=""):
     for k, v in d.items():
         if isinstance(v, dict):
-            yield from _flatten_toml(v, prefix + k + ".")
+            yield from _flatten_toml(v, prefix + str(k) + ".")
         else:
-            yield prefix + k, v
+            yield prefix + str(k), v
+
+
+# Fields holding a path. In a preset a relative path is read from the preset file's folder, so a
+# preset works from any working directory; on the command line it stays relative to the cwd.
+# text_model may also be a hub name: it is resolved only when that folder exists.
+PATH_FIELDS = ("catalog", "cache", "out_dir", "init_from", "pairs", "model.text_model")
+
+
+def _preset_path(preset, name, value):
+    if name not in PATH_FIELDS or not isinstance(value, str) or not value or os.path.isabs(value):
+        return value
+    path = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(preset)), value))
+    return value if name == "model.text_model" and not os.path.isdir(path) else path
+
+
+def usage_hint(script, needs):
+    """What a stage needs and the one command that runs the demo: printed when run with no arguments."""
+    return (f"{script}: nothing to train on: give {needs},\n"
+            f"or a preset that sets them (--preset FILE.toml). Every option: python {script} -h\n"
+            f"The bundled demo (a few minutes on a CPU): bash sample_data/demo.sh, or this stage alone:\n"
+            f"  accelerate launch {script} --preset sample_data/preset.toml")
+
+
+def exit_with_usage(script, needs):
+    """Print usage_hint and exit. Exit status 2 (a usage error), except under `accelerate launch`,
+    which turns any non-zero exit of the script into its own traceback: there the hint is the answer,
+    as -h is, and exits 0."""
+    print(usage_hint(script, needs), file=sys.stderr)
+    raise SystemExit(0 if "ACCELERATE_MIXED_PRECISION" in os.environ else 2)
 
 
 def parse_config(cls, section, argv=None):
     """Build `cls` from its defaults, then `--preset FILE.toml` ([section] table), then CLI flags.
 
     Every field (nested ones as --model.audio.layers) becomes a flag with its
-    default in -h; unknown flags and unknown preset keys are errors.
+    default in -h; unknown flags and unknown preset keys are errors. Relative paths
+    in a preset are read from its folder (PATH_FIELDS).
     """
     flat = dict(_flat_fields(cls))
     comments = {**_field_comments(htcl.AudioConfig), **_field_comments(htcl.HTCLConfig), **_field_comments(cls)}
@@ -144,7 +177,7 @@ def parse_config(cls, section, argv=None):
         for name, v in _flatten_toml(table):
             if name not in flat:
                 raise SystemExit(f"{path}: [{section}] has unknown key {name!r}")
-            values[name] = tuple(v) if isinstance(flat[name], tuple) else v
+            values[name] = tuple(v) if isinstance(flat[name], tuple) else _preset_path(path, name, v)
     values.update({k: (tuple(v) if isinstance(v, list) else v) for k, v in args.items() if v is not None})
 
     cfg = cls()
@@ -254,11 +287,17 @@ def train(cfg, model, tokenizer, loss_fn, train_set, val_set, song_set, stage):
     cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
     world = PartialState(cpu=cpu).num_processes
     if cfg.global_batch % (cfg.batch_per_device * world):
-        raise SystemExit(f"global_batch {cfg.global_batch} is not a multiple of batch_per_device "
-                         f"{cfg.batch_per_device} x {world} processes")
+        raise SystemExit(f"--global_batch {cfg.global_batch} is not a multiple of --batch_per_device "
+                         f"{cfg.batch_per_device} x {world} processes; set both (e.g. --global_batch 32 "
+                         f"--batch_per_device 32 for a small catalog)")
     accum = cfg.global_batch // (cfg.batch_per_device * world)
+    trackers = _trackers(cfg.report_to)
     accelerator = Accelerator(cpu=cpu, mixed_precision=cfg.mixed_precision or None, gradient_accumulation_steps=accum,
-                              dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True))
+                              dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+                              log_with=trackers, project_dir=cfg.out_dir if trackers else None)
+    if trackers:  # e.g. tensorboard --logdir runs/demo/pretrain
+        accelerator.init_trackers(f"stage{stage}", config={k: v if isinstance(v, (int, float, str, bool)) else str(v)
+                                                           for k, v in _flatten_toml(asdict(cfg))})
     set_seed(cfg.seed)
     is_main = accelerator.is_main_process
 
@@ -275,7 +314,8 @@ def train(cfg, model, tokenizer, loss_fn, train_set, val_set, song_set, stage):
                      persistent_workers=cfg.num_workers > 0 and not redraws)
     if len(train_set) < cfg.batch_per_device * world:
         raise SystemExit(f"{len(train_set)} training samples are fewer than one batch "
-                         f"({cfg.batch_per_device} x {world} processes)")
+                         f"(--batch_per_device {cfg.batch_per_device} x {world} processes): lower "
+                         f"--global_batch and --batch_per_device (global = per device x processes x accumulation)")
     # drop_last: the gathered contrastive loss needs the same batch on every process.
     # Own generator: creating a loader iterator then draws no number from the global RNG, so
     # dropout after a mid-epoch resume sees the same random stream as an uninterrupted run.
@@ -317,7 +357,8 @@ def train(cfg, model, tokenizer, loss_fn, train_set, val_set, song_set, stage):
     say(f"stage {stage}: {len(train_set)} train / {len(val_set)} val samples, {len(song_set)} held-out songs | "
         f"{world} process(es) x {cfg.batch_per_device} x {accum} accumulation = global batch {cfg.global_batch} | "
         f"{steps_per_epoch} steps/epoch, {total_steps} steps | {sum(p.numel() for p in net.parameters()):,} params")
-    log = IntervalLog(cfg.out_dir if is_main else None, say, stage, batch_global, total_steps)
+    log = IntervalLog(cfg.out_dir if is_main else None, say, stage, batch_global, total_steps,
+                      accelerator if trackers else None)
 
     metrics, step, nonfinite_run = {}, progress["step"], 0
     model.train()
@@ -371,6 +412,8 @@ def train(cfg, model, tokenizer, loss_fn, train_set, val_set, song_set, stage):
         say(f"epoch {epoch} | " + " | ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
                                               for k, v in metrics.items()))
         log.write({"stage": stage, "epoch": epoch, "step": step, "skipped_nonfinite": log.skipped, **metrics})
+        if is_main:
+            plot_curves(os.path.join(cfg.out_dir, "log.jsonl"), os.path.join(cfg.out_dir, "curves.png"))
         save_checkpoint(accelerator, cfg, {"epoch": epoch + 1, "step": step, "batches": 0})
 
     accelerator.wait_for_everyone()
@@ -383,12 +426,27 @@ def train(cfg, model, tokenizer, loss_fn, train_set, val_set, song_set, stage):
     return {**metrics, "skipped_nonfinite": log.skipped}
 
 
+def _trackers(report_to):
+    """--report_to -> Accelerate's log_with (None for none); tensorboard is an optional extra."""
+    if report_to in ("", "none"):
+        return None
+    if report_to == "tensorboard":
+        try:
+            import tensorboard  # noqa: F401  (only to say what is missing, before Accelerate does)
+        except ImportError:
+            raise SystemExit("--report_to tensorboard needs the tensorboard package: pip install tensorboard "
+                             "(or --report_to none; curves.png is drawn either way)") from None
+    return report_to
+
+
 class IntervalLog:
     """One line per log interval: step, loss (parts), chance level ln(B), lr, temperatures,
-    samples/s; also appended to out_dir/log.jsonl. Non-finite losses are left out of the means."""
+    samples/s; also appended to out_dir/log.jsonl, and sent to the Accelerate trackers
+    (--report_to). Non-finite losses are left out of the means."""
 
-    def __init__(self, out_dir, say, stage, batch_global, total_steps):
+    def __init__(self, out_dir, say, stage, batch_global, total_steps, accelerator=None):
         self.say, self.stage, self.batch_global, self.total_steps = say, stage, batch_global, total_steps
+        self.accelerator = accelerator
         if out_dir:
             os.makedirs(out_dir, exist_ok=True)
         self.file = open(os.path.join(out_dir, "log.jsonl"), "a") if out_dir else None
@@ -415,7 +473,9 @@ class IntervalLog:
                "samples_per_s": self.n * self.batch_global / (time.time() - self.t0),
                **{f"loss_{k}": v for k, v in parts.items()}}
         detail = f" ({' '.join(f'{k} {v:.3f}' for k, v in parts.items())})" if len(parts) > 1 else ""
-        temps = " ".join(f"{k} {1 / v.exp().item():.4f}" for k, v in net.logit_scale.items() if v.requires_grad) \
+        temps = {k: 1 / v.exp().item() for k, v in net.logit_scale.items() if v.requires_grad}
+        rec.update({f"temp_{k}": v for k, v in temps.items()})
+        temps = " ".join(f"{k} {v:.4f}" for k, v in temps.items()) \
             or f"{1 / math.exp(net.cfg.logit_scale_init):.4f} (fixed)"
         self.say(f"step {step:>6}/{self.total_steps} | loss {rec['loss']:.4f}{detail} | ln(B) {rec['ln_B']:.4f} | "
                  f"lr {lr:.2e} | temp {temps} | {rec['samples_per_s']:.1f} samples/s")
@@ -426,10 +486,55 @@ class IntervalLog:
         if self.file:
             self.file.write(json.dumps(rec) + "\n")
             self.file.flush()
+        if self.accelerator is not None:
+            self.accelerator.log({k: v for k, v in rec.items() if isinstance(v, (int, float)) and k != "step"},
+                                 step=rec["step"])
 
     def close(self):
         if self.file:
             self.file.close()
+
+
+def plot_curves(log_path, png_path):
+    """Draw log.jsonl as png_path: training loss against its chance level ln(B), held-out R@K
+    against chance, learning rate, temperatures, each against the optimizer step.
+    Returns {panel: {series: (steps, values)}}, what was drawn."""
+    import matplotlib
+    matplotlib.use("Agg")  # files only; no display on a server
+    import matplotlib.pyplot as plt
+    with open(log_path) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    train_rows = [r for r in rows if "loss" in r]
+    val_rows = [r for r in rows if "val_loss" in r]
+
+    def series(rows, key):
+        pts = [(r["step"], r[key]) for r in rows if key in r]
+        return [p[0] for p in pts], [p[1] for p in pts]
+
+    keys = lambda rows, test: sorted({k for r in rows for k in r if test(k)})  # noqa: E731
+    panels = {
+        "loss (train) against chance ln(B)": {k: series(train_rows, k) for k in
+                                              ["loss", "ln_B"] + keys(train_rows, lambda k: k.startswith("loss_"))},
+        "held-out retrieval R@K": {k: series(val_rows, k) for k in
+                                   keys(val_rows, lambda k: "_R@" in k)},
+        "learning rate": {"lr": series(train_rows, "lr")},
+        "temperature": {k: series(train_rows, k) for k in keys(train_rows, lambda k: k.startswith("temp_"))},
+    }
+    fig, axes = plt.subplots(1, 4, figsize=(18, 3.6))
+    for ax, (title, lines) in zip(axes, panels.items()):
+        for name, (x, y) in lines.items():
+            chance = name in ("ln_B", "chance_R@10")
+            ax.plot(x, y, label=name, linestyle="--" if chance else "-", marker="" if len(x) > 1 else "o",
+                    color="black" if chance else None)
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("optimizer step")
+        if lines:
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(png_path + ".tmp.png", dpi=90)
+    plt.close(fig)
+    os.replace(png_path + ".tmp.png", png_path)  # a reader never sees half a PNG
+    return panels
 
 
 def save_checkpoint(accelerator, cfg, progress):
@@ -480,8 +585,14 @@ def load_songs(cfg):
 
 
 def main(argv=None):
+    if not (sys.argv[1:] if argv is None else argv):
+        exit_with_usage("pretrain.py", "--catalog CATALOG (and --cache CACHE from `data.py prepare`)")
     cfg = parse_config(PretrainConfig, "pretrain", argv)
     from transformers import AutoTokenizer
+    try:  # before anything slow: a missing text model is one line, in seconds
+        cfg.model.text_model = htcl.resolve_text_model(cfg.model.text_model)
+    except ValueError as e:  # what was looked for and how to fix it
+        raise SystemExit(f"Error: {e}") from None
     catalog, cache, train_rows, val_rows = load_songs(cfg)
     song_set = data.SongDataset(catalog, val_rows, cache)
     # Straight from audio (no cache), a training song that fails to decode is skipped with a

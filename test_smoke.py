@@ -8,6 +8,7 @@ catalogs, cache) -> faults (bad audio and files, security) -> evaluation metrics
 protocols -> end to end on sample_data through the command lines (both stages, kill and
 resume, non-finite steps, accelerate launch with 2 processes).
 """
+import argparse
 import ast
 import csv
 import filecmp
@@ -1819,7 +1820,10 @@ def test_report_writes_table2_and_figure2(tmp_path):
                       out_dir=str(tmp_path / "rep"), probe_seeds=(0,), ranking_epochs=1)
     lines = table.splitlines()
     assert lines[0] == "| Model | ACC genre | ACC lang | HR@100 | CTR AUC | CVR AUC | Fig. 2 AUC |"
-    assert lines[2].startswith("| e | ") and lines[3].startswith("| random | ") and len(lines) == 4
+    assert lines[2].startswith("| e | ") and lines[3].startswith("| random | ") and lines[4] == ""
+    # this world's users have <= 30 favourites: HR@100 is "-", and the footnote says why
+    assert lines[3].split(" | ")[3] == "-" and lines[5:] == [
+        f'- HR@100 "-": no user of {tmp_path / "favourites.csv"} has more than 30 favourites (--triggers)']
     assert (tmp_path / "rep" / "table2.md").read_text().strip() == table
     assert (tmp_path / "rep" / "figure2.png").exists()
 
@@ -3009,3 +3013,214 @@ def test_random_artist_features_are_the_released_uniform_2613_d_and_seeded():
     assert x.min() >= 0 and x.max() < 1 and abs(x.mean() - 0.5) < 0.01  # uniform [0, 1), not Gaussian
     assert np.array_equal(x, ev.artist_features("random", ["b"] * 40))
     assert not np.array_equal(x, ev.artist_features("random", ["a"] * 40, seed=1))
+# --- issue 11: own songs offline, clean errors, consistent evaluation options, fast report, curves ---
+
+def test_demo_preset_runs_from_another_directory_and_draws_its_curves(tmp_path, demo_cache):
+    """Preset paths are read from the preset's folder; curves.png is drawn from log.jsonl."""
+    import pretrain
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    out = tmp_path / "out"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "pretrain.py"),
+                        "--preset", os.path.relpath(os.path.join(ROOT, PRESET), elsewhere),
+                        "--cache", str(demo_cache), "--out_dir", "out_here", "--max_steps", "2", "--log_every", "1"],
+                       cwd=elsewhere, env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    out = elsewhere / "out_here"  # a command-line path stays relative to the working directory
+    training = json.loads((out / "final" / "config.json").read_text())
+    assert training["training"]["catalog"] == os.path.join(SAMPLE, "catalog.csv")
+    assert training["text_model"] == TINY_BERT
+    png = (out / "curves.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 1000
+    rows = [json.loads(line) for line in open(out / "log.jsonl")]
+    drawn = pretrain.plot_curves(str(out / "log.jsonl"), str(tmp_path / "again.png"))
+    train_rows, val_rows = [r for r in rows if "loss" in r], [r for r in rows if "val_loss" in r]
+    assert len(train_rows) == 2 and len(val_rows) == 1
+    loss_panel, recall_panel, lr_panel, temp_panel = drawn.values()
+    assert loss_panel["loss"] == ([r["step"] for r in train_rows], [r["loss"] for r in train_rows])
+    assert loss_panel["ln_B"][1] == [math.log(64)] * 2
+    assert recall_panel["a2t_R@10"] == ([val_rows[0]["step"]], [val_rows[0]["a2t_R@10"]])
+    assert recall_panel["chance_R@10"][1] == [val_rows[0]["chance_R@10"]]
+    assert lr_panel["lr"][1] == [r["lr"] for r in train_rows]
+    assert list(temp_panel) == ["temp_at"] and all(0 < t < 1 for t in temp_panel["temp_at"][1])
+
+
+def test_paths_on_the_command_line_stay_relative_to_the_working_directory(tmp_path):
+    import pretrain
+    preset = tmp_path / "p.toml"
+    preset.write_text('[pretrain]\ncatalog = "c.csv"\ncache = "/abs/cache"\n[pretrain.model]\n'
+                      'text_model = "bert-base-uncased"\n')
+    cfg = pretrain.parse_config(pretrain.PretrainConfig, "pretrain", ["--preset", str(preset), "--out_dir", "o"])
+    assert cfg.catalog == str(tmp_path / "c.csv") and cfg.cache == "/abs/cache" and cfg.out_dir == "o"
+    assert cfg.model.text_model == "bert-base-uncased"  # no such folder beside the preset: a hub name
+
+
+def test_missing_text_model_is_one_line_that_says_how_to_fix_it(capsys):
+    import pretrain
+    with pytest.raises(SystemExit) as e:
+        pretrain.main(["--catalog", os.path.join(SAMPLE, "catalog.csv"), "--model.text_model", "no-such-org/no-bert"])
+    msg = str(e.value.code)
+    assert msg.startswith("Error: text model 'no-such-org/no-bert'") and "\n" not in msg
+    assert "--model.text_model" in msg and "HF_HUB_OFFLINE=1" in msg and "hf download no-such-org/no-bert" in msg
+
+
+def test_batch_size_errors_name_both_flags():
+    import pretrain
+    for sizes in (("64", "48"), ("1000", "1000")):  # not a multiple; more than the training songs
+        with pytest.raises(SystemExit) as e:
+            pretrain.main(["--preset", os.path.join(SAMPLE, "preset.toml"), "--cache", "", "--max_steps", "1",
+                           "--global_batch", sizes[0], "--batch_per_device", sizes[1]])
+        assert "--global_batch" in str(e.value.code) and "--batch_per_device" in str(e.value.code)
+
+
+@pytest.mark.parametrize("script", ["pretrain", "finetune"])
+def test_no_arguments_print_the_demo_command_without_a_traceback(script, capsys, monkeypatch):
+    stage = importlib.import_module(script)
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
+    with pytest.raises(SystemExit) as e:
+        stage.main([])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert f"accelerate launch {script}.py --preset sample_data/preset.toml" in err and len(err.splitlines()) <= 5
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")  # what `accelerate launch` sets
+    with pytest.raises(SystemExit) as e:
+        stage.main([])
+    assert e.value.code == 0  # accelerate would print its own traceback over any other status
+
+
+def test_evaluate_cli_refuses_a_pickled_npy_naming_the_file(tmp_path):
+    _write_world(tmp_path)
+    bad = tmp_path / "bad.npy"
+    np.save(bad, np.array([{"a": 1}] * 40, dtype=object), allow_pickle=True)
+    (tmp_path / "bad.ids.txt").write_text("".join(f"s{i}\n" for i in range(40)))
+    for argv in (["probe", "--catalog", str(tmp_path / "catalog.csv"), "--emb", str(bad)],
+                 ["artist-graph", "--edges", str(tmp_path / "artist_graph.csv"), "--artist-split",
+                  str(tmp_path / "artist_split.csv"), "--features", str(bad)]):
+        with pytest.raises(SystemExit) as e:
+            ev.cli(argv)
+        assert str(e.value.code).startswith(f"Error: {bad}: not a plain numeric .npy"), e.value.code
+
+
+def test_artifact_whose_config_disagrees_with_its_weights_names_folder_and_parameter(tiny_world, tmp_path):
+    import shutil
+    folder = tmp_path / "artifact"
+    shutil.copytree(tiny_world / "artifact", folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["proj_dims"] = [12, 6]  # the weights were saved with (12, 8)
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=rf"^{folder}: config.json disagrees .*parameter \S+proj\S+ has shape"):
+        htcl.load_artifact(str(folder))
+    with pytest.raises(SystemExit) as e:
+        ev.cli(["embed", "--artifact", str(folder), "--catalog", str(tiny_world / "catalog.csv"),
+                "--out", str(tmp_path / "emb")])
+    assert str(e.value.code).startswith(f"Error: {folder}: config.json disagrees")
+
+
+def test_unknown_config_keys_get_one_message_top_level_or_nested():
+    for bad, key in (({"bogus": 1}, "bogus"), ({"audio": {"layerz": 2}}, "audio.layerz")):
+        with pytest.raises(ValueError, match=rf"^x/config.json: unknown HTCLConfig keys: \['{key}'\]$"):
+            htcl.HTCLConfig.from_dict(bad, source="x/config.json")
+    assert htcl.HTCLConfig.from_dict({"audio": {"layers": 3}}).audio.layers == 3
+
+
+def test_ids_file_with_bom_and_spaces_is_read_as_catalogs_are(tmp_path):
+    from data import load_catalog
+    emb = _write_world(tmp_path)
+    catalog = load_catalog(tmp_path / "catalog.csv")
+    ids = (tmp_path / "e.ids.txt").read_text().splitlines()
+    (tmp_path / "e.ids.txt").write_bytes(b"\xef\xbb\xbf" + "".join(f" {i}\t\n" for i in ids).encode())
+    x = ev.song_embeddings(str(tmp_path / "e.npy"), catalog)
+    assert np.array_equal(x, emb)  # every song found, in catalog order
+
+
+def test_self_pairs_are_dropped_and_counted(tmp_path):
+    from data import load_catalog
+    _write_world(tmp_path)
+    catalog = load_catalog(tmp_path / "catalog.csv")
+    (tmp_path / "p.csv").write_text("trigger_song_id,rec_song_id\ns1,s2\ns3,s3\ns4, s4\ns2,s5\n")
+    with pytest.warns(UserWarning, match=r"dropped 2 of 4 rows pairing a song with itself; first on line\(s\) 3, 4"):
+        pairs = data.load_pairs(tmp_path / "p.csv", catalog)
+    assert pairs == [(1, 2), (2, 5)]
+
+
+def test_matching_chance_is_a_probability_even_on_small_catalogs():
+    assert ev.matching_chance(42) == 1.0  # 12 non-trigger songs, all fit on a list of 100
+    assert ev.matching_chance(1030) == pytest.approx(100 / 1000)
+    assert ev.matching_chance(100, n_triggers=3, per_trigger=10) == pytest.approx(30 / 97)  # 30 candidates at most
+
+
+def test_probe_and_report_draw_the_same_random_split_without_a_split_column(tmp_path, capsys):
+    _write_world(tmp_path)
+    rows = (tmp_path / "catalog.csv").read_text().splitlines()
+    (tmp_path / "nosplit.csv").write_text("\n".join(r.rsplit(",", 1)[0] for r in rows) + "\n")
+    out = ev.main(["probe", "--catalog", str(tmp_path / "nosplit.csv"), "--emb", str(tmp_path / "e.npy"),
+                   "--label", "genre", "--seeds", "2", "--epochs", "1"])
+    note = "has no 'split' column: each seed holds out its own seeded random 20% of songs as test"
+    assert note in capsys.readouterr().out
+    from data import load_catalog
+    catalog = load_catalog(tmp_path / "nosplit.csv")
+    direct = ev.run_probe(ev.song_embeddings(str(tmp_path / "e.npy"), catalog),
+                          [catalog.label(r, "genre") for r in range(len(catalog))], None, seeds=range(2), epochs=1)
+    assert out["e/genre"]["per_seed_acc"] == direct["per_seed_acc"]  # report calls run_probe with split None too
+    assert ev.probe_split(catalog)[0] is None and note in ev.probe_split(catalog)[1]
+
+
+def test_every_option_of_every_sub_command_has_help_and_shows_its_default():
+    parser = ev.build_parser()
+    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    assert len(subparsers.choices) >= 9
+    for name, sub in subparsers.choices.items():
+        for action in sub._actions:
+            if action.option_strings and action.dest != "help":
+                assert action.help, f"{name} {action.option_strings[0]} has no help text"
+        if any(a.default not in (None, argparse.SUPPRESS) for a in sub._actions if a.dest != "help"):
+            assert "(default: " in sub.format_help(), name
+
+
+def test_probes_trained_side_by_side_match_probes_trained_alone():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((120, 6)).astype(np.float32)
+    y = (x[:, 0] + 0.5 * rng.standard_normal(120) > 0).astype(int) + (x[:, 1] > 1)
+    x_test = rng.standard_normal((200, 6)).astype(np.float32)
+    together = ev.train_probes(x, y, x_test, 3, seeds=(0, 1, 2), hidden=16, min_steps=60)
+    for seed, pred in zip((0, 1, 2), together):
+        alone = ev.train_probe(x, y, x_test, 3, seed=seed, hidden=16, min_steps=60)
+        assert (pred == alone).mean() >= 0.98  # equal up to float rounding
+    assert (together[0] != together[1]).any()  # and the seeds do differ
+
+
+def test_din_forward_equals_the_concatenated_activation_unit():
+    torch.manual_seed(0)
+    din = ev.DIN(torch.randn(30, 8))
+    target = torch.randint(30, (5,))
+    history = torch.randint(30, (5, 7))
+    history[:, :3] = -1  # three leading columns padding in every row: dropped by forward
+    history[1, 3:5] = -1
+    pad = history < 0
+    t = din.items(target)
+    h = din.items(history.masked_fill(pad, 30))
+    te = t[:, None, :].expand_as(h)
+    weight = din.attention(torch.cat([h, te, h - te, h * te], dim=-1)).squeeze(-1).masked_fill(pad, 0.0)
+    interest = (weight[..., None] * h).sum(1)
+    reference = din.head(torch.cat([interest, t, interest * t], dim=-1)).squeeze(-1)
+    assert torch.allclose(din(target, history), reference, atol=1e-5)
+
+
+def test_small_catalog_preset_is_valid_and_reads_paths_from_its_folder():
+    import finetune
+    import pretrain
+    preset = os.path.join(ROOT, "presets", "small.toml")
+    cfg = pretrain.parse_config(pretrain.PretrainConfig, "pretrain", ["--preset", preset])
+    assert cfg.catalog == os.path.join(ROOT, "my_songs", "catalog.csv") and cfg.global_batch == 16
+    assert cfg.model.text_model == "../models/bert-base-multilingual-uncased"  # no such folder here: kept as given
+    cfg = finetune.parse_config(finetune.FinetuneConfig, "finetune", ["--preset", preset])
+    assert cfg.init_from == os.path.join(ROOT, "runs", "mine", "pretrain", "final")
+
+
+def test_report_to_tensorboard_without_the_package_says_how_to_install_it(monkeypatch):
+    import pretrain
+    assert pretrain._trackers("none") is None
+    monkeypatch.setitem(sys.modules, "tensorboard", None)  # import tensorboard now raises ImportError
+    with pytest.raises(SystemExit, match="pip install tensorboard"):
+        pretrain._trackers("tensorboard")

@@ -11,7 +11,8 @@ cd "$(dirname "$0")/.."
 # machine, spin-waiting OpenMP threads can make a step 10x slower. Override freely.
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 export TOKENIZERS_PARALLELISM=false
-LAUNCH="accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no --cpu"
+# --quiet: a script's own one-line error is not followed by accelerate's traceback of the launcher.
+LAUNCH="accelerate launch --quiet --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no --cpu"
 
 run() { echo; echo "+ $*"; "$@"; }
 start=$(date +%s)
