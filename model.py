@@ -9,10 +9,14 @@ ICMR 2025), reading top to bottom in the order of the figure:
     -> artifact save / load (the hand-off between the two stages)
 
 Nothing here trains; pretrain.py and finetune.py do. Quick check of the paper
-default (88.5M-parameter audio encoder):
+default (the audio encoder's 88,500,511 parameters), and conversion of a
+checkpoint saved by the released code (train_stage1.py / train_stage2.py) into an
+artifact that evaluate.py and finetune.py read:
 
     python model.py
+    python model.py convert-released model-20.pth --text_model bert-base-multilingual-uncased --out runs/released
 """
+import copy
 import json
 import math
 import os
@@ -113,7 +117,8 @@ class ConvStem(nn.Module):
 
 
 class ConvPositionalEmbedding(nn.Module):
-    """wav2vec2-style relative position: a grouped, weight-normed conv whose GELU output is added to x.
+    """wav2vec2-style relative position, as the released code builds it: a grouped,
+    weight-normed conv -> LayerNorm(hidden) -> GELU, whose output is added to x.
 
     (B, T, D) -> (B, T, D). The kernel is odd, so 'same' padding keeps T.
     """
@@ -123,9 +128,10 @@ class ConvPositionalEmbedding(nn.Module):
         conv = nn.Conv1d(cfg.hidden, cfg.hidden, cfg.pos_conv_kernel,
                          padding=cfg.pos_conv_kernel // 2, groups=cfg.pos_conv_groups)
         self.conv = nn.utils.parametrizations.weight_norm(conv, name="weight", dim=2)
+        self.norm = nn.LayerNorm(cfg.hidden)  # released code: LayerNorm between the conv and the GELU
 
     def forward(self, x):
-        return F.gelu(self.conv(x.transpose(1, 2))).transpose(1, 2)  # (B, T, D)
+        return F.gelu(self.norm(self.conv(x.transpose(1, 2)).transpose(1, 2)))  # (B, T, D)
 
 
 class TransformerLayer(nn.Module):
@@ -139,8 +145,14 @@ class TransformerLayer(nn.Module):
     def __init__(self, cfg: AudioConfig):
         super().__init__()
         self.heads, self.dropout = cfg.heads, cfg.dropout
-        self.in_proj = nn.Linear(cfg.hidden, 3 * cfg.hidden)
+        # Initialised as nn.MultiheadAttention does (released code), in its order of random draws:
+        # out_proj gets nn.Linear's default init, then the in-projection is Xavier-uniform over the
+        # whole (3D, D) matrix, and the in-projection and out_proj biases are zero.
+        self.in_proj = nn.utils.skip_init(nn.Linear, cfg.hidden, 3 * cfg.hidden)  # no draw: set below
         self.out_proj = nn.Linear(cfg.hidden, cfg.hidden)
+        nn.init.xavier_uniform_(self.in_proj.weight)
+        nn.init.zeros_(self.in_proj.bias)
+        nn.init.zeros_(self.out_proj.bias)
         self.linear1 = nn.Linear(cfg.hidden, cfg.ffn)
         self.linear2 = nn.Linear(cfg.ffn, cfg.hidden)
         self.norm1 = nn.LayerNorm(cfg.hidden)
@@ -163,12 +175,21 @@ class AudioEncoder(nn.Module):
     """E_audio (Fig. 1b, Sec. 3.1.3): log-mel of a whole song -> one 768-d vector.
 
     mel (B, T, n_mels), padding_mask (B, T) bool with True at padded frames (or None)
-    -> (B, hidden). Paper default: 1251 frames -> 155 tokens + [CLS], 88.5M parameters.
+    -> (B, hidden). Paper default: 1251 frames -> 155 tokens + [CLS]; 88,500,511
+    parameters, the released AudioModel(input_dim=128) module for module.
+
+    Initialisation is the released code's (PyTorch defaults of the modules it uses):
+    nn.TransformerEncoder deep-copies one layer, so all layers start identical; the
+    attention is initialised as nn.MultiheadAttention's; [CLS] is torch.randn (std 1).
+    Modules are built in the released order, so under the same seed the initial
+    weights equal the released AudioModel's.
 
     NOTE(paper): the released code pools over every token, padded ones included,
     with no attention mask, so a song's embedding depends on how much silence it
     was padded with. Here padded tokens are masked in attention and in the mean,
-    so a 30 s song gives the same embedding padded to 60 s or to 120 s.
+    and zeroed before the positional conv, so a 30 s song gives the same embedding
+    padded to 60 s or to 120 s. For a song of 1251 frames (120 s or longer), with
+    no padding, the two designs give the same embedding.
     """
 
     def __init__(self, cfg: AudioConfig = None):
@@ -180,9 +201,9 @@ class AudioEncoder(nn.Module):
         self.feature_proj = nn.Linear(cfg.conv_channels, cfg.hidden)
         self.pos_conv = ConvPositionalEmbedding(cfg)
         self.pos_norm = nn.LayerNorm(cfg.hidden)
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.hidden))
-        nn.init.normal_(self.cls_token, std=0.02)
-        self.layers = nn.ModuleList(TransformerLayer(cfg) for _ in range(cfg.layers))
+        layer = TransformerLayer(cfg)  # as nn.TransformerEncoder: one layer, deep-copied
+        self.layers = nn.ModuleList(copy.deepcopy(layer) for _ in range(cfg.layers))
+        self.cls_token = nn.Parameter(torch.randn(1, 1, cfg.hidden))  # released code: std 1
 
     def forward(self, mel, padding_mask=None):
         B, T, _ = mel.shape
@@ -508,9 +529,193 @@ def load_artifact(folder, device="cpu"):
     return model.to(device).eval(), tokenizer
 
 
-if __name__ == "__main__":
+# -----------------------------------------------------------------------------
+# Converting a released-code checkpoint (train_stage1.py / train_stage2.py: the state_dict of
+# their ModelWrapper, saved as model-N.pth) into an artifact of this repo.
+
+# Released module path -> ours, for the audio encoder (models/audio_model.py's AudioModel). {i}: an index.
+_RELEASED_AUDIO = [
+    (r"cls_token", "cls_token"),
+    (r"feature_extractor\.layers\.(\d+)\.1\.weight", "stem.convs.{0}.weight"),  # Conv1d, no bias
+    (r"feature_extractor\.layers\.(\d+)\.3\.(weight|bias)", "stem.norms.{0}.{1}"),  # its LayerNorm
+    (r"feature_projection\.layer_norm\.(weight|bias)", "feature_norm.{0}"),
+    (r"feature_projection\.projection\.(weight|bias)", "feature_proj.{0}"),
+    (r"pos_conv_embed\.conv\.bias", "pos_conv.conv.bias"),
+    # weight norm: parametrizations (original0 = g, original1 = v), or the old weight_g / weight_v
+    (r"pos_conv_embed\.conv\.parametrizations\.weight\.(original[01])", "pos_conv.conv.parametrizations.weight.{0}"),
+    (r"pos_conv_embed\.conv\.weight_g", "pos_conv.conv.parametrizations.weight.original0"),
+    (r"pos_conv_embed\.conv\.weight_v", "pos_conv.conv.parametrizations.weight.original1"),
+    (r"pos_conv_embed\.layer_norm\.(weight|bias)", "pos_conv.norm.{0}"),
+    (r"layer_norm\.(weight|bias)", "pos_norm.{0}"),
+    (r"transformer_encoder\.layers\.(\d+)\.self_attn\.in_proj_(weight|bias)", "layers.{0}.in_proj.{1}"),
+    (r"transformer_encoder\.layers\.(\d+)\.self_attn\.out_proj\.(weight|bias)", "layers.{0}.out_proj.{1}"),
+    (r"transformer_encoder\.layers\.(\d+)\.(linear1|linear2|norm1|norm2)\.(weight|bias)", "layers.{0}.{1}.{2}"),
+]
+# The released wrapper's temperatures (log logit scales) -> ours. train_stage2.py: tau_1 audio<->text,
+# tau_2 trigger audio<->rec audio, tau_3 audio<->fused.
+_RELEASED_TAU = {"tau": "at", "tau_1": "at", "tau_2": "aa", "tau_3": "af"}
+_RELEASED_MLP = {"audio_mlp": "audio_proj", "text_mlp": "text_proj", "fusion_mlp": "fusion"}
+# Buffers that older transformers versions saved with BertModel and current ones rebuild.
+_RELEASED_TEXT_BUFFERS = ("embeddings.position_ids",)
+
+
+class ConversionError(ValueError):
+    """A released checkpoint this converter cannot map; the message names the key."""
+
+
+def released_key(key):
+    """A released ModelWrapper state_dict key -> ours, or None where it has no place."""
+    import re
+    if key in _RELEASED_TAU:
+        return f"logit_scale.{_RELEASED_TAU[key]}"
+    head, _, rest = key.partition(".")
+    if head == "text_model":
+        return "text_encoder.model." + rest
+    if head in _RELEASED_MLP:
+        # released MLP: Linear, ReLU, Dropout(0) per block -> Linear layers at 0, 3, 6; ours: 0, 2, 4
+        m = re.fullmatch(r"(\d+)\.(weight|bias)", rest)
+        if m and int(m.group(1)) % 3 == 0:
+            return f"{_RELEASED_MLP[head]}.{2 * (int(m.group(1)) // 3)}.{m.group(2)}"
+        return None
+    if head == "audio_model":
+        for pattern, ours in _RELEASED_AUDIO:
+            m = re.fullmatch(pattern, rest)
+            if m:
+                return "audio_encoder." + ours.format(*m.groups())
+    return None
+
+
+def _released_config(state, text_model, heads, conv_strides):
+    """HTCLConfig of a released checkpoint, read from its tensors' shapes. The head count and the
+    conv strides are not in any shape: the released AudioModel's defaults (12, (2, 2, 2)) unless given."""
+    def shape(key):
+        if key not in state:
+            raise ConversionError(f"released checkpoint has no {key!r}: not a train_stage1/2.py ModelWrapper state_dict")
+        return tuple(state[key].shape)
+
+    def count(prefix):
+        return len({k[len(prefix):].split(".")[0] for k in state if k.startswith(prefix)})
+
+    n_convs = count("audio_model.feature_extractor.layers.")
+    convs = [shape(f"audio_model.feature_extractor.layers.{i}.1.weight") for i in range(n_convs)]  # (C_out, C_in, k)
+    if len({c[0] for c in convs}) != 1:
+        raise ConversionError(f"conv stem channels {[c[0] for c in convs]} differ between layers; "
+                              f"model.ConvStem has one width")
+    if len(conv_strides) != n_convs:
+        raise ConversionError(f"--conv_strides {conv_strides} gives {len(conv_strides)} strides; "
+                              f"the checkpoint has {n_convs} conv layers")
+    hidden = shape("audio_model.feature_projection.projection.weight")[0]
+    v = ("audio_model.pos_conv_embed.conv.parametrizations.weight.original1"
+         if "audio_model.pos_conv_embed.conv.parametrizations.weight.original1" in state
+         else "audio_model.pos_conv_embed.conv.weight_v")
+    pos = shape(v)  # (D, D / groups, k)
+    if hidden % heads:
+        raise ConversionError(f"hidden size {hidden} is not a multiple of --heads {heads}")
+    audio = AudioConfig(n_mels=convs[0][1], conv_channels=convs[0][0], conv_kernels=tuple(c[2] for c in convs),
+                        conv_strides=tuple(conv_strides), hidden=hidden,
+                        layers=count("audio_model.transformer_encoder.layers."), heads=heads,
+                        ffn=shape("audio_model.transformer_encoder.layers.0.linear1.weight")[0],
+                        pos_conv_kernel=pos[2], pos_conv_groups=hidden // pos[1])
+
+    def mlp_dims(name):  # output sizes of the Linear layers (released indices 0, 3, 6, ...)
+        idx = sorted({int(k.split(".")[1]) for k in state if k.startswith(f"{name}.") and k.endswith(".weight")})
+        return tuple(shape(f"{name}.{i}.weight")[0] for i in idx)
+
+    proj = mlp_dims("audio_mlp")
+    fusion = mlp_dims("fusion_mlp") if any(k.startswith("fusion_mlp.") for k in state) else (2 * proj[-1], proj[-1], proj[-1])
+    return HTCLConfig(audio=audio, text_model=text_model, text_pretrained=False, text_pooling="pooler",
+                      proj_dims=proj, fusion_dims=fusion)
+
+
+def convert_released(ckpt, text_model, out, heads=12, conv_strides=(2, 2, 2), seed=3407):
+    """A released model-N.pth -> an artifact folder (config.json, model.safetensors, tokenizer of
+    text_model) that load_artifact reads strictly and that gives the released model's embeddings
+    (text: BERT's pooler output, as the released wrapper) and temperatures. Returns the folder.
+
+    Every checkpoint key must map to one of ours with the same shape, and every one of ours must be
+    filled, or ConversionError names the key. One exception: a stage-1 checkpoint has no fusion MLP
+    and no aa / af temperatures; they are filled as the released train_stage2.py starts them
+    (fresh fusion, seeded; temperatures 2.6), and config.json lists them.
+    """
+    try:
+        state = torch.load(ckpt, map_location="cpu", weights_only=True)  # tensors only: no pickled code runs
+    except Exception as e:  # noqa: BLE001 -- any unreadable file gets the same one-line answer
+        raise ConversionError(f"{ckpt}: cannot be read as a weights-only torch checkpoint "
+                              f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ConversionError(f"{ckpt}: expected a state_dict (name -> tensor) as train_stage1/2.py save it")
+    state = clean_state_dict(state)
+    if ("tau" in state) == ("tau_1" in state):
+        raise ConversionError(f"{ckpt}: expected 'tau' (train_stage1.py) or 'tau_1'..'tau_3' (train_stage2.py)")
+    stage = 1 if "tau" in state else 2
+    state = {k: v for k, v in state.items()  # buffers of old transformers versions, rebuilt by current ones
+             if not (k.startswith("text_model.") and k[len("text_model."):] in _RELEASED_TEXT_BUFFERS)}
+    for k in state:  # before building anything: the first key with no place stops the conversion
+        if released_key(k) is None:
+            raise ConversionError(f"{ckpt}: key {k!r} has no place in model.HTCL (not a released "
+                                  f"train_stage1/2.py ModelWrapper key)")
+    cfg = _released_config(state, text_model, heads, tuple(conv_strides))
+    torch.manual_seed(seed)  # the fresh parts of a stage-1 checkpoint (fusion) are seeded
+    model = HTCL(cfg)
+    ours = model.state_dict()
+    mapped = {}
+    for k, v in state.items():
+        name = released_key(k)
+        if name not in ours:
+            raise ConversionError(f"{ckpt}: key {k!r} -> {name!r}, which this model does not have "
+                                  f"(a different text model than --text_model {text_model}?)")
+        if tuple(v.shape) != tuple(ours[name].shape):
+            raise ConversionError(f"{ckpt}: key {k!r} has shape {tuple(v.shape)}, {name!r} expects "
+                                  f"{tuple(ours[name].shape)} (is --text_model / --heads right?)")
+        mapped[name] = v.to(ours[name].dtype)
+    filled = sorted(set(ours) - set(mapped))
+    fresh_in_stage1 = {k for k in ours if k.startswith("fusion.") or k in ("logit_scale.aa", "logit_scale.af")}
+    missing = sorted(set(filled) - (fresh_in_stage1 if stage == 1 else set()))
+    if missing:
+        raise ConversionError(f"{ckpt}: nothing in the checkpoint fills {missing[0]!r}"
+                              + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    model.load_state_dict({**ours, **mapped}, strict=True)
+    from transformers import AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(text_model)
+    save_artifact(model, tokenizer, out, extra={
+        "converted_from": os.path.abspath(str(ckpt)), "stage": stage, "filled_fresh": filled,
+        # NOTE(paper): the released model saw every song padded/truncated to 1251 frames with the
+        # -80 dB floor, standardized over those 1251 frames, and pooled over all tokens, no mask.
+        "released_input": "1251 frames, floor padding, no mask; equal to ours for songs of 120 s or more"})
+    return out
+
+
+def main(argv=None):
+    import argparse
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command")
+    c = sub.add_parser("convert-released", help="released train_stage1/2.py model-N.pth -> artifact folder")
+    c.add_argument("ckpt", help="model-N.pth saved by the released train_stage1.py or train_stage2.py")
+    c.add_argument("--text_model", required=True,
+                   help="the BERT it was trained from (hub name or local folder): its config and tokenizer")
+    c.add_argument("--out", required=True, help="artifact folder to write")
+    c.add_argument("--heads", type=int, default=12, help="attention heads (not in the weights; released: 12)")
+    c.add_argument("--conv_strides", type=int, nargs="+", default=[2, 2, 2],
+                   help="conv stem strides (not in the weights; released: 2 2 2)")
+    args = p.parse_args(argv)
+    if args.command == "convert-released":
+        try:
+            out = convert_released(args.ckpt, args.text_model, args.out, args.heads, args.conv_strides)
+        except (ConversionError, OSError) as e:
+            raise SystemExit(f"convert-released: {e}")
+        model, _ = load_artifact(out)
+        info = json.load(open(os.path.join(out, "config.json")))["training"]
+        temps = ", ".join(f"{k} {v.item():.4f}" for k, v in model.logit_scale.items())
+        print(f"wrote {out}: stage-{info['stage']} checkpoint, logit scales {temps}"
+              + (f"; filled as released stage 2 starts them: {len(info['filled_fresh'])} tensors "
+                 f"(fusion MLP, aa/af temperatures)" if info["filled_fresh"] else ""))
+        return
     enc = AudioEncoder()
     n = sum(p.numel() for p in enc.parameters())
     print(f"AudioEncoder (paper default): {n:,} parameters")
     with torch.no_grad():
         print("1251 frames ->", int(enc.stem.token_lengths(torch.tensor(1251))), "tokens (+ [CLS])")
+
+
+if __name__ == "__main__":
+    main()
