@@ -2028,6 +2028,7 @@ def test_table2_over_seeds_hand_worked_mean_std_and_targets(tmp_path):
     with pytest.raises(SystemExit, match="table2: rows .*htcl_w_cf.* missing"):
         ev.main(["table2", str(tmp_path / "s0"), str(tmp_path / "s2"), "--out", str(tmp_path / "t3")])
 
+
 # --- issue 10: the released architecture, initialisation, checkpoint converter, no-grad gather ---
 
 def released_audio_keys(n_convs, n_layers):
