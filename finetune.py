@@ -6,11 +6,14 @@
     accelerate launch finetune.py ... --no-use_text                         # HTCL_w/o_text (L_aa only)
     python data.py mine-pairs --favourites log.csv ...  then --pairs those  # HTCL_w_CF
     python finetune.py -h
+    accelerate launch finetune.py --preset presets/released.toml --init_from ... --catalog ... --pairs ...
 
 Each pair is <trigger song, recommended song>; the recommended song's text comes
 from the catalog, giving the paper's <trig_audio, rec_audio, rec_text> triplets.
-The stage-1 artifact (--init_from) supplies the model and tokenizer; the final
-artifact goes to out_dir/final. The training loop is pretrain.train.
+The stage-1 artifact (--init_from) supplies the model and tokenizer. As in the
+released code, only its two encoders are kept by default: the projection heads, the
+fusion MLP and the three temperatures start fresh (seeded); --init_heads artifact
+keeps every weight. The final artifact goes to out_dir/final. The training loop is pretrain.train.
 """
 import random
 from dataclasses import dataclass
@@ -25,9 +28,10 @@ from pretrain import TrainConfig, load_songs, parse_config, train
 class FinetuneConfig(TrainConfig):
     init_from: str = "runs/pretrain/final"  # stage-1 artifact folder
     pairs: str = ""                   # CSV trigger_song_id,rec_song_id (favoured in a "similar songs" channel)
-    val_pairs_fraction: float = 0.05  # NOTE(paper): held-out pairs for the validation loss; not specified
+    init_heads: str = "fresh"         # released code (paper silent): fresh heads, fusion and temperatures; artifact = load all
+    val_pairs_fraction: float = 0.1   # released code: random 90/10 split (paper silent)
     out_dir: str = "runs/finetune"
-    epochs: int = 10                  # NOTE(paper): not given in paper or notes; the demo preset sets its own
+    epochs: int = 20                  # released code (paper silent)
     global_batch: int = 240           # Sec. 3.1.3: 3 x A100, global batch 240
     batch_per_device: int = 80        # 240 / 3 GPUs
     lr: float = 1e-4                  # Sec. 3.1.3: audio encoder, heads, fusion, temperatures
@@ -44,10 +48,16 @@ def main(argv=None):
     cfg = parse_config(FinetuneConfig, "finetune", argv)
     if cfg.gradient_checkpointing not in ("inherit", "on", "off"):
         raise SystemExit(f"--gradient_checkpointing must be inherit, on or off, not {cfg.gradient_checkpointing!r}")
+    if cfg.init_heads not in ("fresh", "artifact"):
+        raise SystemExit(f"--init_heads must be fresh or artifact, not {cfg.init_heads!r}")
     model, tokenizer = htcl.load_artifact(cfg.init_from)
+    if cfg.init_heads == "fresh":  # released train_stage2.py: only the two encoders come from stage 1
+        model.reset_heads(cfg.seed)
     # nanochat-style: say what the stage-1 artifact decided, so a run is self-explaining.
     print(f"init_from {cfg.init_from}: audio {model.cfg.audio.layers} layers x {model.cfg.audio.hidden}, "
-          f"text {model.cfg.text_model} ({model.cfg.text_pooling} pooling), embed_dim {model.cfg.embed_dim}")
+          f"text {model.cfg.text_model} ({model.cfg.text_pooling} pooling), embed_dim {model.cfg.embed_dim}; "
+          + ("encoders only: heads, fusion and temperatures start fresh (--init_heads fresh)"
+             if cfg.init_heads == "fresh" else "every weight, temperatures included (--init_heads artifact)"))
     if cfg.gradient_checkpointing != "inherit":
         on = cfg.gradient_checkpointing == "on"
         model.set_gradient_checkpointing(audio=on, text=on)

@@ -431,6 +431,21 @@ class HTCL(nn.Module):
         self.text_encoder.set_checkpointing(text)
 
     @torch.no_grad()
+    def reset_heads(self, seed):
+        """Start stage 2 as the released train_stage2.py does: keep the two encoders, build the
+        projection heads and the fusion MLP afresh (nn.Linear's default init) and set every
+        temperature back to logit_scale_init. Seeded, on its own random stream: the same seed
+        gives the same heads, and the global generator is left as it was."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            for head in (self.audio_proj, self.text_proj, self.fusion):
+                for m in head:
+                    if isinstance(m, nn.Linear):
+                        m.reset_parameters()
+        for p in self.logit_scale.values():
+            p.fill_(self.cfg.logit_scale_init)
+
+    @torch.no_grad()
     def clamp_logit_scales(self):
         """Call after every optimizer step: temperature stays >= 1/100 (CLIP)."""
         for p in self.logit_scale.values():

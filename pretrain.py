@@ -49,7 +49,9 @@ class TrainConfig:
     batch_per_device: int = 100       # 800 / 8 GPUs; fewer GPUs -> gradient accumulation makes up the rest
     lr: float = 1e-3                  # Sec. 3.1.3: Adam, 1e-3 for the audio encoder, heads and temperature
     text_lr: float = 3e-5             # Sec. 2.1: small BERT lr against catastrophic forgetting
+    audio_lr: float = 0.0             # audio encoder's lr; 0 = lr (paper: one lr; released stage 2: 1e-5, heads 1e-4)
     warmup_ratio: float = 0.05        # NOTE(paper): no schedule in paper or released code; warmup + cosine here
+    lr_schedule: str = "cosine"       # cosine (after the warmup) | constant (released code: no schedule)
     max_grad_norm: float = 1.0        # NOTE(paper): no clipping in the released code; guards the from-scratch encoder
     seed: int = 3407                  # released code
     max_text_length: int = 512        # BERT's limit; lyrics are truncated (Sec. 2.1)
@@ -194,22 +196,30 @@ def validate(accelerator, model, loss_fn, val_loader, song_loader):
 # The training loop, shared by both stages.
 
 
-def lr_lambda(total_steps, warmup_steps):
+def lr_lambda(total_steps, warmup_steps, schedule="cosine"):
+    if schedule not in ("cosine", "constant"):
+        raise SystemExit(f"--lr_schedule must be cosine or constant, not {schedule!r}")
+
     def f(step):
         if step < warmup_steps:
             return (step + 1) / warmup_steps
+        if schedule == "constant":
+            return 1.0
         t = (step - warmup_steps) / max(1, total_steps - warmup_steps)
         return 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
     return f
 
 
 def build_optimizer(model, cfg, device_type):
-    """Adam with two learning rates: the text model gets cfg.text_lr, everything else cfg.lr."""
-    text, rest = [], []
+    """Adam with up to three learning rates: the text model gets cfg.text_lr, the audio encoder
+    cfg.audio_lr (0: cfg.lr), everything else (heads, fusion, temperatures) cfg.lr."""
+    text, audio, rest = [], [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
-            (text if name.startswith("text_encoder.") else rest).append(p)
-    groups = [{"params": rest, "lr": cfg.lr}, {"params": text, "lr": cfg.text_lr}]
+            (text if name.startswith("text_encoder.") else
+             audio if name.startswith("audio_encoder.") else rest).append(p)
+    groups = [{"params": rest, "lr": cfg.lr}, {"params": audio, "lr": cfg.audio_lr or cfg.lr},
+              {"params": text, "lr": cfg.text_lr}]
     # Fused Adam on CPU and CUDA: one kernel for all tensors (bench.py, paper size on CPU: 0.19 s
     # a step against 6.7 s for the per-tensor loop); other devices keep torch's default.
     fused = True if device_type in ("cpu", "cuda") else None
@@ -268,7 +278,8 @@ def train(cfg, model, tokenizer, loss_fn, train_set, val_set, song_set, stage):
     total_steps = steps_per_epoch * cfg.epochs
     if cfg.max_steps:
         total_steps = min(total_steps, cfg.max_steps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total_steps, int(cfg.warmup_ratio * total_steps)))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total_steps, int(cfg.warmup_ratio * total_steps),
+                                                                           cfg.lr_schedule))
     model, optimizer, train_loader, val_loader, song_loader = accelerator.prepare(
         model, optimizer, train_loader, val_loader, song_loader)
     # The scheduler is stepped by hand once per optimizer step (not through prepare,

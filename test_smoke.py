@@ -2164,3 +2164,49 @@ def test_convert_released_refuses_a_key_it_cannot_place(tmp_path):
     torch.save(state, tmp_path / "model-1.pth")
     with pytest.raises(htcl.ConversionError, match="nothing in the checkpoint fills 'audio_proj.4.bias'"):
         htcl.convert_released(tmp_path / "model-1.pth", TINY_BERT, tmp_path / "art", heads=2)
+
+
+def test_released_preset_parses_into_both_stage_configs():
+    import finetune
+    import pretrain
+    path = os.path.join(ROOT, "presets", "released.toml")
+    pre = pretrain.parse_config(pretrain.PretrainConfig, "pretrain", ["--preset", path])
+    fine = finetune.parse_config(finetune.FinetuneConfig, "finetune", ["--preset", path])
+    assert (pre.lr, pre.text_lr, pre.batch_per_device, pre.lr_schedule) == (1e-4, 1e-5, 32, "constant")
+    assert pre.model.logit_scale_max == math.inf and pre.max_grad_norm == 0
+    assert (fine.lr, fine.audio_lr, fine.text_lr, fine.batch_per_device) == (1e-4, 1e-5, 1e-5, 32)
+    assert fine.init_heads == "fresh" and fine.use_trigger_text and fine.epochs == 20
+    # the constant schedule keeps the lr; the default cosine one decays it
+    assert pretrain.lr_lambda(100, 0, "constant")(99) == 1.0 > pretrain.lr_lambda(100, 0)(99)
+
+
+def test_fresh_heads_are_seeded_and_leave_the_encoders():
+    m = tiny_model()
+    with torch.no_grad():
+        for p in m.logit_scale.values():
+            p.fill_(4.0)
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    m.reset_heads(seed=7)
+    first = {k: v.clone() for k, v in m.state_dict().items()}
+    m.reset_heads(seed=7)
+    assert all(torch.equal(v, first[k]) for k, v in m.state_dict().items())  # same seed, same heads
+    m.reset_heads(seed=8)
+    assert not torch.equal(m.state_dict()["fusion.0.weight"], first["fusion.0.weight"])
+    for k, v in first.items():
+        if k.startswith(("audio_proj.", "text_proj.", "fusion.")):
+            assert not torch.equal(v, before[k]), k
+        elif k.startswith("logit_scale."):
+            assert v.item() == pytest.approx(2.6)
+        else:
+            assert torch.equal(v, before[k]), k  # both encoders untouched
+
+
+def test_audio_lr_gives_the_audio_encoder_its_own_group():
+    import pretrain
+    m = tiny_model()
+    cfg = pretrain.PretrainConfig(lr=1e-4, audio_lr=1e-5, text_lr=3e-5)
+    opt = pretrain.build_optimizer(m, cfg, "cpu")
+    lr_of = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
+    for name, p in m.named_parameters():
+        want = 3e-5 if name.startswith("text_encoder.") else 1e-5 if name.startswith("audio_encoder.") else 1e-4
+        assert lr_of[id(p)] == want, name
