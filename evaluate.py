@@ -41,6 +41,7 @@ Commands (from the repo root, on the bundled synthetic world; A = a trained arti
   python evaluate.py report --catalog sample_data/catalog.csv --emb emb/clap --emb emb/htcl \
       --favourites sample_data/favourites.csv --impressions sample_data/impressions.csv --out report/
   python evaluate.py matching-benchmark      # HR@100 timing at 100k songs x 10k users, random vectors
+  python evaluate.py table2 runs/table2/s3407/report runs/table2/s3408/report --out runs/table2  # over seeds
 Every sub-command prints a Markdown table and its wall time; --json FILE saves the numbers.
 """
 import argparse
