@@ -24,7 +24,7 @@ JOBS="${JOBS:-2}"
 # at most 25 a user before keeping train-train pairs (~4,000, like pairs.csv).
 CF_WINDOW=5 CF_PER_USER=28
 # Evaluation: one probe run per embedding (the std is over the 3 training seeds) and no DIN
-# ranking (CTR/CVR AUC): DIN costs ~4x the rest of a report. EVAL="" gives the full report.
+# ranking (CTR/CVR AUC): DIN costs ~3x the rest of a report. EVAL="" gives the full report.
 EVAL="${EVAL-"--probe-seeds 1 --ranking-seeds 0"}"
 
 run() { echo "+ $*"; "$@"; }
