@@ -602,6 +602,8 @@ def step_variants(args):
         # the comparisons that decide the target: both designs in one process, steps alternating
         ("step_paper_ab", dict(paper, ab=True, iters=4, rounds=1)),
         ("step_paper_audio_ab", dict(paper, tower="audio", ab=True, iters=8, rounds=1)),
+        # what the released positional LayerNorm costs ours: without it vs with it, alternating
+        ("step_paper_posln_ab", dict(paper, ab=True, arms=("ours_no_posln", "ours"), iters=6, rounds=1)),
     ]
 
 
@@ -618,7 +620,7 @@ def describe(spec):
     if spec.get("tower") == "audio":
         parts.append("audio tower only")
     if spec.get("ab"):
-        parts[0] = "ours vs reference, alternating"
+        parts[0] = " vs ".join(spec.get("arms", AB_ARMS)) + ", alternating"
     if spec["preset"] == "paper":
         parts.append(f"batch {spec['batch']}")
     return ", ".join(parts)
@@ -719,6 +721,8 @@ def build_model(spec):
     model = htcl.HTCL(cfg)
     if spec["arch"] == "reference":
         model.audio_encoder = ReferenceAudioEncoder(cfg.audio)
+    elif spec["arch"] == "ours_no_posln":  # ours without the released positional LayerNorm: its cost
+        model.audio_encoder.pos_conv.norm = nn.Identity()
     model.freeze_unused(stage=1)
     return model.train()
 
@@ -861,33 +865,39 @@ def step_worker(spec):
     print("BENCH_RESULT " + json.dumps(result), flush=True)
 
 
+AB_ARMS = ("ours", "reference")  # the pair an A/B row compares unless its spec names "arms"
+
+
 def ab_worker(spec, device):
-    """Ours and the reference in one (fresh) process, their steps alternating -> BENCH_RESULT line.
+    """Two designs (spec["arms"], default ours and the reference) in one (fresh) process, their
+    steps alternating -> BENCH_RESULT line; ratio = time of the second / time of the first.
 
     Separate processes on a shared machine differ by more than the two designs do (seen here:
     ours / reference 0.87x in one full run, 1.14x in the next); alternating puts both under the
     same load. The order flips every round so neither always runs right after the other."""
-    arms = {arch: make_step(dict(spec, arch=arch), device) for arch in ("ours", "reference")}
+    first, second = spec.get("arms", AB_ARMS)
+    arms = {arch: make_step(dict(spec, arch=arch), device) for arch in (first, second)}
     phases = {arch: [] for arch in arms}
     for i in range(spec["warmup"] + spec["iters"]):
-        for arch in (("ours", "reference") if i % 2 == 0 else ("reference", "ours")):
+        for arch in ((first, second) if i % 2 == 0 else (second, first)):
             _, batches, step, _, _ = arms[arch]
             f, b, o = step(batches[0])
             if i >= spec["warmup"]:
                 phases[arch].append((f, b, o))
-    B = arms["ours"][1][0]["mel"].shape[0]
+    B = arms[first][1][0]["mel"].shape[0]
     got = {}
     for arch, ph in phases.items():
         got[arch] = {"step": (min(sum(p) for p in ph), statistics.median(sum(p) for p in ph)),
                      "fwd_bwd": (min(p[0] + p[1] for p in ph), statistics.median(p[0] + p[1] for p in ph))}
-    ratio = {what: [got["reference"][what][j] / got["ours"][what][j] for j in (0, 1)] for what in ("step", "fwd_bwd")}
-    notes = (f"B {B}; {len(phases['ours'])} steps each, alternating, after {spec['warmup']} warm-up; step s "
-             f"(min/median) ours {got['ours']['step'][0]:.3f}/{got['ours']['step'][1]:.3f}, reference "
-             f"{got['reference']['step'][0]:.3f}/{got['reference']['step'][1]:.3f}; ours/reference "
-             f"{ratio['step'][0]:.2f}x/{ratio['step'][1]:.2f}x, forward+backward alone "
-             f"{ratio['fwd_bwd'][0]:.2f}x/{ratio['fwd_bwd'][1]:.2f}x; {threads(torch.get_num_threads())}")
-    print("BENCH_RESULT " + json.dumps({"samples_per_s": B / got["ours"]["step"][0],
-                                        "ref_samples_per_s": B / got["reference"]["step"][0],
+    ratio = {what: [got[second][what][j] / got[first][what][j] for j in (0, 1)] for what in ("step", "fwd_bwd")}
+    notes = (f"B {B}; {len(phases[first])} steps each, alternating, after {spec['warmup']} warm-up; step s "
+             f"(min/median) {first} {got[first]['step'][0]:.3f}/{got[first]['step'][1]:.3f}, {second} "
+             f"{got[second]['step'][0]:.3f}/{got[second]['step'][1]:.3f}; time {second}/{first} "
+             f"{ratio['step'][0]:.3f}x/{ratio['step'][1]:.3f}x, forward+backward alone "
+             f"{ratio['fwd_bwd'][0]:.3f}x/{ratio['fwd_bwd'][1]:.3f}x; {threads(torch.get_num_threads())}; "
+             f"load average {load_average()}")
+    print("BENCH_RESULT " + json.dumps({"samples_per_s": B / got[first]["step"][0],
+                                        "ref_samples_per_s": B / got[second]["step"][0],
                                         "ratio_step": ratio["step"], "ratio_fwd_bwd": ratio["fwd_bwd"],
                                         "peak_mb": None, "notes": notes}), flush=True)
 
@@ -1013,6 +1023,11 @@ def ratios(rows):
                 out.append({"what": f"{what}{name}: ours / reference, alternating in one process (min, median)",
                             "value": med, "text": f"{lo:.2f}x, {med:.2f}x",
                             "target": None if target is None else f">= {target}x", "verdict": verdict})
+    if "step_paper_posln_ab" in by:  # issue target: the released positional LayerNorm costs <= 2%
+        lo, med = by["step_paper_posln_ab"]["ratio_step"]
+        out.append({"what": "paper step: with / without the positional LayerNorm, time, alternating (min, median)",
+                    "value": med, "text": f"{lo:.3f}x, {med:.3f}x", "target": "<= 1.02x",
+                    "verdict": "meets" if lo <= 1.02 and med <= 1.02 else "MISSES"})
     ratio("paper step: ours / reference, separate processes (nn.TransformerEncoder, padded, fp32)",
           "step_paper_fp32", "step_paper_reference")
     ratio("paper audio tower alone: ours / reference, separate processes", "step_paper_audio",

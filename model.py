@@ -342,9 +342,15 @@ def contrastive_loss(x, y, logit_scale, gather=True):
 
     Under several processes each rank scores its own rows against the embeddings
     of every rank ("local loss" form of open_clip): negatives come from the whole
-    global batch at B_local x B_global cost. The mean over ranks is the global loss.
+    global batch at B_local x B_global cost. The mean over ranks is the global loss,
+    and under DDP's gradient averaging its gradient is the single-process one.
     NOTE(paper): the released code gathers under no_grad and puts its local slot
-    back, which drops the gradient that flows through the other ranks' negatives.
+    back, then every rank computes the whole B_global x B_global loss. Each rank's
+    gradient then reaches only its own rows, so after DDP's averaging the encoders
+    get the full gradient scaled by 1/world_size, while the logit scale (which every
+    rank differentiates in full) gets it unscaled (test_smoke.py::
+    test_released_no_grad_gather_scales_the_embedding_gradient_by_one_over_world).
+    With Adam, which normalises each parameter's step, that scale is nearly harmless.
     """
     dtype = torch.promote_types(x.dtype, torch.float32)  # bf16 in -> fp32 loss; fp64 stays fp64
     x, y = F.normalize(x.to(dtype), dim=-1), F.normalize(y.to(dtype), dim=-1)

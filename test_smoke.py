@@ -2210,3 +2210,65 @@ def test_audio_lr_gives_the_audio_encoder_its_own_group():
     for name, p in m.named_parameters():
         want = 3e-5 if name.startswith("text_encoder.") else 1e-5 if name.startswith("audio_encoder.") else 1e-4
         assert lr_of[id(p)] == want, name
+
+
+def _released_gather_loss(x, y, logit_scale):
+    """The released code's distributed loss, described in words (train_stage1.py): all_gather
+    both embeddings under no_grad, put this rank's own tensors back in its slot (so they keep
+    their graph), normalize, and take the symmetric CE over the whole B_global x B_global matrix."""
+    import torch.distributed as dist
+    world, rank = dist.get_world_size(), dist.get_rank()
+    gathered = []
+    for local in (x, y):
+        with torch.no_grad():
+            slots = [torch.empty_like(local) for _ in range(world)]
+            dist.all_gather(slots, local)
+        slots[rank] = local
+        gathered.append(F.normalize(torch.cat(slots), dim=-1))
+    logits = logit_scale.exp() * gathered[0] @ gathered[1].T  # (B_global, B_global)
+    labels = torch.arange(len(logits))
+    return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels))
+
+
+def _released_gather_worker(rank, world, init_file, x_all, y_all, out_dir):
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    B = x_all.shape[0] // world
+    sl = slice(rank * B, (rank + 1) * B)
+    out = {}
+    for form, loss_fn in (("ours", htcl.contrastive_loss), ("released", _released_gather_loss)):
+        torch.manual_seed(0)
+        net = torch.nn.Linear(x_all.shape[1], 6, dtype=torch.float64)  # same init on both ranks
+        scale = torch.nn.Parameter(torch.tensor(2.6, dtype=torch.float64))
+        loss_fn(net(x_all[sl]), net(y_all[sl]), scale).backward()
+        grads = [net.weight.grad, net.bias.grad, scale.grad]
+        for g in grads:  # what DDP does: average the gradients over processes
+            dist.all_reduce(g)
+            g /= world
+        out[form] = grads
+    torch.save(out, os.path.join(out_dir, f"released{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def test_released_no_grad_gather_scales_the_embedding_gradient_by_one_over_world(tmp_path):
+    """2 gloo processes: the released gather-under-no_grad form gives the single-process gradient
+    divided by the world size for the network, and the full one for the logit scale; ours gives
+    the single-process gradient for both."""
+    world = 2
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(8, 5, dtype=torch.float64, generator=g), torch.randn(8, 5, dtype=torch.float64, generator=g)
+    torch.multiprocessing.spawn(_released_gather_worker, args=(world, str(tmp_path / "init"), x, y, str(tmp_path)),
+                                nprocs=world)
+    torch.manual_seed(0)
+    net = torch.nn.Linear(5, 6, dtype=torch.float64)
+    scale = torch.nn.Parameter(torch.tensor(2.6, dtype=torch.float64))
+    htcl.contrastive_loss(net(x), net(y), scale).backward()  # one process, whole batch
+    full = [net.weight.grad, net.bias.grad, scale.grad]
+    for rank in range(world):
+        got = torch.load(tmp_path / f"released{rank}.pt", weights_only=True)
+        for a, b in zip(got["ours"], full):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+        for a, b in zip(got["released"][:2], full[:2]):
+            torch.testing.assert_close(a, b / world, rtol=1e-10, atol=1e-12)
+            assert (a - b).abs().max() > 0.1 * b.abs().max()  # really not the full gradient
+        torch.testing.assert_close(got["released"][2], full[2], rtol=1e-10, atol=1e-12)
