@@ -11,6 +11,7 @@ Where each protocol lives (paper, section -> sub-command: functions):
   Grotschla et al. (MuRS 2024) GraphSAGE NDCG@200    -> artist-graph: message_passing_graphs, ArtistGNN,
     (the authors' released protocol)                                  train_artist_gnn, artist_graph_ndcg
   HTCL Table 2 and Figure 2 in one go                -> report:       report
+  Table 2 as mean ± std over seeds, with targets     -> table2:       table2_over_seeds (sample_data/table2.sh)
   song embeddings, full song or 10 s chunks          -> embed:        embed_catalog
   similar songs for audio files or song ids          -> search:       embed_audio_files, search, build_index
 
@@ -44,6 +45,7 @@ Commands (from the repo root, on the bundled synthetic world; A = a trained arti
   python evaluate.py embed --artifact A --catalog sample_data/catalog.csv --out emb/htcl [--index faiss]
   python evaluate.py search --model A --catalog sample_data/catalog.csv --emb emb/htcl \
       --query my_song.wav --query s0001 --k 10 [--index faiss] [--out similar.csv]
+  python evaluate.py table2 runs/table2/s3407/report runs/table2/s3408/report --out runs/table2  # over seeds
 Every sub-command prints a Markdown table and its wall time; --json FILE saves the numbers;
 -h shows every option with its default. A bad file, row, key or value stops the command line with
 one `Error: ...` line naming it (exit 1), as data.py does; report prints a line per protocol and model.
@@ -1435,10 +1437,12 @@ def report(sources, catalog, favourites=None, impressions=None, pairs=None, out_
            n_triggers=30):
     """sources: {name: embedding spec}; favourites / impressions / pairs: paths or None.
     Writes out_dir/table2.md (ACC genre, ACC language, HR@100, CTR AUC, CVR AUC, as in HTCL
-    Table 2; "-" where a protocol is skipped, with the reason as a footnote) and out_dir/figure2.png
-    (from pairs, else from impressions) and out_dir/table2.json (the same numbers: {model:
-    {acc_genre: [mean, std], hr@100: ..., ...}}). Prints a line per protocol and model, and each
-    protocol's total time. Returns the Markdown table with its footnotes."""
+    Table 2; "-" where a protocol is skipped, with the reason as a footnote; no ranking with
+    ranking_seeds=()) and out_dir/figure2.png (from pairs, else from impressions) with its cosines in
+    out_dir/figure2.npz ({model}/pos, {model}/neg: for pooling runs, see table2_over_seeds) and
+    out_dir/table2.json (the same numbers: {model: {acc_genre: [mean, std], hr@100: ..., ...}}).
+    Prints a line per protocol and model, and each protocol's total time. Returns the Markdown
+    table with its footnotes."""
     os.makedirs(out_dir, exist_ok=True)
     split, split_note = probe_split(catalog)
     skipped = {}  # column -> why it shows "-"
@@ -1459,6 +1463,8 @@ def report(sources, catalog, favourites=None, impressions=None, pairs=None, out_
         imp = read_impressions(impressions, catalog)
     else:
         skipped["CTR AUC"] = skipped["CVR AUC"] = "no --impressions given"
+    if impressions and not ranking_seeds:
+        skipped["CTR AUC"] = skipped["CVR AUC"] = "DIN not run (--ranking-seeds 0)"
     if pairs:
         fig_pairs = read_labelled_pairs(pairs, catalog)
     elif imp is not None:
@@ -1497,7 +1503,7 @@ def report(sources, catalog, favourites=None, impressions=None, pairs=None, out_
         else:
             row.append("-")
         for task in ("ctr", "cvr"):
-            if imp is not None:
+            if imp is not None and ranking_seeds:
                 with timed(f"ranking {task}", name):
                     res[f"{task}_auc"] = run_ranking(emb, imp, task, seeds=ranking_seeds, epochs=ranking_epochs)["auc"]
                 row.append(_pm(res[f"{task}_auc"]))
@@ -1520,6 +1526,8 @@ def report(sources, catalog, favourites=None, impressions=None, pairs=None, out_
         json.dump(results, f, indent=1, default=float)
     if cosines:
         plot_histograms(cosines, os.path.join(out_dir, "figure2.png"))
+        np.savez(os.path.join(out_dir, "figure2.npz"),
+                 **{f"{name}/{side}": c for name, pair in cosines.items() for side, c in zip(("pos", "neg"), pair)})
     print("report: time per protocol, all models: " + ", ".join(f"{k} {v:.1f} s" for k, v in seconds.items()))
     return table
 
@@ -1806,6 +1814,111 @@ def add_search_parser(command):
 
 
 # -----------------------------------------------------------------------------
+# Table 2 over seeds (sample_data/table2.sh): each seed's report() results -> mean ± std,
+# and the paper's qualitative claims (paper-notes "Qualitative claims") as targets, each
+# judged on the means over seeds and printed as met / missed.
+
+TABLE2_ROWS = (("Stage 1 (CLAP)", "stage1"), ("HTCL_w_CF", "htcl_w_cf"), ("HTCL_w/o_text", "htcl_wo_text"),
+               ("HTCL", "htcl"), ("random", "random"))  # (row of the paper's table, report row name)
+TABLE2_METRICS = (("ACC genre", "acc_genre"), ("ACC lang", "acc_language"), ("HR@100", "hr@100"),
+                  ("CTR AUC", "ctr_auc"), ("CVR AUC", "cvr_auc"), ("Fig. 2 AUC", "fig2_auc"))
+
+
+def aggregate_seeds(per_seed):
+    """per_seed: report() results, one per seed, {row: {metric: value, or [mean, std] over probe/DIN runs}}
+    -> {row: {metric: {"mean", "std", "per_seed"}}}: a seed's value is its own mean; the std is over
+    seeds (ddof 1, mean_std). A metric is kept only where every seed has it."""
+    out = {}
+    for row in per_seed[0]:
+        for metric in per_seed[0][row]:
+            if not all(metric in seed.get(row, {}) for seed in per_seed):
+                continue
+            values = [seed[row][metric] for seed in per_seed]
+            values = [v[0] if isinstance(v, (list, tuple)) else v for v in values]
+            mean, std = mean_std(values)
+            out.setdefault(row, {})[metric] = {"mean": mean, "std": std, "per_seed": values}
+    return out
+
+
+def table2_targets(agg):
+    """The three claims of Table 2, on the means over seeds (agg from aggregate_seeds):
+      1. HR@100 of HTCL >= 3 x that of stage 1;
+      2. HTCL's genre and language ACC each >= stage 1's mean - stage 1's std (one line each);
+      3. each ablation (HTCL_w_CF, HTCL_w/o_text) is below HTCL on semantic ACC: its mean genre
+         ACC and its mean language ACC are both strictly below HTCL's (one line per ablation).
+    -> list of {"target", "met", and the numbers compared}."""
+    def get(row, metric):
+        try:
+            return agg[row][metric]
+        except KeyError:
+            raise KeyError(f"no {metric} for row {row!r} in every seed's report "
+                           f"(rows: {', '.join(agg)})") from None
+    hr, hr1 = get("htcl", "hr@100")["mean"], get("stage1", "hr@100")["mean"]
+    targets = [{"target": "HR@100 of HTCL >= 3x stage 1", "htcl": hr, "stage1": hr1,
+                "ratio": hr / hr1 if hr1 > 0 else float("inf"), "met": hr >= 3 * hr1}]
+    for metric, what in (("acc_genre", "genre"), ("acc_language", "language")):
+        s1 = get("stage1", metric)
+        threshold = s1["mean"] - s1["std"]
+        targets.append({"target": f"HTCL {what} ACC >= stage 1 - 1 std", "htcl": get("htcl", metric)["mean"],
+                        "threshold": threshold, "met": get("htcl", metric)["mean"] >= threshold})
+    for row, name in (("htcl_w_cf", "HTCL_w_CF"), ("htcl_wo_text", "HTCL_w/o_text")):
+        gaps = {m: get(row, m)["mean"] - get("htcl", m)["mean"] for m in ("acc_genre", "acc_language")}
+        targets.append({"target": f"{name} below HTCL on genre and language ACC", "minus_htcl": gaps,
+                        "met": all(g < 0 for g in gaps.values())})
+    return targets
+
+
+def _target_line(t):
+    if "ratio" in t:
+        numbers = f"{100 * t['htcl']:.2f}% vs {100 * t['stage1']:.2f}% = {t['ratio']:.2f}x"
+    elif "threshold" in t:
+        numbers = f"{t['htcl']:.4f} vs {t['threshold']:.4f}"
+    else:
+        numbers = ", ".join(f"{m.split('_')[1]} {g:+.4f}" for m, g in t["minus_htcl"].items()) + " (minus HTCL)"
+    return f"- {t['target']}: {numbers}: {'met' if t['met'] else 'missed'}"
+
+
+def table2_over_seeds(per_seed, cosines=None, out_dir=None):
+    """Table 2 as mean ± std over seeds, with the targets under it.
+
+    per_seed: report() results (table2.json), one per seed; cosines: per seed, a figure2.npz's
+    {"{row}/pos", "{row}/neg"} arrays or None. With out_dir, writes table2.md, table2.json
+    ({"seeds", "rows", "targets"}) and figure2.png (histograms pooled over the seeds).
+    -> (the Markdown text, the JSON dict)."""
+    agg = aggregate_seeds(per_seed)
+    missing = [key for _, key in TABLE2_ROWS if key not in agg]
+    if missing:
+        raise KeyError(f"rows {', '.join(missing)} missing from a seed's report (rows: {', '.join(agg)})")
+    metrics = [(head, m) for head, m in TABLE2_METRICS if any(m in agg[key] for _, key in TABLE2_ROWS)]
+
+    def cell(key, m):
+        if m not in agg[key]:
+            return "-"
+        v = agg[key][m]
+        if m == "hr@100":
+            return f"{100 * v['mean']:.2f} ± {100 * v['std']:.2f}%"
+        return _pm((v["mean"], v["std"]))
+
+    rows = [[name] + [cell(key, m) for _, m in metrics] for name, key in TABLE2_ROWS]
+    targets = table2_targets(agg)
+    text = (markdown_table(["Model"] + [head for head, _ in metrics], rows)
+            + f"\n\nMean ± std over {len(per_seed)} seeds. Targets (on the means):\n"
+            + "\n".join(_target_line(t) for t in targets))
+    results = {"seeds": len(per_seed), "rows": {name: agg[key] for name, key in TABLE2_ROWS}, "targets": targets}
+    if out_dir:
+        os.makedirs(out_dir, exist_ok=True)
+        with open(os.path.join(out_dir, "table2.md"), "w") as f:
+            f.write(text + "\n")
+        with open(os.path.join(out_dir, "table2.json"), "w") as f:
+            json.dump(results, f, indent=1, default=float)
+        if cosines and all(c is not None for c in cosines):
+            pooled = {name: tuple(np.concatenate([c[f"{key}/{side}"] for c in cosines]) for side in ("pos", "neg"))
+                      for name, key in TABLE2_ROWS if all(f"{key}/pos" in c for c in cosines)}
+            plot_histograms(pooled, os.path.join(out_dir, "figure2.png"))
+    return text, results
+
+
+# -----------------------------------------------------------------------------
 # Command line. Each sub-command loads the catalog and every --emb once, runs
 # one protocol, prints a Markdown table and its wall time, and can save JSON.
 
@@ -2082,10 +2195,29 @@ def cmd_report(args):
     catalog, cache = _load(args)
     sources = dict(zip(_names(args.emb), args.emb))
     table = report(sources, catalog, args.favourites, args.impressions, args.pairs, args.out, args.kind, args.mode,
-                   cache, n_triggers=args.triggers)
+                   cache, probe_seeds=range(args.probe_seeds), ranking_seeds=range(args.ranking_seeds),
+                   n_triggers=args.triggers)
     print(table)
     print(f"report: {args.out}/table2.md" + (f", {args.out}/figure2.png" if args.pairs or args.impressions else ""))
     return {"table": table}
+
+
+def cmd_table2(args):
+    per_seed, cosines = [], []
+    for folder in args.reports:
+        path = os.path.join(folder, "table2.json")
+        if not os.path.exists(path):
+            raise SystemExit(f"table2: {path} not found (run evaluate.py report --out {folder} first)")
+        with open(path) as f:
+            per_seed.append(json.load(f))
+        npz = os.path.join(folder, "figure2.npz")
+        cosines.append(dict(np.load(npz)) if os.path.exists(npz) else None)
+    try:
+        text, results = table2_over_seeds(per_seed, cosines, args.out)
+    except KeyError as e:
+        raise SystemExit(f"table2: {e.args[0]}") from None
+    print(text)
+    return results
 
 
 def _days(s):
@@ -2249,6 +2381,15 @@ def build_parser():
     q.add_argument("--pairs", help="Figure 2 pairs: CSV anchor,song,label, or stage-2 trigger_song_id,rec_song_id")
     q.add_argument("--triggers", type=int, default=30, help="matching: favourites before the target (paper: 30)")
     q.add_argument("--out", default="report", help="output folder")
+    q.add_argument("--probe-seeds", type=int, default=5, help="probe runs per embedding (mean ± std)")
+    q.add_argument("--ranking-seeds", type=int, default=1, help="DIN runs per embedding; 0 skips the ranking columns")
+
+    q = sub.add_parser("table2", allow_abbrev=False, help="Table 2 over seeds: mean ± std of per-seed reports, "
+                       "and the paper's qualitative claims as met/missed targets (sample_data/table2.sh)")
+    q.set_defaults(fn=cmd_table2, json=None)
+    q.add_argument("reports", nargs="+", help="report folders (evaluate.py report --out), one per seed; their "
+                   "rows named " + ", ".join(key for _, key in TABLE2_ROWS))
+    q.add_argument("--out", required=True, help="folder for table2.md, table2.json and figure2.png")
     return p
 
 

@@ -2039,6 +2039,61 @@ def test_accelerate_launch_with_two_cpu_processes(tmp_path, demo_cache):
     htcl.load_artifact(out / "final")
 
 
+# --- issue 10: Table 2 over seeds (sample_data/table2.sh) ---
+
+def _seed_report(hr1, hrh, genre, lang):
+    """One seed's report() results: HR@100 of stage 1 and HTCL; genre / language ACC per row as
+    report() stores probe results, [mean over probe runs, std over probe runs]."""
+    rows = {key: {"acc_genre": [genre[key], 0.05], "acc_language": [lang[key], 0.05], "hr@100": 0.1}
+            for key in ("stage1", "htcl_w_cf", "htcl_wo_text", "htcl", "random")}
+    rows["stage1"]["hr@100"], rows["htcl"]["hr@100"] = hr1, hrh
+    return rows
+
+
+def test_table2_over_seeds_hand_worked_mean_std_and_targets(tmp_path):
+    # three seeds; the hand-worked means and sample stds (ddof 1) over seeds:
+    #   stage 1 HR 0.20 0.25 0.30 -> 0.25 ± 0.05;  HTCL HR 0.60 0.70 0.80 -> 0.70 < 3 x 0.25: missed
+    #   stage 1 genre 0.70 0.60 0.80 -> 0.70 ± 0.10; HTCL genre 0.61 0.60 0.62 -> 0.61 >= 0.60: met
+    #     (a population std, 0.0816, would put the bar at 0.618 and miss it)
+    #   stage 1 language 0.90 x3 -> ± 0; HTCL language 0.89 0.90 0.90 -> 0.8967 < 0.90: missed
+    #   w_CF: genre 0.50 < 0.61 but language 0.95 > 0.8967: missed; w/o_text 0.60 and 0.80: met
+    seeds = []
+    for i, (hr1, hrh) in enumerate(((0.20, 0.60), (0.25, 0.70), (0.30, 0.80))):
+        genre = {"stage1": (0.70, 0.60, 0.80)[i], "htcl": (0.61, 0.60, 0.62)[i], "htcl_w_cf": 0.50,
+                 "htcl_wo_text": 0.60, "random": 0.2}
+        lang = {"stage1": 0.90, "htcl": (0.89, 0.90, 0.90)[i], "htcl_w_cf": 0.95, "htcl_wo_text": 0.80,
+                "random": 0.3}
+        d = tmp_path / f"s{i}"
+        d.mkdir()
+        (d / "table2.json").write_text(json.dumps(_seed_report(hr1, hrh, genre, lang)))
+        np.savez(d / "figure2.npz", **{f"{k}/{side}": np.full(4, 0.1 * i) for k in
+                                      ("stage1", "htcl_w_cf", "htcl_wo_text", "htcl", "random") for side in ("pos", "neg")})
+    out = ev.main(["table2", *(str(tmp_path / f"s{i}") for i in range(3)), "--out", str(tmp_path / "t2")])
+    rows = out["rows"]
+    assert rows["Stage 1 (CLAP)"]["hr@100"]["mean"] == pytest.approx(0.25)
+    assert rows["Stage 1 (CLAP)"]["hr@100"]["std"] == pytest.approx(0.05)
+    assert rows["Stage 1 (CLAP)"]["acc_genre"]["per_seed"] == [0.70, 0.60, 0.80]  # probe means, not their stds
+    assert rows["Stage 1 (CLAP)"]["acc_genre"]["std"] == pytest.approx(0.10)
+    assert rows["HTCL"]["acc_language"]["mean"] == pytest.approx(0.8966667, abs=1e-6)
+    assert [t["met"] for t in out["targets"]] == [False, True, False, False, True]
+    assert out["targets"][0]["ratio"] == pytest.approx(2.8)
+    text = (tmp_path / "t2" / "table2.md").read_text()
+    lines = text.splitlines()
+    assert lines[0] == "| Model | ACC genre | ACC lang | HR@100 |"  # only the metrics every seed has
+    assert lines[2].startswith("| Stage 1 (CLAP) | 0.7000 ± 0.1000 | 0.9000 ± 0.0000 | 25.00 ± 5.00% |")
+    assert [ln.split(" | ")[0] for ln in lines[2:7]] == ["| Stage 1 (CLAP)", "| HTCL_w_CF", "| HTCL_w/o_text",
+                                                         "| HTCL", "| random"]
+    verdicts = [ln.rsplit(": ", 1)[1] for ln in lines if ln.startswith("- ")]
+    assert verdicts == ["missed", "met", "missed", "missed", "met"]
+    assert json.loads((tmp_path / "t2" / "table2.json").read_text())["targets"][1]["met"] is True
+    if importlib.util.find_spec("matplotlib"):
+        assert (tmp_path / "t2" / "figure2.png").exists()
+
+    (tmp_path / "s2" / "table2.json").write_text(json.dumps({"stage1": {}, "htcl": {}}))  # a seed without rows
+    with pytest.raises(SystemExit, match="table2: rows .*htcl_w_cf.* missing"):
+        ev.main(["table2", str(tmp_path / "s0"), str(tmp_path / "s2"), "--out", str(tmp_path / "t3")])
+
+
 # --- issue 10: the released architecture, initialisation, checkpoint converter, no-grad gather ---
 
 def released_audio_keys(n_convs, n_layers):

@@ -1,0 +1,90 @@
+#!/usr/bin/env bash
+# HTCL Table 2 (Sec. 3.2) in full on the bundled synthetic world, as mean ± std over 3 seeds:
+#   per seed, ONE stage-1 artifact (pretrain.py), and from it three stage-2 runs (finetune.py):
+#     htcl          the paper's HTCL, on sample_data/pairs.csv (favoured <trigger, rec> pairs)
+#     htcl_wo_text  HTCL_w/o_text: the same pairs, L_aa only (--no-use_text)
+#     htcl_w_cf     HTCL_w_CF: pairs mined by `data.py mine-pairs` from the favourites log
+#   then evaluate.py report per seed, and evaluate.py table2 over the seeds: the table, the
+#   paper's claims as met/missed targets, and Figure 2 (pooled over seeds).
+# Run from anywhere, inside the environment made by the README's first command:
+#   bash sample_data/table2.sh
+# Everything it writes goes to runs/table2/ (each run's log in runs/table2/s<seed>/<run>.log).
+# The stages use the demo's settings (sample_data/preset.toml); only seeds and paths differ.
+# Runs go JOBS at a time (default 2: one per core, each single-threaded).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"  # why one thread: see demo.sh
+export TOKENIZERS_PARALLELISM=false
+export OUT=runs/table2 PRESET=sample_data/preset.toml
+export LAUNCH="accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no --cpu"
+SEEDS="${SEEDS:-3407 3408 3409}"
+JOBS="${JOBS:-2}"
+# HTCL_w_CF trains on as many pairs as HTCL (same steps): co-occurrences within 5 favourites,
+# at most 25 a user before keeping train-train pairs (~4,000, like pairs.csv).
+CF_WINDOW=5 CF_PER_USER=28
+# Evaluation: one probe run per embedding (the std is over the 3 training seeds) and no DIN
+# ranking (CTR/CVR AUC): DIN costs ~3x the rest of a report. EVAL="" gives the full report.
+EVAL="${EVAL-"--probe-seeds 1 --ranking-seeds 0"}"
+
+run() { echo "+ $*"; "$@"; }
+# One run (a command line), its output in $OUT/s<SEED>/<NAME>.log; one line when done. Args: SEED NAME COMMAND...
+# Its CPU seconds (the children's user + sys) go to $OUT/cpu.txt: on a shared machine the wall
+# time says little, while a single-threaded run's CPU time is its wall time on an idle core.
+job() {
+    local seed=$1 name=$2 t0=$SECONDS TIMEFORMAT="%U %S"; shift 2
+    mkdir -p "$OUT/s$seed"
+    if ! { time "$@" > "$OUT/s$seed/$name.log" 2>&1; } 2> "$OUT/s$seed/$name.cpu"; then
+        echo "FAILED: s$seed/$name (see $OUT/s$seed/$name.log)"; return 1
+    fi
+    local cpu; cpu=$(awk '{printf "%.0f", $1 + $2}' "$OUT/s$seed/$name.cpu")
+    echo "$name $cpu" >> "$OUT/cpu.txt"
+    echo "  s$seed/$name: $(( SECONDS - t0 )) s wall, $cpu s CPU"
+}
+export -f job
+# Each line of stdin is one job's arguments; JOBS at a time; fails if any job fails.
+pool() { xargs -P "$JOBS" -L 1 bash -c 'job "$@"' _; }
+at() { echo "--seed $1 --out_dir $OUT/s$1/$2 --cache $OUT/cache"; }  # a training run's seed and folders
+# A phase's wall time, and its runs' CPU seconds over JOBS: about the wall time on JOBS idle cores.
+# Args: NAME START [CPU] (default: the runs finished since the last phase).
+phase() {
+    local cpu=${3:-}
+    if [ -z "$cpu" ]; then
+        cpu=$(awk '{c += $2} END {printf "%.0f", c}' "$OUT/cpu.txt"); : > "$OUT/cpu.txt"; total_cpu=$(( total_cpu + cpu ))
+    fi
+    echo "$1: $(( SECONDS - $2 )) s wall (load average $(cut -d' ' -f1-3 /proc/loadavg)); $cpu s CPU," \
+         "~$(( cpu / JOBS )) s on $JOBS idle cores" | tee -a "$OUT/times.txt"
+}
+
+start=$SECONDS total_cpu=0
+mkdir -p "$OUT"; : > "$OUT/times.txt"; : > "$OUT/cpu.txt"
+run python data.py prepare --catalog sample_data/catalog.csv --cache "$OUT/cache"
+run python data.py mine-pairs --favourites sample_data/favourites.csv --catalog sample_data/catalog.csv \
+    --out "$OUT/cf_pairs.csv" --window $CF_WINDOW --max_pairs_per_user $CF_PER_USER
+
+t=$SECONDS; echo; echo "Stage 1, seeds $SEEDS ($JOBS at a time): $LAUNCH pretrain.py --preset $PRESET --seed S ..."
+for s in $SEEDS; do echo "$s stage1 $LAUNCH pretrain.py --preset $PRESET $(at $s stage1)"; done | pool
+phase "stage 1 (${SEEDS// /, })" $t
+
+t=$SECONDS; echo; echo "Stage 2: HTCL, HTCL_w/o_text, HTCL_w_CF from each seed's stage-1 artifact ($JOBS at a time)"
+for s in $SEEDS; do
+    init="--preset $PRESET --init_from $OUT/s$s/stage1/final"
+    echo "$s htcl $LAUNCH finetune.py $init $(at $s htcl)"
+    echo "$s htcl_w_cf $LAUNCH finetune.py $init $(at $s htcl_w_cf) --pairs $OUT/cf_pairs.csv"
+    echo "$s htcl_wo_text $LAUNCH finetune.py $init $(at $s htcl_wo_text) --no-use_text"
+done | pool
+phase "stage 2 (9 runs)" $t
+
+t=$SECONDS; echo; echo "Evaluation per seed (evaluate.py report), then over seeds (evaluate.py table2)"
+for s in $SEEDS; do
+    echo "$s report python evaluate.py report --catalog sample_data/catalog.csv --cache $OUT/cache" \
+         "--favourites sample_data/favourites.csv --impressions sample_data/impressions.csv" \
+         $(for r in stage1 htcl_w_cf htcl_wo_text htcl; do echo "--emb $OUT/s$s/$r/final"; done) "--emb random" \
+         "--out $OUT/s$s/report $EVAL"
+done | pool
+phase "evaluation (3 reports)" $t
+
+echo
+run python evaluate.py table2 $(for s in $SEEDS; do echo "$OUT/s$s/report"; done) --out "$OUT"
+phase "table2.sh total (runs only in CPU)" $start $total_cpu
+echo "Table 2: $OUT/table2.md (numbers: table2.json), Figure 2: $OUT/figure2.png, times: $OUT/times.txt"
