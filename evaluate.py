@@ -2423,7 +2423,8 @@ def cli(argv=None):
     `Error: ...`, which names the file, row or key, and exits 1; a traceback would add nothing."""
     try:
         return main(argv)
-    except (ValueError, OSError) as e:  # CatalogError, AudioError are ValueErrors; FileNotFoundError an OSError
+    except (ValueError, OSError, ImportError) as e:  # CatalogError, AudioError: ValueErrors; FileNotFoundError:
+        # an OSError; ImportError: an optional extra that is not installed (--index faiss)
         raise SystemExit(f"Error: {e}") from None
 
 

@@ -2514,6 +2514,9 @@ def test_index_faiss_without_faiss_installed_says_how_to_install_it(search_world
     with pytest.raises(ModuleNotFoundError, match="--index faiss needs the optional package faiss-cpu"):
         ev.main(["search", "--model", search_world["model"], "--catalog", search_world["catalog"],
                  "--query", "s1", "--index", "faiss"])
+    with pytest.raises(SystemExit, match="^Error: --index faiss needs the optional package faiss-cpu"):
+        ev.cli(["search", "--model", search_world["model"], "--catalog", search_world["catalog"],
+                "--query", "s1", "--index", "faiss"])  # the command line: one line, no traceback
 # --- issue 14: tests that catch real bugs ---
 # Each test here, and each weak test tightened for issue 14, was checked by making its bug by hand
 # (README, Tests) and watching it fail; the bug made for each:
