@@ -16,13 +16,12 @@ fusion MLP and the three temperatures start fresh (seeded); --init_heads artifac
 keeps every weight. The final artifact goes to out_dir/final. The training loop is pretrain.train.
 """
 import random
-import sys
 from dataclasses import dataclass
 
 
 import data
 import model as htcl
-from pretrain import TrainConfig, exit_with_usage, load_songs, parse_config, train
+from pretrain import TrainConfig, load_songs, parse_config, train
 
 
 @dataclass
@@ -46,9 +45,7 @@ class FinetuneConfig(TrainConfig):
 
 
 def main(argv=None):
-    if not (sys.argv[1:] if argv is None else argv):
-        exit_with_usage("finetune.py", "--init_from STAGE1_ARTIFACT --catalog CATALOG --pairs PAIRS")
-    cfg = parse_config(FinetuneConfig, "finetune", argv)
+    cfg = parse_config(FinetuneConfig, "finetune", argv, needs="--init_from STAGE1_ARTIFACT --catalog CATALOG --pairs PAIRS")
     if cfg.gradient_checkpointing not in ("inherit", "on", "off"):
         raise SystemExit(f"--gradient_checkpointing must be inherit, on or off, not {cfg.gradient_checkpointing!r}")
     if cfg.init_heads not in ("fresh", "artifact"):

@@ -143,13 +143,17 @@ def exit_with_usage(script, needs):
     raise SystemExit(0 if "ACCELERATE_MIXED_PRECISION" in os.environ else 2)
 
 
-def parse_config(cls, section, argv=None):
+def parse_config(cls, section, argv=None, needs=None):
     """Build `cls` from its defaults, then `--preset FILE.toml` ([section] table), then CLI flags.
+    With no argument at all and `needs` given (what the stage cannot run without), print
+    usage_hint instead and exit.
 
     Every field (nested ones as --model.audio.layers) becomes a flag with its
     default in -h; unknown flags and unknown preset keys are errors. Relative paths
     in a preset are read from its folder (PATH_FIELDS).
     """
+    if needs and not (sys.argv[1:] if argv is None else argv):
+        exit_with_usage(os.path.basename(sys.modules[cls.__module__].__file__), needs)
     flat = dict(_flat_fields(cls))
     comments = {**_field_comments(htcl.AudioConfig), **_field_comments(htcl.HTCLConfig), **_field_comments(cls)}
     p = argparse.ArgumentParser(description=sys.modules[cls.__module__].__doc__,
@@ -585,9 +589,8 @@ def load_songs(cfg):
 
 
 def main(argv=None):
-    if not (sys.argv[1:] if argv is None else argv):
-        exit_with_usage("pretrain.py", "--catalog CATALOG (and --cache CACHE from `data.py prepare`)")
-    cfg = parse_config(PretrainConfig, "pretrain", argv)
+    cfg = parse_config(PretrainConfig, "pretrain", argv,
+                       needs="--catalog CATALOG (and --cache CACHE from `data.py prepare`)")
     from transformers import AutoTokenizer
     try:  # before anything slow: a missing text model is one line, in seconds
         cfg.model.text_model = htcl.resolve_text_model(cfg.model.text_model)
