@@ -797,14 +797,17 @@ class SongDataset(Dataset):
 
 class PairDataset(SongDataset):
     """Stage 2: one (trigger, recommended) pair -> the two songs' mels, texts and rows.
+    texts: which songs' texts to include ("trig", "rec"); a text that no loss reads is not
+    tokenized (the default stage-2 loss reads the recommended song's only).
     on_error as in SongDataset; with "skip" a pair with a bad song is None."""
 
     what = "songs (and their pairs)"
 
-    def __init__(self, catalog, pairs, cache=None, on_error="raise"):
+    def __init__(self, catalog, pairs, cache=None, on_error="raise", texts=("trig", "rec")):
         super().__init__(catalog, sorted({r for p in pairs for r in p}), cache, on_error)
         usable = set(self.rows)  # the pairs' songs that have a log-mel
         self.pairs = [p for p in pairs if p[0] in usable and p[1] in usable]
+        self.texts = tuple(texts)
 
     def __len__(self):
         return len(self.pairs)
@@ -815,9 +818,11 @@ class PairDataset(SongDataset):
         rec_mel = None if trig_mel is None else self.mel(r)
         if rec_mel is None:
             return None
-        return {"trig_mel": trig_mel, "rec_mel": rec_mel,
-                "trig_text": self.catalog[t].text, "rec_text": self.catalog[r].text,
-                "trig_row": t, "rec_row": r}
+        item = {"trig_mel": trig_mel, "rec_mel": rec_mel, "trig_row": t, "rec_row": r}
+        for side, row in (("trig", t), ("rec", r)):
+            if side in self.texts:
+                item[f"{side}_text"] = self.catalog[row].text
+        return item
 
 
 # CrossMuSim's training samples (paper-notes Sec. 2): each text type of a song is its own
@@ -946,7 +951,8 @@ class Collator:
     *mel  -> (B, T, 128) float32, zero-padded in time to the batch's longest song (at least
              MIN_FRAMES), plus *padding_mask (B, T) bool, True at padded frames.
     *text -> *tokens: the tokenizer's dict (input_ids, attention_mask[, token_type_ids]), padded
-             to the batch's longest text, truncated at max_text_length (BERT: 512).
+             to the batch's longest text, truncated at max_text_length (BERT: 512); left out
+             with tokenizer None.
     *row  -> LongTensor (B,).
     None items (songs that failed to decode, from a dataset with on_error="skip") are dropped
     with a warning that counts them, so B can be smaller than the batch size. `skipped` counts
@@ -997,7 +1003,8 @@ class Collator:
                 batch[key] = mel.float()
                 batch[key[: -len("mel")] + "padding_mask"] = torch.arange(mel.shape[1]) >= lengths[:, None]  # (B, T)
             elif key.endswith("text"):
-                batch[key[: -len("text")] + "tokens"] = self.tokenize(values)
+                if self.tokenizer is not None:  # None: audio only (evaluate.py's audio embeddings)
+                    batch[key[: -len("text")] + "tokens"] = self.tokenize(values)
             elif key.endswith("row"):
                 batch[key] = torch.tensor(values, dtype=torch.long)
             else:

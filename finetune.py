@@ -78,8 +78,9 @@ def main(argv=None):
         return model(batch, stage=2, weights=weights, use_text=cfg.use_text,
                      use_trigger_text=cfg.use_trigger_text)
 
-    train(cfg, model, tokenizer, stage2_loss, data.PairDataset(catalog, train_pairs, cache, on_error="skip"),
-          data.PairDataset(catalog, val_pairs, cache), data.SongDataset(catalog, val_rows, cache), stage=2)
+    texts = ("trig", "rec") if cfg.use_trigger_text else ("rec",) if cfg.use_text else ()  # what the loss reads
+    train(cfg, model, tokenizer, stage2_loss, data.PairDataset(catalog, train_pairs, cache, on_error="skip", texts=texts),
+          data.PairDataset(catalog, val_pairs, cache, texts=texts), data.SongDataset(catalog, val_rows, cache), stage=2)
 
 
 if __name__ == "__main__":

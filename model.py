@@ -396,15 +396,21 @@ class HTCL(nn.Module):
 
     LOSSES = ("at", "aa", "af")
 
-    def __init__(self, cfg: HTCLConfig):
+    def __init__(self, cfg: HTCLConfig, text=True):
         super().__init__()
         self.cfg = cfg
         self.audio_encoder = AudioEncoder(cfg.audio, cfg.audio_pooling)
-        self.text_encoder = TextEncoder(cfg.text_model, cfg.text_pretrained, cfg.text_pooling,
-                                        cfg.text_model_config, cfg.text_gradient_checkpointing)
-        cfg.text_model_config = self.text_encoder.model.config.to_dict()  # so an artifact rebuilds offline
+        if text:
+            self.text_encoder = TextEncoder(cfg.text_model, cfg.text_pretrained, cfg.text_pooling,
+                                            cfg.text_model_config, cfg.text_gradient_checkpointing)
+            cfg.text_model_config = self.text_encoder.model.config.to_dict()  # so an artifact rebuilds offline
+            text_hidden = self.text_encoder.hidden
+        else:  # audio embeddings only (load_artifact(..., text=False)): no BERT, no transformers import
+            if not (cfg.text_model_config or {}).get("hidden_size"):
+                raise ValueError("HTCL(cfg, text=False) needs cfg.text_model_config (an artifact's config.json)")
+            self.text_encoder, text_hidden = None, cfg.text_model_config["hidden_size"]
         self.audio_proj = mlp((cfg.audio.hidden, *cfg.proj_dims))
-        self.text_proj = mlp((self.text_encoder.hidden, *cfg.proj_dims))
+        self.text_proj = mlp((text_hidden, *cfg.proj_dims))
         self.fusion = mlp((2 * cfg.embed_dim, *cfg.fusion_dims))
         self.logit_scale = nn.ParameterDict(
             {name: nn.Parameter(torch.tensor(cfg.logit_scale_init), requires_grad=cfg.learn_temperature)
@@ -417,6 +423,8 @@ class HTCL(nn.Module):
         return F.normalize(z, dim=-1) if normalize else z
 
     def encode_text(self, tokens, normalize=True):
+        if self.text_encoder is None:
+            raise RuntimeError("this HTCL was loaded for audio only (load_artifact(..., text=False))")
         z = self.text_proj(self.text_encoder(tokens))
         return F.normalize(z, dim=-1) if normalize else z
 
@@ -591,10 +599,11 @@ def save_artifact(model, tokenizer, folder, extra=None):
     tokenizer.save_pretrained(folder)
 
 
-def load_artifact(folder, device="cpu"):
-    """Inverse of save_artifact -> (HTCL in eval mode, tokenizer). Needs no hub access."""
-    from safetensors.torch import load_file
-    from transformers import AutoTokenizer
+def load_artifact(folder, device="cpu", text=True):
+    """Inverse of save_artifact -> (HTCL in eval mode, tokenizer). Needs no hub access.
+    text=False: audio embeddings only -> (HTCL without its text tower, None); the BERT weights are
+    not read and no BERT is built or imported (seconds of start-up, and BERT's memory, saved)."""
+    from safetensors import safe_open
     path = os.path.join(folder, "config.json")
     if not os.path.exists(path):
         raise FileNotFoundError(f"{folder} is not an HTCL artifact: no config.json (expected the final/ "
@@ -602,8 +611,9 @@ def load_artifact(folder, device="cpu"):
     with open(path) as f:
         config = json.load(f)
     config.pop("training", None)
-    model = HTCL(HTCLConfig.from_dict(config, source=path))
-    state = load_file(os.path.join(folder, "model.safetensors"))  # safetensors: no pickle, no code
+    model = HTCL(HTCLConfig.from_dict(config, source=path), text=text)
+    with safe_open(os.path.join(folder, "model.safetensors"), framework="pt") as f:  # no pickle, no code
+        state = {k: f.get_tensor(k) for k in f.keys() if text or not k.startswith("text_encoder.")}
     # Strict, and checked here: a missing or renamed key would otherwise keep its random init
     # without a word, and a config.json that disagrees with the weights would be torch's
     # size-mismatch traceback instead of one line naming the folder and the parameter.
@@ -619,7 +629,10 @@ def load_artifact(folder, device="cpu"):
         raise ValueError(f"{folder}: config.json disagrees with model.safetensors ({len(wrong)} shape, "
                          f"{len(missing)} missing, {len(extra)} unexpected parameters): {'; '.join(what)}")
     model.load_state_dict(state, strict=True)
-    tokenizer = AutoTokenizer.from_pretrained(folder)
+    tokenizer = None
+    if text:
+        from transformers import AutoTokenizer
+        tokenizer = AutoTokenizer.from_pretrained(folder)
     return model.to(device).eval(), tokenizer
 
 
