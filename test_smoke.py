@@ -1828,6 +1828,25 @@ def test_report_writes_table2_and_figure2(tmp_path):
     assert (tmp_path / "rep" / "figure2.png").exists()
 
 
+def test_report_results_do_not_depend_on_the_number_of_worker_threads(tmp_path):
+    """report trains its probes and DIN models on several threads; every job is seeded and
+    builds its model under one lock, so 1 thread and 4 give the same numbers, bit for bit."""
+    pytest.importorskip("matplotlib")
+    _write_world(tmp_path)
+    from data import load_catalog
+    catalog = load_catalog(tmp_path / "catalog.csv")
+    out = {}
+    for workers in (1, 4):
+        ev.report({"e": str(tmp_path / "e.npy"), "random": "random", "random:7": "random:7"}, catalog,
+                  impressions=str(tmp_path / "impressions.csv"), out_dir=str(tmp_path / f"w{workers}"),
+                  probe_seeds=(0, 1), ranking_seeds=(0, 1), ranking_epochs=1, workers=workers)
+        out[workers] = json.loads((tmp_path / f"w{workers}" / "table2.json").read_text())
+    assert out[1] == out[4]
+    assert list(out[4]) == ["e", "random", "random:7"]  # rows in the order given, whatever finished first
+    assert set(out[4]["e"]) == {"acc_genre", "acc_language", "ctr_auc", "cvr_auc", "fig2_auc"}
+    assert out[4]["random"]["acc_genre"] != out[4]["random:7"]["acc_genre"]  # and the jobs did differ
+
+
 def test_figure2_pairs_read_labelled_files_and_stage2_pairs(tmp_path):
     _write_world(tmp_path)
     from data import load_catalog
@@ -3255,6 +3274,7 @@ def test_din_forward_equals_the_concatenated_activation_unit():
     history = torch.randint(30, (5, 7))
     history[:, :3] = -1  # three leading columns padding in every row: dropped by forward
     history[1, 3:5] = -1
+    history[2] = -1  # no history at all: interest 0
     pad = history < 0
     t = din.items(target)
     h = din.items(history.masked_fill(pad, 30))
@@ -3263,6 +3283,75 @@ def test_din_forward_equals_the_concatenated_activation_unit():
     interest = (weight[..., None] * h).sum(1)
     reference = din.head(torch.cat([interest, t, interest * t], dim=-1)).squeeze(-1)
     assert torch.allclose(din(target, history), reference, atol=1e-5)
+
+
+def test_audio_only_artifact_gives_the_same_audio_embeddings_without_bert(tiny_world):
+    """load_artifact(text=False) skips BERT: no text weights read, no BERT module imported, and
+    the audio embeddings equal the full model's."""
+    d = tiny_world
+    full, _ = htcl.load_artifact(d / "artifact")
+    audio, tok = htcl.load_artifact(d / "artifact", text=False)
+    assert tok is None and audio.text_encoder is None
+    assert not any(k.startswith("text_encoder.") for k in audio.state_dict())
+    mel = torch.randn(3, 120, 128)
+    with torch.no_grad():
+        assert torch.equal(full.encode_audio(mel), audio.encode_audio(mel))
+    with pytest.raises(RuntimeError, match="loaded for audio only"):
+        audio.encode_text({"input_ids": torch.ones(1, 3, dtype=torch.long)})
+    # embedding a catalog's audio needs neither BERT nor a tokenizer (a fresh process), and gives
+    # what the full model gives
+    code = (f"import sys, numpy as np, evaluate as ev, data; cat = data.load_catalog({str(d / 'catalog.csv')!r}); "
+            f"np.save(sys.argv[1], ev.song_embeddings({str(d / 'artifact')!r}, cat)); "
+            "print('transformers.models.bert.modeling_bert' in sys.modules)")
+    out = d / "audio_only.npy"
+    p = subprocess.run([sys.executable, "-c", code, str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert p.stdout.splitlines()[-1] == "False", p.stdout
+    from data import load_catalog
+    want = ev.embed_catalog(full, _, load_catalog(d / "catalog.csv"))["audio"]
+    assert np.allclose(np.load(out), want, atol=1e-6)
+
+
+def test_pair_dataset_leaves_out_texts_no_loss_reads(tiny_world):
+    from data import load_catalog
+    catalog = load_catalog(tiny_world / "catalog.csv")
+    both = data.PairDataset(catalog, [(0, 1)])[0]
+    rec = data.PairDataset(catalog, [(0, 1)], texts=("rec",))[0]
+    none = data.PairDataset(catalog, [(0, 1)], texts=())[0]
+    assert both["trig_text"] == catalog[0].text and both["rec_text"] == catalog[1].text
+    assert "trig_text" not in rec and rec["rec_text"] == catalog[1].text
+    assert not any(k.endswith("_text") for k in none) and torch.equal(none["rec_mel"], both["rec_mel"])
+
+
+def test_curve_plotter_draws_every_row_once_training_ends_and_never_raises(tmp_path, monkeypatch):
+    import threading
+
+    import pretrain
+    log = tmp_path / "log.jsonl"
+    seen, gate = [], threading.Event()
+
+    def slow_plot(log_path, png_path):  # the first draw waits until rows were added behind it
+        gate.wait(10)
+        seen.append(len(open(log_path).read().split("\n")[:-1]))
+
+    monkeypatch.setattr(pretrain, "plot_curves", slow_plot)
+    plotter = pretrain.CurvePlotter(str(log), str(tmp_path / "c.png"))
+    log.write_text('{"step": 1}\n')
+    plotter.request()
+    for step in (2, 3):  # two requests while the first draw runs: folded into one more draw
+        with open(log, "a") as f:
+            f.write(f'{{"step": {step}}}\n')
+        plotter.request()
+    gate.set()
+    plotter.close()
+    assert seen[-1] == 3 and len(seen) == 2, seen
+    said = []
+    monkeypatch.setattr(pretrain, "plot_curves", lambda *a: 1 / 0)
+    broken = pretrain.CurvePlotter(str(log), str(tmp_path / "c.png"), say=said.append)
+    for _ in range(3):
+        broken.request()
+        broken.close()
+    assert len(said) == 1 and "ZeroDivisionError" in said[0]
 
 
 def test_small_catalog_preset_is_valid_and_reads_paths_from_its_folder():
