@@ -11,15 +11,16 @@ cd "$(dirname "$0")/.."
 # machine, spin-waiting OpenMP threads can make a step 10x slower. Override freely.
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 export TOKENIZERS_PARALLELISM=false
-# --quiet: a script's own one-line error is not followed by accelerate's traceback of the launcher.
-LAUNCH="accelerate launch --quiet --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no --cpu"
+# One process on the CPU: plain python runs the same Accelerate code path as `accelerate launch`
+# (which is for several processes or GPUs; README "Paper-scale commands") without the launcher's
+# own start-up, measured at 5 s a stage.
 
-run() { echo; echo "+ $*"; "$@"; }
+run() { echo; echo "+ $*"; local t=$(date +%s); "$@"; echo "($(( $(date +%s) - t )) s)"; }
 start=$(date +%s)
 
-run python data.py prepare --catalog sample_data/catalog.csv --cache runs/demo/cache
-run $LAUNCH pretrain.py --preset sample_data/preset.toml
-run $LAUNCH finetune.py --preset sample_data/preset.toml
+run python data.py prepare --catalog sample_data/catalog.csv --cache runs/demo/cache --num_workers 2
+run python pretrain.py --preset sample_data/preset.toml
+run python finetune.py --preset sample_data/preset.toml
 run python evaluate.py report --catalog sample_data/catalog.csv --cache runs/demo/cache \
     --favourites sample_data/favourites.csv --impressions sample_data/impressions.csv \
     --emb runs/demo/pretrain/final --emb runs/demo/finetune/final --emb random \
