@@ -66,6 +66,7 @@ Similar songs from Python (the search sub-command does this):
 import argparse
 import csv
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -1461,7 +1462,7 @@ def artist_features(kind, artists, catalog=None, song_emb=None, artist_column="a
 
 def report(sources, catalog, favourites=None, impressions=None, pairs=None, out_dir="report", kind="audio",
            mode=None, cache=None, probe_seeds=(0, 1, 2, 3, 4), ranking_seeds=(0,), ranking_epochs=2,
-           n_triggers=30, workers=None):
+           n_triggers=30, workers=None, reuse=True):
     """sources: {name: embedding spec}; favourites / impressions / pairs: paths or None.
     Writes out_dir/table2.md (ACC genre, ACC language, HR@100, CTR AUC, CVR AUC, as in HTCL
     Table 2; "-" where a protocol is skipped, with the reason as a footnote; no ranking with
@@ -1469,8 +1470,11 @@ def report(sources, catalog, favourites=None, impressions=None, pairs=None, out_
     out_dir/figure2.npz ({model}/pos, {model}/neg: for pooling runs, see table2_over_seeds) and
     out_dir/table2.json (the same numbers: {model: {acc_genre: [mean, std], hr@100: ..., ...}}).
     Prints a line per protocol and model, and each protocol's total time. The probes and DIN
-    models train on `workers` threads (default: the available cores, at most 8). Returns the
-    Markdown table with its footnotes."""
+    models train on `workers` threads (default: the available cores, at most 8). With reuse, a
+    probe or DIN result already in out_dir/results.json for the same embedding matrix (byte for
+    byte) and the same labels, split, impressions and settings is taken from there: adding a
+    model to a report trains only its own jobs (demo.sh evaluates stage 1 while stage 2 trains).
+    Returns the Markdown table with its footnotes."""
     os.makedirs(out_dir, exist_ok=True)
     split, split_note = probe_split(catalog)
     skipped = {}  # column -> why it shows "-"
@@ -1521,17 +1525,36 @@ def report(sources, catalog, favourites=None, impressions=None, pairs=None, out_
     # random number outside _SEEDED_INIT, so the results do not depend on `workers` or timing.
     workers = workers or min(8, available_cores())
     order = sorted(sources, key=lambda name: is_artifact(sources[name]))  # stable: the given order otherwise
+    # A job's result depends on nothing but its embedding matrix and these inputs (it is seeded):
+    # their digest is its key in results.json.
+    saved_path = os.path.join(out_dir, "results.json")
+    saved = {}
+    if reuse and os.path.exists(saved_path):
+        with open(saved_path) as f:
+            saved = json.load(f)
+    inputs = {f"acc_{c}": _digest(labels[c], split, list(probe_seeds), PROBE_LR, PROBE_MIN_STEPS) for c in label_columns}
+    if imp is not None and ranking_seeds:
+        inputs.update({f"{t}_auc": _digest(*(imp[k] for k in sorted(imp)), t, list(ranking_seeds), ranking_epochs)
+                       for t in ("ctr", "cvr")})
+    keys = {}  # (model, result key) -> digest
     with one_thread(), ThreadPoolExecutor(workers) as pool:
         jobs = {}  # future -> (model, result key)
         try:
             for name in order:
                 emb = timed_call(name, "embeddings", song_embeddings, sources[name], catalog, kind, mode, cache)
-                for column in label_columns:
-                    jobs[pool.submit(timed_call, name, f"probe {column}", run_probe, emb, labels[column], split,
-                                     seeds=probe_seeds)] = (name, f"acc_{column}")
-                for task in ("ctr", "cvr") if imp is not None and ranking_seeds else ():
-                    jobs[pool.submit(timed_call, name, f"ranking {task}", run_ranking, emb, imp, task,
-                                     seeds=ranking_seeds, epochs=ranking_epochs)] = (name, f"{task}_auc")
+                todo = [(f"acc_{c}", f"probe {c}", run_probe, (emb, labels[c], split), dict(seeds=probe_seeds))
+                        for c in label_columns]
+                todo += [(f"{t}_auc", f"ranking {t}", run_ranking, (emb, imp, t),
+                          dict(seeds=ranking_seeds, epochs=ranking_epochs))
+                         for t in ("ctr", "cvr") if imp is not None and ranking_seeds]
+                emb_digest = _digest(np.ascontiguousarray(emb, dtype=np.float32))
+                for key, protocol, fn, args, kw in todo:
+                    keys[name, key] = digest = _digest(emb_digest, inputs[key])
+                    if digest in saved:
+                        results[name][key] = tuple(saved[digest])
+                        print(f"report: {name}: {protocol} reused from {saved_path} (same embeddings and inputs)")
+                    else:
+                        jobs[pool.submit(timed_call, name, protocol, fn, *args, **kw)] = (name, key)
                 if cases is not None and len(cases[1]):
                     hits = timed_call(name, "matching", matching_hits, emb, cases[0], cases[1], progress=False)
                     results[name]["hr@100"] = float(hits.float().mean())
@@ -1551,8 +1574,13 @@ def report(sources, catalog, favourites=None, impressions=None, pairs=None, out_
         except BaseException:
             pool.shutdown(cancel_futures=True)  # an error or Ctrl-C: do not train the queued jobs
             raise
-    keys = ["acc_genre", "acc_language", "hr@100", "ctr_auc", "cvr_auc", "fig2_auc"]
-    results = {name: {k: res[k] for k in keys if k in res} for name, res in results.items()}  # job order aside
+    if reuse:  # this run's probe and DIN results, added to those saved before
+        saved.update({digest: results[name][key] for (name, key), digest in keys.items()})
+        with open(saved_path + ".tmp", "w") as f:
+            json.dump(saved, f, indent=0)
+        os.replace(saved_path + ".tmp", saved_path)
+    columns = ["acc_genre", "acc_language", "hr@100", "ctr_auc", "cvr_auc", "fig2_auc"]
+    results = {name: {k: res[k] for k in columns if k in res} for name, res in results.items()}  # job order aside
     rows = []
     for name, res in results.items():
         row = [name]
@@ -1577,6 +1605,22 @@ def report(sources, catalog, favourites=None, impressions=None, pairs=None, out_
     print("report: time per protocol, summed over models (the probes and DIN run side by side): "
           + ", ".join(f"{k} {v:.1f} s" for k, v in seconds.items()))
     return table
+
+
+def _digest(*parts):
+    """sha1 hex of numpy arrays (their bytes, dtype and shape), strings, numbers and lists of them."""
+    h = hashlib.sha1()
+    for part in parts:
+        if isinstance(part, torch.Tensor):
+            part = part.numpy()
+        if isinstance(part, np.ndarray):
+            part = part.astype(str) if part.dtype == object else part  # ids: fixed-width unicode, not pickles
+            h.update(f"{part.dtype}{part.shape}".encode())
+            h.update(np.ascontiguousarray(part).tobytes())
+        else:
+            h.update(json.dumps(part, default=str).encode())
+        h.update(b"|")
+    return h.hexdigest()
 
 
 def markdown_table(header, rows):
@@ -2243,7 +2287,7 @@ def cmd_report(args):
     sources = dict(zip(_names(args.emb), args.emb))
     table = report(sources, catalog, args.favourites, args.impressions, args.pairs, args.out, args.kind, args.mode,
                    cache, probe_seeds=range(args.probe_seeds), ranking_seeds=range(args.ranking_seeds),
-                   n_triggers=args.triggers, workers=args.workers)
+                   n_triggers=args.triggers, workers=args.workers, reuse=args.reuse)
     print(table)
     print(f"report: {args.out}/table2.md" + (f", {args.out}/figure2.png" if args.pairs or args.impressions else ""))
     return {"table": table}
@@ -2433,6 +2477,8 @@ def build_parser():
     q.add_argument("--ranking-seeds", type=int, default=1, help="DIN runs per embedding; 0 skips the ranking columns")
     q.add_argument("--workers", type=int, default=None, help="threads that train the probes and DIN models side "
                    "by side; results do not depend on it (default: the available cores, at most 8)")
+    q.add_argument("--no-reuse", dest="reuse", action="store_false", help="retrain every probe and DIN model, even "
+                   "those whose embeddings and inputs match a result in OUT/results.json")
 
     q = sub.add_parser("table2", allow_abbrev=False, help="Table 2 over seeds: mean ± std of per-seed reports, "
                        "and the paper's qualitative claims as met/missed targets (sample_data/table2.sh)")

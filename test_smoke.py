@@ -1847,6 +1847,32 @@ def test_report_results_do_not_depend_on_the_number_of_worker_threads(tmp_path):
     assert out[4]["random"]["acc_genre"] != out[4]["random:7"]["acc_genre"]  # and the jobs did differ
 
 
+def test_report_reuses_results_only_for_the_same_embeddings_and_inputs(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    _write_world(tmp_path)
+    from data import load_catalog
+    catalog = load_catalog(tmp_path / "catalog.csv")
+    kw = dict(impressions=str(tmp_path / "impressions.csv"), out_dir=str(tmp_path / "rep"), probe_seeds=(0,),
+              ranking_epochs=1)
+    first = ev.report({"e": str(tmp_path / "e.npy")}, catalog, **kw)
+    capsys.readouterr()
+    again = ev.report({"e": str(tmp_path / "e.npy"), "random": "random"}, catalog, **kw)
+    said = capsys.readouterr().out
+    assert said.count("reused from") == 4 and "report: e: probe genre reused" in said  # 2 probes, 2 DIN
+    assert "report: random: probe genre reused" not in said
+    assert again.splitlines()[2] == first.splitlines()[2]  # the e row, identical
+    fresh = ev.report({"e": str(tmp_path / "e.npy"), "random": "random"}, catalog, **kw, reuse=False)
+    assert "reused" not in capsys.readouterr().out and fresh == again  # retrained: the same numbers
+    emb = np.load(tmp_path / "e.npy")
+    emb[0, 0] += 1e-3  # other embeddings: trained again
+    np.save(tmp_path / "e.npy", emb)
+    ev.report({"e": str(tmp_path / "e.npy")}, catalog, **kw)
+    assert "reused" not in capsys.readouterr().out
+    ev.report({"e": str(tmp_path / "e.npy")}, catalog, **{**kw, "probe_seeds": (0, 1)})  # other settings: the
+    said = capsys.readouterr().out  # probes train again, DIN is reused
+    assert "probe genre reused" not in said and "ranking ctr reused" in said
+
+
 def test_figure2_pairs_read_labelled_files_and_stage2_pairs(tmp_path):
     _write_world(tmp_path)
     from data import load_catalog

@@ -19,12 +19,20 @@ run() { echo; echo "+ $*"; local t=$(date +%s); "$@"; echo "($(( $(date +%s) - t
 start=$(date +%s)
 
 run python data.py prepare --catalog sample_data/catalog.csv --cache runs/demo/cache --num_workers 2
+REPORT="python evaluate.py report --catalog sample_data/catalog.csv --cache runs/demo/cache"
+REPORT+=" --favourites sample_data/favourites.csv --impressions sample_data/impressions.csv --out runs/demo/report"
+
 run python pretrain.py --preset sample_data/preset.toml
+# Stage 2 trains on one core; the other would idle. Meanwhile, evaluate stage 1 and the random
+# baseline on it: the final report reuses those rows (same embeddings and inputs: results.json).
+mkdir -p runs/demo/report
+echo; echo "+ $REPORT --emb runs/demo/pretrain/final --emb random --workers 1 > runs/demo/report/stage1.log &"
+$REPORT --emb runs/demo/pretrain/final --emb random --workers 1 > runs/demo/report/stage1.log 2>&1 &
+stage1_report=$!
+trap 'kill $stage1_report 2> /dev/null || true' EXIT  # a failed stage 2 leaves no report running
 run python finetune.py --preset sample_data/preset.toml
-run python evaluate.py report --catalog sample_data/catalog.csv --cache runs/demo/cache \
-    --favourites sample_data/favourites.csv --impressions sample_data/impressions.csv \
-    --emb runs/demo/pretrain/final --emb runs/demo/finetune/final --emb random \
-    --out runs/demo/report
+wait $stage1_report || { echo "the stage-1 report failed: see runs/demo/report/stage1.log"; exit 1; }
+run $REPORT --emb runs/demo/pretrain/final --emb runs/demo/finetune/final --emb random
 
 echo
 echo "Held-out audio->text retrieval on the val split (chance R@10 = 10 / number of songs):"
