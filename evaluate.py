@@ -2476,10 +2476,11 @@ def build_parser():
     q.add_argument("--out", default="report", help="output folder")
     q.add_argument("--probe-seeds", type=int, default=5, help="probe runs per embedding (mean ± std)")
     q.add_argument("--ranking-seeds", type=int, default=1, help="DIN runs per embedding; 0 skips the ranking columns")
-    q.add_argument("--workers", type=int, default=None, help="threads that train the probes and DIN models side "
-                   "by side; results do not depend on it (default: the available cores, at most 8)")
-    q.add_argument("--no-reuse", dest="reuse", action="store_false", help="retrain every probe and DIN model, even "
-                   "those whose embeddings and inputs match a result in OUT/results.json")
+    q.add_argument("--workers", type=int, default=0, help="threads that train the probes and DIN models side "
+                   "by side; results do not depend on it. 0: the available cores, at most 8")
+    q.add_argument("--reuse", action=argparse.BooleanOptionalAction, default=True,
+                   help="take a probe or DIN result from OUT/results.json when its embeddings and inputs match "
+                        "exactly; --no-reuse retrains every one")
 
     q = sub.add_parser("table2", allow_abbrev=False, help="Table 2 over seeds: mean ± std of per-seed reports, "
                        "and the paper's qualitative claims as met/missed targets (sample_data/table2.sh)")

@@ -1863,6 +1863,12 @@ def test_report_reuses_results_only_for_the_same_embeddings_and_inputs(tmp_path,
     assert again.splitlines()[2] == first.splitlines()[2]  # the e row, identical
     fresh = ev.report({"e": str(tmp_path / "e.npy"), "random": "random"}, catalog, **kw, reuse=False)
     assert "reused" not in capsys.readouterr().out and fresh == again  # retrained: the same numbers
+    cli = ["report", "--catalog", str(tmp_path / "catalog.csv"), "--emb", str(tmp_path / "e.npy"), "--impressions",
+           str(tmp_path / "impressions.csv"), "--out", str(tmp_path / "rep"), "--probe-seeds", "1"]
+    ev.main(cli + ["--no-reuse"])
+    assert "reused" not in capsys.readouterr().out
+    ev.main(cli)
+    assert capsys.readouterr().out.count("reused from") == 2  # the probes; DIN's 2 epochs differ from 1 above
     emb = np.load(tmp_path / "e.npy")
     emb[0, 0] += 1e-3  # other embeddings: trained again
     np.save(tmp_path / "e.npy", emb)
