@@ -1022,6 +1022,10 @@ class Collator:
 #   hidden   is audible only (a drone at a factor-specific pitch); no text mentions it.
 # Users favour songs mostly by hidden factor, a little by genre, so stage-1 (audio <-> text)
 # cannot learn the hidden factor from text and stage-2 (favoured pairs) can: the paper's story.
+# Half the favourites come through a "similar songs" channel (recommended from the previous
+# song, so they also lean towards its hidden factor and genre), half from taste alone.
+# pairs.csv holds the channel's <trigger, favourite> pairs, HTCL's triplets; HTCL_w_CF's pairs
+# are mined from the favourites' co-occurrence, both channels alike (`data.py mine-pairs`).
 
 GENRES = {  # timbre: harmonic roll-off k^-r, odd harmonics only; rhythm: bpm, 8th-note accents, note decay (s)
     "ambient":    dict(rolloff=2.4, odd=False, bpm=66, decay=1.00, accents=(1, 0, .5, 0, .8, 0, .4, 0),
@@ -1269,30 +1273,45 @@ def synth(out, songs=640, users=250, seed=3407, artists=60, max_pairs=4000):
                                                   "aspects", "caption"], catalog_rows)
 
     # users: a strong hidden-factor taste and a weak genre taste; 35-60 favourites each. Half the
-    # favourites come from a "similar songs" channel, which also leans towards the previous song.
+    # favourites come from a "similar songs" channel: songs recommended from the previous song
+    # (the trigger), so they also lean towards it; the other half from the user's taste alone.
     a_pref, b_pref = 0.7, 4.0  # b >> a: ~90% of a user's favourites carry their hidden factor
-    favs, fav_rows = [], []
+    favs, fav_rows, similar_pairs = [], [], []
     for u in range(users):
         uid, ug, uh = f"u{u + 1:04d}", rng.integers(0, G), rng.integers(0, H)
         taste = a_pref * (s_genre == ug) + b_pref * (s_hidden == uh) + s_pop
         ts, prev, chosen = 1_700_000_000 + int(rng.integers(0, 7 * 86400)), None, np.zeros(N, bool)
         for _ in range(min(int(rng.integers(35, 61)), N - 1)):
             logits = taste.copy()
-            if prev is not None and rng.random() < 0.5:
+            similar = prev is not None and rng.random() < 0.5
+            if similar:
                 logits += 1.5 * (s_hidden == s_hidden[prev]) + 0.5 * (s_genre == s_genre[prev])
             logits[chosen] = -np.inf
-            prev = int(rng.choice(N, p=_softmax(logits)))
+            song = int(rng.choice(N, p=_softmax(logits)))
+            if similar:
+                similar_pairs.append((prev, song))
+            prev = song
             chosen[prev] = True
             ts += int(rng.exponential(3 * 3600)) + 30
             favs.append((uid, prev, float(ts)))
             fav_rows.append([uid, f"s{prev + 1:04d}", ts])
     _write_csv(os.path.join(out, "favourites.csv"), ["user_id", "song_id", "timestamp"], fav_rows)
 
-    # stage-2 pairs: consecutive favourites (window 2), both songs in train, capped at max_pairs
+    # stage-2 pairs: HTCL's <trigger, recommended, favoured> triplets are the similar-songs
+    # channel's (trigger, favourite) pairs, both songs in train, capped at max_pairs. Co-occurrence
+    # of favourites (which HTCL_w_CF mines) also pairs songs favoured for the user's taste alone.
+    # NOTE: earlier versions wrote consecutive favourites of both channels here, themselves a
+    # co-occurrence (window 2), so HTCL and HTCL_w_CF differed only in the window. The draw the
+    # cap made on those is still made, and the cap on these draws from a generator of its own,
+    # so impressions.csv and the artist graph stay byte-identical.
     train = s_split == "train"
-    pairs = [p for p in mine_cooccurrence_pairs(favs, window=2) if train[p[0]] and train[p[1]]]
+    consecutive = [p for p in mine_cooccurrence_pairs(favs, window=2) if train[p[0]] and train[p[1]]]
+    if len(consecutive) > max_pairs:
+        rng.choice(len(consecutive), max_pairs, replace=False)
+    pairs = [p for p in similar_pairs if train[p[0]] and train[p[1]]]
     if len(pairs) > max_pairs:
-        pairs = [pairs[k] for k in np.sort(rng.choice(len(pairs), max_pairs, replace=False))]
+        prng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(13,)))
+        pairs = [pairs[k] for k in np.sort(prng.choice(len(pairs), max_pairs, replace=False))]
     _write_csv(os.path.join(out, "pairs.csv"), ["trigger_song_id", "rec_song_id"],
                [[f"s{a + 1:04d}", f"s{b + 1:04d}"] for a, b in pairs])
 

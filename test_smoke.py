@@ -652,7 +652,11 @@ def test_synth_is_deterministic_and_loads(tmp_path):
     favs = data.load_favourites(os.path.join(a, "favourites.csv"), cat)
     assert len(favs) == 3 * 13  # 35-60 favourites, capped at songs - 1 for this tiny world
     train = set(data.split_rows(cat, "train"))
-    assert all(t in train and r in train for t, r in data.load_pairs(os.path.join(a, "pairs.csv"), cat))
+    pairs = data.load_pairs(os.path.join(a, "pairs.csv"), cat)
+    assert all(t in train and r in train for t, r in pairs)
+    # pairs are the similar-songs channel's (trigger = the previous favourite, favourite): some of
+    # the consecutive favourites, never a pair of non-consecutive ones
+    assert set(pairs) <= set(data.mine_cooccurrence_pairs(favs, window=2)) and pairs
     from transformers import AutoConfig, AutoTokenizer
     tok, cfg = AutoTokenizer.from_pretrained(os.path.join(a, "tiny-bert")), AutoConfig.from_pretrained(os.path.join(a, "tiny-bert"))
     assert cfg.vocab_size == len(tok) and cfg.hidden_size == 64
