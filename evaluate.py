@@ -1533,10 +1533,14 @@ def report(sources, catalog, favourites=None, impressions=None, pairs=None, out_
     if reuse and os.path.exists(saved_path):
         with open(saved_path) as f:
             saved = json.load(f)
-    inputs = {f"acc_{c}": _digest(labels[c], split, list(probe_seeds), PROBE_LR, PROBE_MIN_STEPS) for c in label_columns}
-    if imp is not None and ranking_seeds:
-        inputs.update({f"{t}_auc": _digest(*(imp[k] for k in sorted(imp)), t, list(ranking_seeds), ranking_epochs)
-                       for t in ("ctr", "cvr")})
+    inputs = {}  # result key -> digest of what the job reads besides the embeddings
+    if reuse:
+        inputs = {f"acc_{c}": _digest(labels[c], split, list(probe_seeds), PROBE_LR, PROBE_MIN_STEPS)
+                  for c in label_columns}
+        if imp is not None and ranking_seeds:
+            imp_digest = _digest(*(imp[k] for k in sorted(imp)))  # once: the log may be large
+            inputs.update({f"{t}_auc": _digest(imp_digest, t, list(ranking_seeds), ranking_epochs)
+                           for t in ("ctr", "cvr")})
     keys = {}  # (model, result key) -> digest
     with one_thread(), ThreadPoolExecutor(workers) as pool:
         jobs = {}  # future -> (model, result key)
@@ -1548,9 +1552,9 @@ def report(sources, catalog, favourites=None, impressions=None, pairs=None, out_
                 todo += [(f"{t}_auc", f"ranking {t}", run_ranking, (emb, imp, t),
                           dict(seeds=ranking_seeds, epochs=ranking_epochs))
                          for t in ("ctr", "cvr") if imp is not None and ranking_seeds]
-                emb_digest = _digest(np.ascontiguousarray(emb, dtype=np.float32))
+                emb_digest = _digest(np.asarray(emb, dtype=np.float32)) if reuse else None
                 for key, protocol, fn, args, kw in todo:
-                    keys[name, key] = digest = _digest(emb_digest, inputs[key])
+                    digest = keys[name, key] = _digest(emb_digest, inputs[key]) if reuse else None
                     if digest in saved:
                         results[name][key] = tuple(saved[digest])
                         print(f"report: {name}: {protocol} reused from {saved_path} (same embeddings and inputs)")
@@ -1612,8 +1616,6 @@ def _digest(*parts):
     """sha1 hex of numpy arrays (their bytes, dtype and shape), strings, numbers and lists of them."""
     h = hashlib.sha1()
     for part in parts:
-        if isinstance(part, torch.Tensor):
-            part = part.numpy()
         if isinstance(part, np.ndarray):
             part = part.astype(str) if part.dtype == object else part  # ids: fixed-width unicode, not pickles
             h.update(f"{part.dtype}{part.shape}".encode())
