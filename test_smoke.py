@@ -2305,6 +2305,18 @@ def test_released_preset_parses_into_both_stage_configs():
     assert pretrain.lr_lambda(100, 0, "constant")(99) == 1.0 > pretrain.lr_lambda(100, 0)(99)
 
 
+def test_crossmusim_preset_parses_with_the_papers_settings():
+    import pretrain
+    path = os.path.join(ROOT, "presets", "crossmusim.toml")
+    cfg = pretrain.parse_config(pretrain.PretrainConfig, "pretrain", ["--preset", path])
+    assert cfg.samples == "crossmusim" and tuple(cfg.text_types) == ("aspects", "caption", "lyrics")
+    assert (cfg.lr, cfg.text_lr, cfg.global_batch, cfg.epochs, cfg.warmup_epochs) == (1e-4, 1e-4, 64, 41, 1.0)
+    m = cfg.model
+    assert not m.learn_temperature and math.isclose(1 / math.exp(m.logit_scale_init), 0.07)
+    assert (m.audio_pooling, m.text_pooling, m.embed_mode, m.chunk_seconds) == ("cls", "mean", "chunked", 10.0)
+    assert cfg.out_dir == os.path.join(ROOT, "runs", "crossmusim")  # relative to the preset's folder
+
+
 def test_fresh_heads_are_seeded_and_leave_the_encoders():
     m = tiny_model()
     with torch.no_grad():
