@@ -601,6 +601,7 @@ def step_variants(args):
         ("step_paper_bf16", dict(paper, amp="bf16")),
         ("step_paper_math", dict(paper, attn="math")),
         ("step_paper_ckpt", dict(paper, ckpt=True, rounds=1)),  # for its memory; speed +-noise
+        ("step_paper_bf16_ckpt", dict(paper, amp="bf16", ckpt=True, rounds=1)),  # the paper command's setting
         ("step_paper_reference", dict(paper, arch="reference")),
         # the audio tower alone, where the two encoders differ (BERT and Adam dominate the full step)
         ("step_paper_audio", dict(paper, tower="audio", iters=3)),
@@ -649,8 +650,10 @@ def run_step_worker(spec):
 
 def bench_step(ctx):
     args = ctx.args
-    batches = demo_batches(ctx, ctx.tmp)
-    variants = [(key, dict(spec, device=args.device, batches=batches)) for key, spec in step_variants(args)]
+    variants = [(key, spec) for key, spec in step_variants(args) if not args.variants or key in args.variants]
+    # the demo batches come from a cache of sample_data: built only when a demo variant runs
+    batches = demo_batches(ctx, ctx.tmp) if any(spec["preset"] == "demo" for _, spec in variants) else None
+    variants = [(key, dict(spec, device=args.device, batches=batches)) for key, spec in variants]
     results = {key: [] for key, _ in variants}
     for r in range(max(spec["rounds"] for _, spec in variants)):
         for key, spec in variants:
@@ -1288,17 +1291,31 @@ def main(argv=None):
                         "--quick 10k:1k,10k:10k)")
     p.add_argument("--paper_batch", type=int, default=None,
                    help="batch of the paper-size step rows (default 2, --quick 1; x16 with --device cuda)")
+    p.add_argument("--variants", default=None,
+                   help="comma-separated keys of the step row's variants to run, alone unless --rows says more "
+                        "(default: all of the mode), "
+                        "e.g. step_paper_ab,step_paper_posln_ab; unknown keys list the valid ones")
     p.add_argument("--_step", help=argparse.SUPPRESS)  # internal: run one step variant in this process
     args = p.parse_args(argv)
     if args._step:
         return step_worker(json.loads(args._step))
 
+    if args.rows is None and args.variants:
+        args.rows = "step"
     if args.rows is None:
         args.rows = ",".join(r for r in ALL_ROWS if not (args.quick and r in ("memory", "artist")))
     rows_wanted = [r.strip() for r in args.rows.split(",") if r.strip()]
     unknown = set(rows_wanted) - set(ALL_ROWS)
     if unknown:
         p.error(f"unknown rows {sorted(unknown)}; choose from {','.join(ALL_ROWS)}")
+    if args.variants is not None:
+        args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+        valid = [key for key, _ in step_variants(args)]
+        if set(args.variants) - set(valid):
+            p.error(f"unknown --variants {sorted(set(args.variants) - set(valid))}; "
+                    f"{'--quick' if args.quick else 'the full run'} has {','.join(valid)}")
+        if "step" not in rows_wanted:
+            p.error("--variants selects variants of the step row: add step to --rows (or leave --rows out)")
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device visible")
     args.matching = args.matching or ("10k:1k,10k:10k" if args.quick else "10k:1k,100k:1k,1M:1k,10k:10k")

@@ -456,8 +456,8 @@ class HTCL(nn.Module):
 
     def set_gradient_checkpointing(self, audio, text):
         """Recompute each Transformer layer's activations in backward instead of storing them.
-        A memory knob of a run, not of the model (bench.py: a paper-size step at batch 100 in bf16,
-        ~76 GB -> ~12 GB for ~0.7x speed); kept in cfg so that the artifact records what was used."""
+        A memory knob of a run, not of the model (bench.py on an H200: a paper-size step at batch 100
+        in bf16, 29 GB -> 8 GB for 0.76x speed); kept in cfg so that the artifact records what was used."""
         self.cfg.audio.gradient_checkpointing = audio  # AudioEncoder reads this same cfg object
         self.cfg.text_gradient_checkpointing = text
         self.text_encoder.set_checkpointing(text)

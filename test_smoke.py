@@ -2210,6 +2210,19 @@ def test_initial_weights_equal_the_released_module_built_with_the_same_seed():
         assert torch.equal(v, ours[k]), k
 
 
+def test_bench_variants_flag_rejects_unknown_keys_and_other_rows(capsys):
+    """bench.py --variants picks step variants by key: a typo lists the valid keys, and the flag
+    means nothing without the step row (both refused before anything is measured)."""
+    import bench
+    with pytest.raises(SystemExit):
+        bench.main(["--variants", "step_paper_abb"])
+    err = capsys.readouterr().err
+    assert "unknown --variants ['step_paper_abb']" in err and "step_paper_posln_ab" in err
+    with pytest.raises(SystemExit):
+        bench.main(["--rows", "data", "--variants", "step_paper_ab"])
+    assert "add step to --rows" in capsys.readouterr().err
+
+
 def _released_mlp(dims):
     """A released models/mlp.py MLP: (Linear, ReLU, Dropout(0)) blocks without the last ReLU and
     Dropout, so its Linear layers sit at indices 0, 3, 6."""
