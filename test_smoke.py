@@ -35,6 +35,7 @@ import data
 import evaluate as ev
 import model as htcl
 from data import AudioError, CatalogError
+from tools import released_reference
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 SAMPLE = os.path.join(ROOT, "sample_data")
@@ -2196,11 +2197,10 @@ def test_released_initialisation_identical_layers_xavier_attention_and_unit_cls(
 
 def test_initial_weights_equal_the_released_module_built_with_the_same_seed():
     """Built in the released order of random draws, AudioEncoder starts from the very weights of
-    the released design (bench.ReferenceAudioEncoder: nn.TransformerEncoder, released key names)."""
-    import bench
+    the released design (released_reference.ReferenceAudioEncoder: nn.TransformerEncoder, released key names)."""
     cfg = tiny_audio_config()
     torch.manual_seed(5)
-    ref = bench.ReferenceAudioEncoder(cfg)
+    ref = released_reference.ReferenceAudioEncoder(cfg)
     assert list(ref.state_dict()) == released_audio_keys(3, cfg.layers)
     torch.manual_seed(5)
     ours = htcl.AudioEncoder(cfg).state_dict()
@@ -2236,10 +2236,9 @@ def released_model_parts(stage, seed=0):
     """The modules of a released ModelWrapper at a tiny size, every tensor perturbed off its init
     (so that a swapped LayerNorm or a zero bias cannot hide a wrong mapping), and their state_dict
     in the released layout: audio_model.*, text_model.*, audio_mlp.*, text_mlp.*, [fusion_mlp.*], taus."""
-    import bench
     from transformers import AutoConfig, AutoModel
     torch.manual_seed(seed)
-    parts = {"audio_model": bench.ReferenceAudioEncoder(tiny_audio_config()),
+    parts = {"audio_model": released_reference.ReferenceAudioEncoder(tiny_audio_config()),
              "text_model": AutoModel.from_config(AutoConfig.from_pretrained(TINY_BERT)),
              "audio_mlp": _released_mlp([32, 16, 8, 6])}
     parts["text_mlp"] = _released_mlp([parts["text_model"].config.hidden_size, 16, 8, 6])
