@@ -1,11 +1,11 @@
-"""HTCL model: the audio and text towers, the heads, and the one contrastive loss.
+"""HTCL model (Sec. 2, Fig. 1b): the audio and text towers, the heads, the one contrastive loss.
 
-Implements Sec. 2 and Fig. 1b of "Bridging the Gap Between Semantic and User
-Preference Spaces for Multi-modal Music Representation Learning" (Pan et al.,
-ICMR 2025), reading top to bottom in the order of the figure:
+"Bridging the Gap Between Semantic and User Preference Spaces for Multi-modal Music
+Representation Learning" (Pan et al., ICMR 2025). Reads top to bottom in the order of Fig. 1b:
 
-    configs -> conv stem -> Transformer audio encoder -> BERT wrapper
-    -> projection / fusion MLPs -> symmetric InfoNCE (Eq. 2-4) -> HTCL (Eq. 5)
+    configs -> conv stem -> positional conv -> Transformer layer -> audio encoder E_audio
+    -> BERT wrapper E_text -> projection / fusion MLPs -> symmetric InfoNCE (Eq. 2-4)
+    -> HTCL with the stage losses (Sec. 2.1; Sec. 2.2, Eq. 5)
     -> artifact save / load (the hand-off between the two stages)
 
 Nothing here trains (pretrain.py and finetune.py do). `python model.py` prints the paper
@@ -27,11 +27,12 @@ from torch.utils.checkpoint import checkpoint
 
 # -----------------------------------------------------------------------------
 # Configs. Every number is the paper's (Sec. 3.1.3) or, where the paper is
-# silent, the authors' released code's (see ../shared/paper-notes.md).
+# silent, the authors' released code's.
 
 
 @dataclass
 class AudioConfig:
+    """E_audio's sizes; the defaults are the paper's audio encoder."""
     n_mels: int = 128                         # Sec. 3.1.3: 128 mel bins
     conv_channels: int = 512                  # Sec. 3.1.3: 1-D conv stem, 512 channels
     conv_kernels: tuple = (5, 3, 3)           # Sec. 3.1.3
@@ -48,6 +49,7 @@ class AudioConfig:
 
 @dataclass
 class HTCLConfig:
+    """The whole model of Fig. 1b; saved as an artifact's config.json."""
     audio: AudioConfig = field(default_factory=AudioConfig)
     text_model: str = "bert-base-multilingual-uncased"  # Sec. 3.1.3; hub name or local folder
     text_pretrained: bool = True              # False: build the text model from its config (random init)
@@ -57,7 +59,7 @@ class HTCLConfig:
     fusion_dims: tuple = (200, 100, 100)      # released code: concat(100, 100) -> 200 -> 100 -> 100
     logit_scale_init: float = 2.6             # released code: exp(2.6) ~ 13.5, tau ~ 0.074
     logit_scale_max: float = math.log(100)    # NOTE(paper): released code does not clamp; CLIP/open_clip clamp to ln 100
-    # CrossMuSim variant switches (paper-notes Sec. 2); the defaults are HTCL's.
+    # Switches for the CrossMuSim variant (a sister paper's recipe); the defaults are HTCL's.
     learn_temperature: bool = True            # HTCL: learnable; False = tau fixed at exp(-logit_scale_init) (CrossMuSim: 0.07)
     audio_pooling: str = "mean"               # mean (released HTCL code) | cls (CrossMuSim: embedding at [CLS])
     embed_mode: str = "full"                  # inference the model was trained for: full (HTCL: whole song) | chunked (CrossMuSim)
@@ -112,10 +114,10 @@ class ConvStem(nn.Module):
         return n
 
     def forward(self, mel):
-        x = mel.transpose(1, 2)  # (B, n_mels, T)
+        x = mel.transpose(1, 2)  # (B, n_mels, T): Conv1d wants channels first
         for conv, norm in zip(self.convs, self.norms):
             x = conv(x)  # (B, C, T')
-            x = F.gelu(norm(x.transpose(1, 2)).transpose(1, 2))  # LayerNorm over channels
+            x = F.gelu(norm(x.transpose(1, 2)).transpose(1, 2))  # LayerNorm over channels: (B, T', C) and back
         return x.transpose(1, 2)  # (B, T', C)
 
 
@@ -134,7 +136,7 @@ class ConvPositionalEmbedding(nn.Module):
         self.norm = nn.LayerNorm(cfg.hidden)  # released code: LayerNorm between the conv and the GELU
 
     def forward(self, x):
-        return F.gelu(self.norm(self.conv(x.transpose(1, 2)).transpose(1, 2)))  # (B, T, D)
+        return F.gelu(self.norm(self.conv(x.transpose(1, 2)).transpose(1, 2)))  # conv over (B, D, T), back to (B, T, D)
 
 
 class TransformerLayer(nn.Module):
@@ -166,7 +168,7 @@ class TransformerLayer(nn.Module):
         q, k, v = self.in_proj(x).view(B, T, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)  # 3 x (B, h, T, hd)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
                                            dropout_p=self.dropout if self.training else 0.0)
-        return self.out_proj(y.transpose(1, 2).reshape(B, T, D))  # (B, T, D)
+        return self.out_proj(y.transpose(1, 2).reshape(B, T, D))  # heads back together: (B, T, D)
 
     def forward(self, x, attn_mask):
         x = self.norm1(x + F.dropout(self.attention(x, attn_mask), self.dropout, self.training))
@@ -213,10 +215,7 @@ class AudioEncoder(nn.Module):
 
     def forward(self, mel, padding_mask=None):
         B, T, _ = mel.shape
-        if padding_mask is None:
-            frame_lengths = torch.full((B,), T, device=mel.device)
-        else:
-            frame_lengths = (~padding_mask).sum(1)
+        frame_lengths = torch.full((B,), T, device=mel.device) if padding_mask is None else (~padding_mask).sum(1)
         # A song shorter than the stem's receptive field (17 frames at the defaults)
         # still gets one token; data.py pads such songs with silence first.
         token_lengths = self.stem.token_lengths(frame_lengths).clamp(min=1)
@@ -227,11 +226,11 @@ class AudioEncoder(nn.Module):
         x = self.feature_proj(self.feature_norm(x))  # (B, N, D)
         # Zero the padded tokens so the positional conv sees the same zero padding at
         # a song's end whatever the batch's length is.
-        x = x * valid[..., None]
+        x = x * valid[..., None]  # (B, N, D)
         x = x + self.pos_conv(x)
         x = F.dropout(self.pos_norm(x), self.cfg.dropout, self.training)
         x = torch.cat([self.cls_token.expand(B, -1, -1).to(x.dtype), x], dim=1)  # (B, 1 + N, D)
-        valid = F.pad(valid, (1, 0), value=True)  # [CLS] is always attended
+        valid = F.pad(valid, (1, 0), value=True)  # (B, 1 + N); [CLS] is always attended
         attn_mask = valid[:, None, None, :]  # (B, 1, 1, 1 + N), broadcast over heads and queries
 
         for layer in self.layers:
@@ -264,8 +263,7 @@ class TextEncoder(nn.Module):
         super().__init__()
         from transformers import AutoConfig, AutoModel
         if model_config:  # loading an artifact: architecture from the saved config, weights from its safetensors
-            config = AutoConfig.for_model(**model_config)
-            self.model = AutoModel.from_config(config)
+            self.model = AutoModel.from_config(AutoConfig.for_model(**model_config))
         elif pretrained:
             self.model = AutoModel.from_pretrained(name_or_path)
         else:
@@ -306,9 +304,9 @@ class TextEncoder(nn.Module):
             return out.pooler_output  # (B, H)
         h = out.last_hidden_state  # (B, L, H)
         if self.pooling == "cls":
-            return h[:, 0]
+            return h[:, 0]  # (B, H)
         m = tokens["attention_mask"].to(h.dtype)[..., None]  # (B, L, 1)
-        return (h * m).sum(1) / m.sum(1).clamp(min=1)
+        return (h * m).sum(1) / m.sum(1).clamp(min=1)  # (B, H)
 
 
 # -----------------------------------------------------------------------------
@@ -317,12 +315,10 @@ class TextEncoder(nn.Module):
 
 def mlp(dims):
     """Linear layers through `dims` with ReLU between them (none after the last)."""
-    layers = []
-    for i, (a, b) in enumerate(zip(dims[:-1], dims[1:])):
-        if i:
-            layers.append(nn.ReLU())
-        layers.append(nn.Linear(a, b))
-    return nn.Sequential(*layers)
+    layers = [nn.Linear(dims[0], dims[1])]
+    for a, b in zip(dims[1:-1], dims[2:]):
+        layers += [nn.ReLU(), nn.Linear(a, b)]
+    return nn.Sequential(*layers)  # Linear layers at indices 0, 2, 4, ...
 
 
 # -----------------------------------------------------------------------------
@@ -339,7 +335,17 @@ def gather_with_grad(x):
     """
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return x
-    return torch.cat(dist_nn.all_gather(x), dim=0)
+    return torch.cat(dist_nn.all_gather(x), dim=0)  # (world * B_local, D)
+
+
+def info_nce(queries, keys, labels, scale):
+    """One direction of the symmetric InfoNCE (Eq. 2-4), audio -> text or text -> audio: CE(S), S = scale * cos.
+
+    queries (B_local, D), keys (B_global, D), both L2-normalized; labels (B_local,): the key of each
+    query's pair; scale: exp(logit_scale) = 1 / tau -> scalar."""
+    logits = scale * queries @ keys.T  # (B_local, B_global)
+    # cross_entropy works on log-softmax, so large logits cannot overflow.
+    return F.cross_entropy(logits, labels)
 
 
 def contrastive_loss(x, y, logit_scale, gather=True):
@@ -362,14 +368,21 @@ def contrastive_loss(x, y, logit_scale, gather=True):
     """
     dtype = torch.promote_types(x.dtype, torch.float32)  # bf16 in -> fp32 loss; fp64 stays fp64
     x, y = F.normalize(x.to(dtype), dim=-1), F.normalize(y.to(dtype), dim=-1)
-    all_x, all_y = (gather_with_grad(x), gather_with_grad(y)) if gather else (x, y)
+    all_x, all_y = (gather_with_grad(x), gather_with_grad(y)) if gather else (x, y)  # (B_global, D)
     offset = dist.get_rank() * x.shape[0] if all_x.shape[0] != x.shape[0] else 0
-    labels = torch.arange(x.shape[0], device=x.device) + offset
+    labels = torch.arange(x.shape[0], device=x.device) + offset  # this rank's rows in the global batch
     scale = logit_scale.to(dtype).exp()
-    logits_xy = scale * x @ all_y.T  # (B_local, B_global)
-    logits_yx = scale * y @ all_x.T  # (B_local, B_global)
-    # cross_entropy works on log-softmax, so large logits cannot overflow.
-    return 0.5 * (F.cross_entropy(logits_xy, labels) + F.cross_entropy(logits_yx, labels))
+    return 0.5 * (info_nce(x, all_y, labels, scale) + info_nce(y, all_x, labels, scale))
+
+
+def stage2_total(parts, weights):
+    """Eq. 5: L = w_aa * L_aa + w_af * L_af + w_at * L_at (paper: weights 1). parts {"aa", "af", "at"}
+    -> scalars, weights (w_aa, w_af, w_at) -> scalar; without text (HTCL_w/o_text) only w_aa * L_aa."""
+    w_aa, w_af, w_at = weights
+    loss = w_aa * parts["aa"]
+    if "af" in parts:
+        loss = loss + w_af * parts["af"] + w_at * parts["at"]
+    return loss
 
 
 # -----------------------------------------------------------------------------
@@ -383,7 +396,7 @@ class HTCL(nn.Module):
     encode_text:  tokens {input_ids (B, L), attention_mask (B, L)} -> text_emb (B, 100)
     fuse:         audio_emb (B, 100), text_emb (B, 100) -> fused_emb (B, 100)
     stage1_loss:  L_at (Sec. 2.1)
-    stage2_loss:  w_aa * L_aa + w_af * L_af + w_at * L_at (Eq. 5, Sec. 2.2)
+    stage2_loss:  w_aa * L_aa + w_af * L_af + w_at * L_at (Sec. 2.2, Eq. 5: stage2_total)
 
     Each loss has its own learnable temperature, kept as a log logit scale in
     self.logit_scale[name] for name in ("at", "aa", "af"); with cfg.learn_temperature = False
@@ -501,11 +514,10 @@ class HTCL(nn.Module):
         mel = torch.cat([F.pad(batch["trig_mel"], (0, 0, 0, T - batch["trig_mel"].shape[1])),
                          F.pad(batch["rec_mel"], (0, 0, 0, T - batch["rec_mel"].shape[1]))])  # (2B, T, M)
         mask = torch.cat([F.pad(batch["trig_padding_mask"], (0, T - batch["trig_mel"].shape[1]), value=True),
-                          F.pad(batch["rec_padding_mask"], (0, T - batch["rec_mel"].shape[1]), value=True)])
+                          F.pad(batch["rec_padding_mask"], (0, T - batch["rec_mel"].shape[1]), value=True)])  # (2B, T)
         audio_emb = self.encode_audio(mel, mask, normalize=False)  # (2B, D)
-        trig_audio, rec_audio = audio_emb[:B], audio_emb[B:]
+        trig_audio, rec_audio = audio_emb[:B], audio_emb[B:]  # (B, D) each
 
-        w_aa, w_af, w_at = weights
         parts = {"aa": contrastive_loss(trig_audio, rec_audio, self.logit_scale["aa"])}
         if use_text:
             rec_text = self.encode_text(batch["rec_tokens"], normalize=False)
@@ -515,14 +527,11 @@ class HTCL(nn.Module):
                 trig_fused = self.fuse(trig_audio, trig_text, normalize=False)
                 parts["af"] = 0.5 * (contrastive_loss(trig_audio, rec_fused, self.logit_scale["af"])
                                      + contrastive_loss(rec_audio, trig_fused, self.logit_scale["af"]))
-                parts["at"] = contrastive_loss(audio_emb, torch.cat([trig_text, rec_text]), self.logit_scale["at"])
+                parts["at"] = contrastive_loss(audio_emb, torch.cat([trig_text, rec_text]), self.logit_scale["at"])  # 2B rows
             else:
                 parts["af"] = contrastive_loss(trig_audio, rec_fused, self.logit_scale["af"])
                 parts["at"] = contrastive_loss(rec_audio, rec_text, self.logit_scale["at"])
-        loss = w_aa * parts["aa"]
-        if use_text:
-            loss = loss + w_af * parts["af"] + w_at * parts["at"]
-        return loss, {k: v.detach() for k, v in parts.items()}
+        return stage2_total(parts, weights), {k: v.detach() for k, v in parts.items()}
 
 
 # -----------------------------------------------------------------------------
