@@ -52,13 +52,13 @@ import soundfile as sf
 import soxr
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, ROOT)
 
 import data  # noqa: E402
 import model as htcl  # noqa: E402
+from tools.released_reference import ReferenceAudioEncoder  # noqa: E402  (the released design, for A/B rows)
 
 PRESET = os.path.join(ROOT, "sample_data", "preset.toml")
 TINY_BERT = os.path.join(ROOT, "sample_data", "tiny-bert")
@@ -213,73 +213,6 @@ def gpu_peak_flops(device):
         return None
     name = torch.cuda.get_device_name(device)
     return next((v for k, v in PEAK_BF16.items() if k in name), None)
-
-
-# -----------------------------------------------------------------------------
-# The reference: the released code's audio encoder (models/audio_model.py), written the
-# straightforward way, in its module layout and key names, so that a released checkpoint's
-# `audio_model.*` tensors load into it as they are (test_smoke.py converts one and compares).
-# Conv stem (Conv -> LayerNorm -> GELU), LayerNorm + Linear to the hidden size, positional conv
-# (weight-normed grouped conv -> LayerNorm -> GELU) added, LayerNorm, dropout, [CLS] prepended,
-# nn.TransformerEncoder (post-LN, GELU, batch_first) with no mask on songs padded to 1251 frames,
-# then the wrapper's mean over all tokens. Built in the released order of random draws.
-
-
-class _Transpose(nn.Module):  # (B, T, C) <-> (B, C, T); parameter-free, as the released Rearrange
-    def forward(self, x):
-        return x.transpose(1, 2)
-
-
-class _FeatureProjection(nn.Module):
-    def __init__(self, c_in, hidden):
-        super().__init__()
-        self.layer_norm = nn.LayerNorm(c_in)
-        self.projection = nn.Linear(c_in, hidden)
-
-    def forward(self, x):
-        return self.projection(self.layer_norm(x))
-
-
-class _PositionalConv(nn.Module):
-    def __init__(self, hidden, kernel, groups):
-        super().__init__()
-        conv = nn.Conv1d(hidden, hidden, kernel, padding=kernel // 2, groups=groups)
-        self.conv = nn.utils.parametrizations.weight_norm(conv, name="weight", dim=2)
-        self.layer_norm = nn.LayerNorm(hidden)
-
-    def forward(self, x):
-        return F.gelu(self.layer_norm(self.conv(x.transpose(1, 2)).transpose(1, 2)))
-
-
-class ReferenceAudioEncoder(nn.Module):
-    def __init__(self, cfg, pos_layer_norm=True):
-        super().__init__()
-        self.cfg = cfg
-        c_in, layers = cfg.n_mels, []
-        for k, s in zip(cfg.conv_kernels, cfg.conv_strides):
-            layers.append(nn.Sequential(_Transpose(), nn.Conv1d(c_in, cfg.conv_channels, k, stride=s, bias=False),
-                                        _Transpose(), nn.LayerNorm(cfg.conv_channels), nn.GELU()))
-            c_in = cfg.conv_channels
-        self.feature_extractor = nn.Module()
-        self.feature_extractor.layers = nn.ModuleList(layers)
-        self.feature_projection = _FeatureProjection(cfg.conv_channels, cfg.hidden)
-        self.pos_conv_embed = _PositionalConv(cfg.hidden, cfg.pos_conv_kernel, cfg.pos_conv_groups)
-        if not pos_layer_norm:  # only to measure what the LayerNorm costs (bench rows *_posln_ab)
-            self.pos_conv_embed.layer_norm = nn.Identity()
-        self.layer_norm = nn.LayerNorm(cfg.hidden)
-        layer = nn.TransformerEncoderLayer(cfg.hidden, cfg.heads, cfg.ffn, cfg.dropout, activation="gelu",
-                                           batch_first=True, norm_first=False)
-        self.transformer_encoder = nn.TransformerEncoder(layer, cfg.layers, enable_nested_tensor=False)
-        self.cls_token = nn.Parameter(torch.randn(1, 1, cfg.hidden))
-
-    def forward(self, mel, padding_mask=None):  # the mask is ignored, as in the released code
-        x = F.pad(mel, (0, 0, 0, max(0, data.MAX_FRAMES - mel.shape[1])))  # (B, 1251, n_mels)
-        for layer in self.feature_extractor.layers:
-            x = layer(x)  # (B, T', C)
-        x = self.feature_projection(x)  # (B, T', D)
-        x = F.dropout(self.layer_norm(x + self.pos_conv_embed(x)), self.cfg.dropout, self.training)
-        x = torch.cat([self.cls_token.expand(len(x), -1, -1).to(x.dtype), x], dim=1)  # (B, 1 + T', D)
-        return self.transformer_encoder(x).mean(1)  # the wrapper's mean over every token
 
 
 # -----------------------------------------------------------------------------

@@ -1,20 +1,16 @@
-"""HTCL model: the audio and text towers, the heads, and the one contrastive loss.
+"""HTCL model (Sec. 2, Fig. 1b): the audio and text towers, the heads, the one contrastive loss.
 
-Implements Sec. 2 and Fig. 1b of "Bridging the Gap Between Semantic and User
-Preference Spaces for Multi-modal Music Representation Learning" (Pan et al.,
-ICMR 2025), reading top to bottom in the order of the figure:
+"Bridging the Gap Between Semantic and User Preference Spaces for Multi-modal Music
+Representation Learning" (Pan et al., ICMR 2025). Reads top to bottom in the order of Fig. 1b:
 
-    configs -> conv stem -> Transformer audio encoder -> BERT wrapper
-    -> projection / fusion MLPs -> symmetric InfoNCE (Eq. 2-4) -> HTCL (Eq. 5)
+    configs -> conv stem -> positional conv -> Transformer layer -> audio encoder E_audio
+    -> BERT wrapper E_text -> projection / fusion MLPs -> symmetric InfoNCE (Eq. 2-4)
+    -> HTCL with the stage losses (Sec. 2.1; Sec. 2.2, Eq. 5)
     -> artifact save / load (the hand-off between the two stages)
 
-Nothing here trains; pretrain.py and finetune.py do. Quick check of the paper
-default (the audio encoder's 88,500,511 parameters), and conversion of a
-checkpoint saved by the released code (train_stage1.py / train_stage2.py) into an
-artifact that evaluate.py and finetune.py read:
-
-    python model.py
-    python model.py convert-released model-20.pth --text_model bert-base-multilingual-uncased --out runs/released
+Nothing here trains (pretrain.py and finetune.py do). `python model.py` prints the paper
+default's size (88,500,511 audio-encoder parameters, 1251 frames -> 155 tokens). A checkpoint of
+the authors' released code becomes an artifact with tools/convert_released.py.
 """
 import copy
 import json
@@ -31,11 +27,12 @@ from torch.utils.checkpoint import checkpoint
 
 # -----------------------------------------------------------------------------
 # Configs. Every number is the paper's (Sec. 3.1.3) or, where the paper is
-# silent, the authors' released code's (see ../shared/paper-notes.md).
+# silent, the authors' released code's.
 
 
 @dataclass
 class AudioConfig:
+    """E_audio's sizes; the defaults are the paper's audio encoder."""
     n_mels: int = 128                         # Sec. 3.1.3: 128 mel bins
     conv_channels: int = 512                  # Sec. 3.1.3: 1-D conv stem, 512 channels
     conv_kernels: tuple = (5, 3, 3)           # Sec. 3.1.3
@@ -52,6 +49,7 @@ class AudioConfig:
 
 @dataclass
 class HTCLConfig:
+    """The whole model of Fig. 1b; saved as an artifact's config.json."""
     audio: AudioConfig = field(default_factory=AudioConfig)
     text_model: str = "bert-base-multilingual-uncased"  # Sec. 3.1.3; hub name or local folder
     text_pretrained: bool = True              # False: build the text model from its config (random init)
@@ -61,7 +59,7 @@ class HTCLConfig:
     fusion_dims: tuple = (200, 100, 100)      # released code: concat(100, 100) -> 200 -> 100 -> 100
     logit_scale_init: float = 2.6             # released code: exp(2.6) ~ 13.5, tau ~ 0.074
     logit_scale_max: float = math.log(100)    # NOTE(paper): released code does not clamp; CLIP/open_clip clamp to ln 100
-    # CrossMuSim variant switches (paper-notes Sec. 2); the defaults are HTCL's.
+    # Switches for the CrossMuSim variant (a sister paper's recipe); the defaults are HTCL's.
     learn_temperature: bool = True            # HTCL: learnable; False = tau fixed at exp(-logit_scale_init) (CrossMuSim: 0.07)
     audio_pooling: str = "mean"               # mean (released HTCL code) | cls (CrossMuSim: embedding at [CLS])
     embed_mode: str = "full"                  # inference the model was trained for: full (HTCL: whole song) | chunked (CrossMuSim)
@@ -116,10 +114,10 @@ class ConvStem(nn.Module):
         return n
 
     def forward(self, mel):
-        x = mel.transpose(1, 2)  # (B, n_mels, T)
+        x = mel.transpose(1, 2)  # (B, n_mels, T): Conv1d wants channels first
         for conv, norm in zip(self.convs, self.norms):
             x = conv(x)  # (B, C, T')
-            x = F.gelu(norm(x.transpose(1, 2)).transpose(1, 2))  # LayerNorm over channels
+            x = F.gelu(norm(x.transpose(1, 2)).transpose(1, 2))  # LayerNorm over channels: (B, T', C) and back
         return x.transpose(1, 2)  # (B, T', C)
 
 
@@ -138,7 +136,7 @@ class ConvPositionalEmbedding(nn.Module):
         self.norm = nn.LayerNorm(cfg.hidden)  # released code: LayerNorm between the conv and the GELU
 
     def forward(self, x):
-        return F.gelu(self.norm(self.conv(x.transpose(1, 2)).transpose(1, 2)))  # (B, T, D)
+        return F.gelu(self.norm(self.conv(x.transpose(1, 2)).transpose(1, 2)))  # conv over (B, D, T), back to (B, T, D)
 
 
 class TransformerLayer(nn.Module):
@@ -170,7 +168,7 @@ class TransformerLayer(nn.Module):
         q, k, v = self.in_proj(x).view(B, T, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)  # 3 x (B, h, T, hd)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
                                            dropout_p=self.dropout if self.training else 0.0)
-        return self.out_proj(y.transpose(1, 2).reshape(B, T, D))  # (B, T, D)
+        return self.out_proj(y.transpose(1, 2).reshape(B, T, D))  # heads back together: (B, T, D)
 
     def forward(self, x, attn_mask):
         x = self.norm1(x + F.dropout(self.attention(x, attn_mask), self.dropout, self.training))
@@ -217,10 +215,7 @@ class AudioEncoder(nn.Module):
 
     def forward(self, mel, padding_mask=None):
         B, T, _ = mel.shape
-        if padding_mask is None:
-            frame_lengths = torch.full((B,), T, device=mel.device)
-        else:
-            frame_lengths = (~padding_mask).sum(1)
+        frame_lengths = torch.full((B,), T, device=mel.device) if padding_mask is None else (~padding_mask).sum(1)
         # A song shorter than the stem's receptive field (17 frames at the defaults)
         # still gets one token; data.py pads such songs with silence first.
         token_lengths = self.stem.token_lengths(frame_lengths).clamp(min=1)
@@ -231,11 +226,11 @@ class AudioEncoder(nn.Module):
         x = self.feature_proj(self.feature_norm(x))  # (B, N, D)
         # Zero the padded tokens so the positional conv sees the same zero padding at
         # a song's end whatever the batch's length is.
-        x = x * valid[..., None]
+        x = x * valid[..., None]  # (B, N, D)
         x = x + self.pos_conv(x)
         x = F.dropout(self.pos_norm(x), self.cfg.dropout, self.training)
         x = torch.cat([self.cls_token.expand(B, -1, -1).to(x.dtype), x], dim=1)  # (B, 1 + N, D)
-        valid = F.pad(valid, (1, 0), value=True)  # [CLS] is always attended
+        valid = F.pad(valid, (1, 0), value=True)  # (B, 1 + N); [CLS] is always attended
         attn_mask = valid[:, None, None, :]  # (B, 1, 1, 1 + N), broadcast over heads and queries
 
         for layer in self.layers:
@@ -268,8 +263,7 @@ class TextEncoder(nn.Module):
         super().__init__()
         from transformers import AutoConfig, AutoModel
         if model_config:  # loading an artifact: architecture from the saved config, weights from its safetensors
-            config = AutoConfig.for_model(**model_config)
-            self.model = AutoModel.from_config(config)
+            self.model = AutoModel.from_config(AutoConfig.for_model(**model_config))
         elif pretrained:
             self.model = AutoModel.from_pretrained(name_or_path)
         else:
@@ -310,9 +304,9 @@ class TextEncoder(nn.Module):
             return out.pooler_output  # (B, H)
         h = out.last_hidden_state  # (B, L, H)
         if self.pooling == "cls":
-            return h[:, 0]
+            return h[:, 0]  # (B, H)
         m = tokens["attention_mask"].to(h.dtype)[..., None]  # (B, L, 1)
-        return (h * m).sum(1) / m.sum(1).clamp(min=1)
+        return (h * m).sum(1) / m.sum(1).clamp(min=1)  # (B, H)
 
 
 # -----------------------------------------------------------------------------
@@ -321,12 +315,10 @@ class TextEncoder(nn.Module):
 
 def mlp(dims):
     """Linear layers through `dims` with ReLU between them (none after the last)."""
-    layers = []
-    for i, (a, b) in enumerate(zip(dims[:-1], dims[1:])):
-        if i:
-            layers.append(nn.ReLU())
-        layers.append(nn.Linear(a, b))
-    return nn.Sequential(*layers)
+    layers = [nn.Linear(dims[0], dims[1])]
+    for a, b in zip(dims[1:-1], dims[2:]):
+        layers += [nn.ReLU(), nn.Linear(a, b)]
+    return nn.Sequential(*layers)  # Linear layers at indices 0, 2, 4, ...
 
 
 # -----------------------------------------------------------------------------
@@ -343,7 +335,17 @@ def gather_with_grad(x):
     """
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return x
-    return torch.cat(dist_nn.all_gather(x), dim=0)
+    return torch.cat(dist_nn.all_gather(x), dim=0)  # (world * B_local, D)
+
+
+def info_nce(queries, keys, labels, scale):
+    """One direction of the symmetric InfoNCE (Eq. 2-4), audio -> text or text -> audio: CE(S), S = scale * cos.
+
+    queries (B_local, D), keys (B_global, D), both L2-normalized; labels (B_local,): the key of each
+    query's pair; scale: exp(logit_scale) = 1 / tau -> scalar."""
+    logits = scale * queries @ keys.T  # (B_local, B_global)
+    # cross_entropy works on log-softmax, so large logits cannot overflow.
+    return F.cross_entropy(logits, labels)
 
 
 def contrastive_loss(x, y, logit_scale, gather=True):
@@ -366,14 +368,21 @@ def contrastive_loss(x, y, logit_scale, gather=True):
     """
     dtype = torch.promote_types(x.dtype, torch.float32)  # bf16 in -> fp32 loss; fp64 stays fp64
     x, y = F.normalize(x.to(dtype), dim=-1), F.normalize(y.to(dtype), dim=-1)
-    all_x, all_y = (gather_with_grad(x), gather_with_grad(y)) if gather else (x, y)
+    all_x, all_y = (gather_with_grad(x), gather_with_grad(y)) if gather else (x, y)  # (B_global, D)
     offset = dist.get_rank() * x.shape[0] if all_x.shape[0] != x.shape[0] else 0
-    labels = torch.arange(x.shape[0], device=x.device) + offset
+    labels = torch.arange(x.shape[0], device=x.device) + offset  # this rank's rows in the global batch
     scale = logit_scale.to(dtype).exp()
-    logits_xy = scale * x @ all_y.T  # (B_local, B_global)
-    logits_yx = scale * y @ all_x.T  # (B_local, B_global)
-    # cross_entropy works on log-softmax, so large logits cannot overflow.
-    return 0.5 * (F.cross_entropy(logits_xy, labels) + F.cross_entropy(logits_yx, labels))
+    return 0.5 * (info_nce(x, all_y, labels, scale) + info_nce(y, all_x, labels, scale))
+
+
+def stage2_total(parts, weights):
+    """Eq. 5: L = w_aa * L_aa + w_af * L_af + w_at * L_at (paper: weights 1). parts {"aa", "af", "at"}
+    -> scalars, weights (w_aa, w_af, w_at) -> scalar; without text (HTCL_w/o_text) only w_aa * L_aa."""
+    w_aa, w_af, w_at = weights
+    loss = w_aa * parts["aa"]
+    if "af" in parts:
+        loss = loss + w_af * parts["af"] + w_at * parts["at"]
+    return loss
 
 
 # -----------------------------------------------------------------------------
@@ -387,7 +396,7 @@ class HTCL(nn.Module):
     encode_text:  tokens {input_ids (B, L), attention_mask (B, L)} -> text_emb (B, 100)
     fuse:         audio_emb (B, 100), text_emb (B, 100) -> fused_emb (B, 100)
     stage1_loss:  L_at (Sec. 2.1)
-    stage2_loss:  w_aa * L_aa + w_af * L_af + w_at * L_at (Eq. 5, Sec. 2.2)
+    stage2_loss:  w_aa * L_aa + w_af * L_af + w_at * L_at (Sec. 2.2, Eq. 5: stage2_total)
 
     Each loss has its own learnable temperature, kept as a log logit scale in
     self.logit_scale[name] for name in ("at", "aa", "af"); with cfg.learn_temperature = False
@@ -505,11 +514,10 @@ class HTCL(nn.Module):
         mel = torch.cat([F.pad(batch["trig_mel"], (0, 0, 0, T - batch["trig_mel"].shape[1])),
                          F.pad(batch["rec_mel"], (0, 0, 0, T - batch["rec_mel"].shape[1]))])  # (2B, T, M)
         mask = torch.cat([F.pad(batch["trig_padding_mask"], (0, T - batch["trig_mel"].shape[1]), value=True),
-                          F.pad(batch["rec_padding_mask"], (0, T - batch["rec_mel"].shape[1]), value=True)])
+                          F.pad(batch["rec_padding_mask"], (0, T - batch["rec_mel"].shape[1]), value=True)])  # (2B, T)
         audio_emb = self.encode_audio(mel, mask, normalize=False)  # (2B, D)
-        trig_audio, rec_audio = audio_emb[:B], audio_emb[B:]
+        trig_audio, rec_audio = audio_emb[:B], audio_emb[B:]  # (B, D) each
 
-        w_aa, w_af, w_at = weights
         parts = {"aa": contrastive_loss(trig_audio, rec_audio, self.logit_scale["aa"])}
         if use_text:
             rec_text = self.encode_text(batch["rec_tokens"], normalize=False)
@@ -519,14 +527,11 @@ class HTCL(nn.Module):
                 trig_fused = self.fuse(trig_audio, trig_text, normalize=False)
                 parts["af"] = 0.5 * (contrastive_loss(trig_audio, rec_fused, self.logit_scale["af"])
                                      + contrastive_loss(rec_audio, trig_fused, self.logit_scale["af"]))
-                parts["at"] = contrastive_loss(audio_emb, torch.cat([trig_text, rec_text]), self.logit_scale["at"])
+                parts["at"] = contrastive_loss(audio_emb, torch.cat([trig_text, rec_text]), self.logit_scale["at"])  # 2B rows
             else:
                 parts["af"] = contrastive_loss(trig_audio, rec_fused, self.logit_scale["af"])
                 parts["at"] = contrastive_loss(rec_audio, rec_text, self.logit_scale["at"])
-        loss = w_aa * parts["aa"]
-        if use_text:
-            loss = loss + w_af * parts["af"] + w_at * parts["at"]
-        return loss, {k: v.detach() for k, v in parts.items()}
+        return stage2_total(parts, weights), {k: v.detach() for k, v in parts.items()}
 
 
 # -----------------------------------------------------------------------------
@@ -636,193 +641,7 @@ def load_artifact(folder, device="cpu", text=True):
     return model.to(device).eval(), tokenizer
 
 
-# -----------------------------------------------------------------------------
-# Converting a released-code checkpoint (train_stage1.py / train_stage2.py: the state_dict of
-# their ModelWrapper, saved as model-N.pth) into an artifact of this repo.
-
-# Released module path -> ours, for the audio encoder (models/audio_model.py's AudioModel). {i}: an index.
-_RELEASED_AUDIO = [
-    (r"cls_token", "cls_token"),
-    (r"feature_extractor\.layers\.(\d+)\.1\.weight", "stem.convs.{0}.weight"),  # Conv1d, no bias
-    (r"feature_extractor\.layers\.(\d+)\.3\.(weight|bias)", "stem.norms.{0}.{1}"),  # its LayerNorm
-    (r"feature_projection\.layer_norm\.(weight|bias)", "feature_norm.{0}"),
-    (r"feature_projection\.projection\.(weight|bias)", "feature_proj.{0}"),
-    (r"pos_conv_embed\.conv\.bias", "pos_conv.conv.bias"),
-    # weight norm: parametrizations (original0 = g, original1 = v), or the old weight_g / weight_v
-    (r"pos_conv_embed\.conv\.parametrizations\.weight\.(original[01])", "pos_conv.conv.parametrizations.weight.{0}"),
-    (r"pos_conv_embed\.conv\.weight_g", "pos_conv.conv.parametrizations.weight.original0"),
-    (r"pos_conv_embed\.conv\.weight_v", "pos_conv.conv.parametrizations.weight.original1"),
-    (r"pos_conv_embed\.layer_norm\.(weight|bias)", "pos_conv.norm.{0}"),
-    (r"layer_norm\.(weight|bias)", "pos_norm.{0}"),
-    (r"transformer_encoder\.layers\.(\d+)\.self_attn\.in_proj_(weight|bias)", "layers.{0}.in_proj.{1}"),
-    (r"transformer_encoder\.layers\.(\d+)\.self_attn\.out_proj\.(weight|bias)", "layers.{0}.out_proj.{1}"),
-    (r"transformer_encoder\.layers\.(\d+)\.(linear1|linear2|norm1|norm2)\.(weight|bias)", "layers.{0}.{1}.{2}"),
-]
-# The released wrapper's temperatures (log logit scales) -> ours. train_stage2.py: tau_1 audio<->text,
-# tau_2 trigger audio<->rec audio, tau_3 audio<->fused.
-_RELEASED_TAU = {"tau": "at", "tau_1": "at", "tau_2": "aa", "tau_3": "af"}
-_RELEASED_MLP = {"audio_mlp": "audio_proj", "text_mlp": "text_proj", "fusion_mlp": "fusion"}
-# Buffers that older transformers versions saved with BertModel and current ones rebuild.
-_RELEASED_TEXT_BUFFERS = ("embeddings.position_ids",)
-
-
-class ConversionError(ValueError):
-    """A released checkpoint this converter cannot map; the message names the key."""
-
-
-def released_key(key):
-    """A released ModelWrapper state_dict key -> ours, or None where it has no place."""
-    import re
-    if key in _RELEASED_TAU:
-        return f"logit_scale.{_RELEASED_TAU[key]}"
-    head, _, rest = key.partition(".")
-    if head == "text_model":
-        return "text_encoder.model." + rest
-    if head in _RELEASED_MLP:
-        # released MLP: Linear, ReLU, Dropout(0) per block -> Linear layers at 0, 3, 6; ours: 0, 2, 4
-        m = re.fullmatch(r"(\d+)\.(weight|bias)", rest)
-        if m and int(m.group(1)) % 3 == 0:
-            return f"{_RELEASED_MLP[head]}.{2 * (int(m.group(1)) // 3)}.{m.group(2)}"
-        return None
-    if head == "audio_model":
-        for pattern, ours in _RELEASED_AUDIO:
-            m = re.fullmatch(pattern, rest)
-            if m:
-                return "audio_encoder." + ours.format(*m.groups())
-    return None
-
-
-def _released_config(state, text_model, heads, conv_strides):
-    """HTCLConfig of a released checkpoint, read from its tensors' shapes. The head count and the
-    conv strides are not in any shape: the released AudioModel's defaults (12, (2, 2, 2)) unless given."""
-    def shape(key):
-        if key not in state:
-            raise ConversionError(f"released checkpoint has no {key!r}: not a train_stage1/2.py ModelWrapper state_dict")
-        return tuple(state[key].shape)
-
-    def count(prefix):
-        return len({k[len(prefix):].split(".")[0] for k in state if k.startswith(prefix)})
-
-    n_convs = count("audio_model.feature_extractor.layers.")
-    convs = [shape(f"audio_model.feature_extractor.layers.{i}.1.weight") for i in range(n_convs)]  # (C_out, C_in, k)
-    if len({c[0] for c in convs}) != 1:
-        raise ConversionError(f"conv stem channels {[c[0] for c in convs]} differ between layers; "
-                              f"model.ConvStem has one width")
-    if len(conv_strides) != n_convs:
-        raise ConversionError(f"--conv_strides {conv_strides} gives {len(conv_strides)} strides; "
-                              f"the checkpoint has {n_convs} conv layers")
-    hidden = shape("audio_model.feature_projection.projection.weight")[0]
-    v = ("audio_model.pos_conv_embed.conv.parametrizations.weight.original1"
-         if "audio_model.pos_conv_embed.conv.parametrizations.weight.original1" in state
-         else "audio_model.pos_conv_embed.conv.weight_v")
-    pos = shape(v)  # (D, D / groups, k)
-    if hidden % heads:
-        raise ConversionError(f"hidden size {hidden} is not a multiple of --heads {heads}")
-    audio = AudioConfig(n_mels=convs[0][1], conv_channels=convs[0][0], conv_kernels=tuple(c[2] for c in convs),
-                        conv_strides=tuple(conv_strides), hidden=hidden,
-                        layers=count("audio_model.transformer_encoder.layers."), heads=heads,
-                        ffn=shape("audio_model.transformer_encoder.layers.0.linear1.weight")[0],
-                        pos_conv_kernel=pos[2], pos_conv_groups=hidden // pos[1])
-
-    def mlp_dims(name):  # output sizes of the Linear layers (released indices 0, 3, 6, ...)
-        idx = sorted({int(k.split(".")[1]) for k in state if k.startswith(f"{name}.") and k.endswith(".weight")})
-        return tuple(shape(f"{name}.{i}.weight")[0] for i in idx)
-
-    proj = mlp_dims("audio_mlp")
-    fusion = mlp_dims("fusion_mlp") if any(k.startswith("fusion_mlp.") for k in state) else (2 * proj[-1], proj[-1], proj[-1])
-    return HTCLConfig(audio=audio, text_model=text_model, text_pretrained=False, text_pooling="pooler",
-                      proj_dims=proj, fusion_dims=fusion)
-
-
-def convert_released(ckpt, text_model, out, heads=12, conv_strides=(2, 2, 2), seed=3407):
-    """A released model-N.pth -> an artifact folder (config.json, model.safetensors, tokenizer of
-    text_model) that load_artifact reads strictly and that gives the released model's embeddings
-    (text: BERT's pooler output, as the released wrapper) and temperatures. Returns the folder.
-
-    Every checkpoint key must map to one of ours with the same shape, and every one of ours must be
-    filled, or ConversionError names the key. One exception: a stage-1 checkpoint has no fusion MLP
-    and no aa / af temperatures; they are filled as the released train_stage2.py starts them
-    (fresh fusion, seeded; temperatures 2.6), and config.json lists them.
-    """
-    try:
-        state = torch.load(ckpt, map_location="cpu", weights_only=True)  # tensors only: no pickled code runs
-    except Exception as e:  # noqa: BLE001 -- any unreadable file gets the same one-line answer
-        raise ConversionError(f"{ckpt}: cannot be read as a weights-only torch checkpoint "
-                              f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ConversionError(f"{ckpt}: expected a state_dict (name -> tensor) as train_stage1/2.py save it")
-    state = clean_state_dict(state)
-    if ("tau" in state) == ("tau_1" in state):
-        raise ConversionError(f"{ckpt}: expected 'tau' (train_stage1.py) or 'tau_1'..'tau_3' (train_stage2.py)")
-    stage = 1 if "tau" in state else 2
-    state = {k: v for k, v in state.items()  # buffers of old transformers versions, rebuilt by current ones
-             if not (k.startswith("text_model.") and k[len("text_model."):] in _RELEASED_TEXT_BUFFERS)}
-    for k in state:  # before building anything: the first key with no place stops the conversion
-        if released_key(k) is None:
-            raise ConversionError(f"{ckpt}: key {k!r} has no place in model.HTCL (not a released "
-                                  f"train_stage1/2.py ModelWrapper key)")
-    cfg = _released_config(state, text_model, heads, tuple(conv_strides))
-    torch.manual_seed(seed)  # the fresh parts of a stage-1 checkpoint (fusion) are seeded
-    model = HTCL(cfg)
-    ours = model.state_dict()
-    mapped = {}
-    for k, v in state.items():
-        name = released_key(k)
-        if name not in ours:
-            raise ConversionError(f"{ckpt}: key {k!r} -> {name!r}, which this model does not have "
-                                  f"(a different text model than --text_model {text_model}?)")
-        if tuple(v.shape) != tuple(ours[name].shape):
-            raise ConversionError(f"{ckpt}: key {k!r} has shape {tuple(v.shape)}, {name!r} expects "
-                                  f"{tuple(ours[name].shape)} (is --text_model / --heads right?)")
-        mapped[name] = v.to(ours[name].dtype)
-    filled = sorted(set(ours) - set(mapped))
-    fresh_in_stage1 = {k for k in ours if k.startswith("fusion.") or k in ("logit_scale.aa", "logit_scale.af")}
-    missing = sorted(set(filled) - (fresh_in_stage1 if stage == 1 else set()))
-    if missing:
-        raise ConversionError(f"{ckpt}: nothing in the checkpoint fills {missing[0]!r}"
-                              + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
-    model.load_state_dict({**ours, **mapped}, strict=True)
-    from transformers import AutoTokenizer
-    tokenizer = AutoTokenizer.from_pretrained(text_model)
-    save_artifact(model, tokenizer, out, extra={
-        "converted_from": os.path.abspath(str(ckpt)), "stage": stage, "filled_fresh": filled,
-        # NOTE(paper): the released model saw every song padded/truncated to 1251 frames with the
-        # -80 dB floor, standardized over those 1251 frames, and pooled over all tokens, no mask.
-        "released_input": "1251 frames, floor padding, no mask; equal to ours for songs of 120 s or more"})
-    return out
-
-
-def main(argv=None):
-    import argparse
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="command")
-    c = sub.add_parser("convert-released", help="released train_stage1/2.py model-N.pth -> artifact folder")
-    c.add_argument("ckpt", help="model-N.pth saved by the released train_stage1.py or train_stage2.py")
-    c.add_argument("--text_model", required=True,
-                   help="the BERT it was trained from (hub name or local folder): its config and tokenizer")
-    c.add_argument("--out", required=True, help="artifact folder to write")
-    c.add_argument("--heads", type=int, default=12, help="attention heads (not in the weights; released: 12)")
-    c.add_argument("--conv_strides", type=int, nargs="+", default=[2, 2, 2],
-                   help="conv stem strides (not in the weights; released: 2 2 2)")
-    args = p.parse_args(argv)
-    if args.command == "convert-released":
-        try:
-            out = convert_released(args.ckpt, args.text_model, args.out, args.heads, args.conv_strides)
-        except (ConversionError, OSError) as e:
-            raise SystemExit(f"convert-released: {e}")
-        model, _ = load_artifact(out)
-        info = json.load(open(os.path.join(out, "config.json")))["training"]
-        temps = ", ".join(f"{k} {v.item():.4f}" for k, v in model.logit_scale.items())
-        print(f"wrote {out}: stage-{info['stage']} checkpoint, logit scales {temps}"
-              + (f"; filled as released stage 2 starts them: {len(info['filled_fresh'])} tensors "
-                 f"(fusion MLP, aa/af temperatures)" if info["filled_fresh"] else ""))
-        return
+if __name__ == "__main__":  # the paper default's size: 88,500,511 parameters, 1251 frames -> 155 tokens + [CLS]
     enc = AudioEncoder()
-    n = sum(p.numel() for p in enc.parameters())
-    print(f"AudioEncoder (paper default): {n:,} parameters")
-    with torch.no_grad():
-        print("1251 frames ->", int(enc.stem.token_lengths(torch.tensor(1251))), "tokens (+ [CLS])")
-
-
-if __name__ == "__main__":
-    main()
+    print(f"AudioEncoder (paper default): {sum(p.numel() for p in enc.parameters()):,} parameters")
+    print("1251 frames ->", int(enc.stem.token_lengths(torch.tensor(1251))), "tokens (+ [CLS])")

@@ -35,6 +35,7 @@ import data
 import evaluate as ev
 import model as htcl
 from data import AudioError, CatalogError
+from tools import convert_released, released_reference
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 SAMPLE = os.path.join(ROOT, "sample_data")
@@ -2196,15 +2197,14 @@ def test_released_initialisation_identical_layers_xavier_attention_and_unit_cls(
 
 def test_initial_weights_equal_the_released_module_built_with_the_same_seed():
     """Built in the released order of random draws, AudioEncoder starts from the very weights of
-    the released design (bench.ReferenceAudioEncoder: nn.TransformerEncoder, released key names)."""
-    import bench
+    the released design (released_reference.ReferenceAudioEncoder: nn.TransformerEncoder, released key names)."""
     cfg = tiny_audio_config()
     torch.manual_seed(5)
-    ref = bench.ReferenceAudioEncoder(cfg)
+    ref = released_reference.ReferenceAudioEncoder(cfg)
     assert list(ref.state_dict()) == released_audio_keys(3, cfg.layers)
     torch.manual_seed(5)
     ours = htcl.AudioEncoder(cfg).state_dict()
-    mapped = {htcl.released_key("audio_model." + k)[len("audio_encoder."):]: v for k, v in ref.state_dict().items()}
+    mapped = {convert_released.released_key("audio_model." + k)[len("audio_encoder."):]: v for k, v in ref.state_dict().items()}
     assert set(mapped) == set(ours)
     for k, v in mapped.items():
         assert torch.equal(v, ours[k]), k
@@ -2236,10 +2236,9 @@ def released_model_parts(stage, seed=0):
     """The modules of a released ModelWrapper at a tiny size, every tensor perturbed off its init
     (so that a swapped LayerNorm or a zero bias cannot hide a wrong mapping), and their state_dict
     in the released layout: audio_model.*, text_model.*, audio_mlp.*, text_mlp.*, [fusion_mlp.*], taus."""
-    import bench
     from transformers import AutoConfig, AutoModel
     torch.manual_seed(seed)
-    parts = {"audio_model": bench.ReferenceAudioEncoder(tiny_audio_config()),
+    parts = {"audio_model": released_reference.ReferenceAudioEncoder(tiny_audio_config()),
              "text_model": AutoModel.from_config(AutoConfig.from_pretrained(TINY_BERT)),
              "audio_mlp": _released_mlp([32, 16, 8, 6])}
     parts["text_mlp"] = _released_mlp([parts["text_model"].config.hidden_size, 16, 8, 6])
@@ -2261,7 +2260,7 @@ def released_model_parts(stage, seed=0):
 def test_convert_released_checkpoint_gives_the_released_embeddings_and_temperatures(tmp_path, stage):
     parts, state = released_model_parts(stage)
     torch.save(state, tmp_path / "model-3.pth")
-    out = run(sys.executable, "model.py", "convert-released", tmp_path / "model-3.pth", "--text_model", TINY_BERT,
+    out = run(sys.executable, "tools/convert_released.py", tmp_path / "model-3.pth", "--text_model", TINY_BERT,
               "--out", tmp_path / "art", "--heads", 2)
     assert f"stage-{stage} checkpoint" in out
     from safetensors.torch import load_file
@@ -2292,7 +2291,7 @@ def test_convert_released_refuses_a_key_it_cannot_place(tmp_path):
     _, state = released_model_parts(2)
     state["audio_model.adapter.weight"] = torch.zeros(3)
     torch.save(state, tmp_path / "model-1.pth")
-    p = subprocess.run([sys.executable, "model.py", "convert-released", str(tmp_path / "model-1.pth"),
+    p = subprocess.run([sys.executable, "tools/convert_released.py", str(tmp_path / "model-1.pth"),
                         "--text_model", TINY_BERT, "--out", str(tmp_path / "art"), "--heads", "2"],
                        cwd=ROOT, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert p.returncode != 0 and "Traceback" not in p.stderr
@@ -2300,8 +2299,8 @@ def test_convert_released_refuses_a_key_it_cannot_place(tmp_path):
     assert not (tmp_path / "art").exists()
     del state["audio_model.adapter.weight"], state["audio_mlp.6.bias"]  # and one of ours left unfilled
     torch.save(state, tmp_path / "model-1.pth")
-    with pytest.raises(htcl.ConversionError, match="nothing in the checkpoint fills 'audio_proj.4.bias'"):
-        htcl.convert_released(tmp_path / "model-1.pth", TINY_BERT, tmp_path / "art", heads=2)
+    with pytest.raises(convert_released.ConversionError, match="nothing in the checkpoint fills 'audio_proj.4.bias'"):
+        convert_released.convert_released(tmp_path / "model-1.pth", TINY_BERT, tmp_path / "art", heads=2)
 
 
 def test_released_preset_parses_into_both_stage_configs():
