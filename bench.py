@@ -37,6 +37,7 @@ then the ratios against the targets, and writes both as JSON:
 import argparse
 import contextlib
 import csv
+import importlib.util
 import io
 import json
 import os
@@ -59,6 +60,9 @@ sys.path.insert(0, ROOT)
 import data  # noqa: E402
 import model as htcl  # noqa: E402
 from tools.released_reference import ReferenceAudioEncoder  # noqa: E402  (the released design, for A/B rows)
+_spec = importlib.util.spec_from_file_location("make_world", os.path.join(ROOT, "sample_data", "make_world.py"))
+world_gen = importlib.util.module_from_spec(_spec)  # the synthetic world's generator: its songs, its words
+_spec.loader.exec_module(world_gen)
 
 PRESET = os.path.join(ROOT, "sample_data", "preset.toml")
 TINY_BERT = os.path.join(ROOT, "sample_data", "tiny-bert")
@@ -220,13 +224,13 @@ def gpu_peak_flops(device):
 
 
 def write_songs(folder, n, seed=0):
-    """n synthetic 120 s songs (data.synth_audio) as 44.1 kHz stereo 16-bit wav and flac, alternating.
+    """n synthetic 120 s songs (world_gen.synth_audio) as 44.1 kHz stereo 16-bit wav and flac, alternating.
     -> [(path, "wav" | "flac")]."""
     rng = np.random.default_rng(seed)
-    genres, languages = list(data.GENRES), list(data.LANGUAGES)
+    genres, languages = list(world_gen.GENRES), list(world_gen.LANGUAGES)
     out = []
     for i in range(n):
-        x = data.synth_audio(rng, genres[i % len(genres)], languages[i % len(languages)], i % 7, 120.0)
+        x = world_gen.synth_audio(rng, genres[i % len(genres)], languages[i % len(languages)], i % 7, 120.0)
         y = soxr.resample(x, data.SAMPLE_RATE, 44100)
         fmt = ("wav", "flac")[i % 2]
         path = os.path.join(folder, f"song{i:03d}.{fmt}")
@@ -237,7 +241,7 @@ def write_songs(folder, n, seed=0):
 
 def long_lyrics(rng, words=700):
     """Lyrics long enough that BERT's 512-token limit truncates them, as for most real songs."""
-    vocab = [w for ws in data.GENRE_WORDS.values() for w in ws] + data.GENERIC_WORDS
+    vocab = [w for ws in world_gen.GENRE_WORDS.values() for w in ws] + world_gen.GENERIC_WORDS
     return " ".join(rng.choice(vocab, words))
 
 

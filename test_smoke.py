@@ -40,6 +40,9 @@ from tools import convert_released, released_reference
 ROOT = os.path.dirname(os.path.abspath(__file__))
 SAMPLE = os.path.join(ROOT, "sample_data")
 TINY_BERT = os.path.join(SAMPLE, "tiny-bert")
+_spec = importlib.util.spec_from_file_location("make_world", os.path.join(SAMPLE, "make_world.py"))
+world_gen = importlib.util.module_from_spec(_spec)  # sample_data/make_world.py, the synthetic world
+_spec.loader.exec_module(world_gen)
 
 
 def tiny_audio_config(**kw):
@@ -641,7 +644,7 @@ def test_collator_pads_mels_with_masks_and_tokenizes_texts():
 def test_synth_is_deterministic_and_loads(tmp_path):
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
     for out in (a, b):
-        data.synth(out, songs=14, users=3, seed=11, artists=6, max_pairs=50)
+        world_gen.make_world(out, songs=14, users=3, seed=11, artists=6, max_pairs=50)
     for name in ["catalog.csv", "favourites.csv", "pairs.csv", "impressions.csv", "artist_graph.csv",
                  "artist_split.csv", "tiny-bert/tokenizer.json", "tiny-bert/tokenizer_config.json",
                  "tiny-bert/config.json"]:
