@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 import data
 import model as htcl
-from training import (CurvePlotter, IntervalLog, _checkpoints, _flatten_toml, _trackers, parse_config,
+from training import (CurvePlotter, IntervalLog, _flatten_toml, _trackers, parse_config, resume_progress,
                       save_checkpoint)
 
 # -----------------------------------------------------------------------------
@@ -78,6 +78,243 @@ class PretrainConfig(TrainConfig):
 
 
 # -----------------------------------------------------------------------------
+# The training loop, shared by both stages.
+
+
+def train(cfg, model, tokenizer, loss_fn, train_set, val_set, song_set, stage):
+    """Train `model` with `loss_fn(model, batch) -> (loss, parts)`; write out_dir/final.
+
+    train_set / val_set yield what loss_fn needs; song_set yields held-out songs
+    for the retrieval metrics. Returns the last validation metrics.
+    """
+    from accelerate.utils import set_seed
+
+    # Setup: gradient accumulation makes up the global batch on fewer devices.
+    accelerator, world, accum = make_accelerator(cfg, stage)
+    set_seed(cfg.seed)
+    is_main = accelerator.is_main_process
+
+    def say(msg):  # main process only, and above the progress bar rather than through it
+        if is_main:
+            tqdm.write(msg)
+
+    # Data, then the optimizer and its schedule, counted in optimizer steps.
+    train_loader, val_loader, song_loader = make_loaders(cfg, tokenizer, train_set, val_set, song_set, world,
+                                                         pin_memory=accelerator.device.type == "cuda")
+    optimizer = build_optimizer(model, cfg, accelerator.device.type)
+    steps_per_epoch = len(train_loader) // (accum * world)
+    scheduler, total_steps = build_schedule(optimizer, cfg, steps_per_epoch)
+    model, optimizer, train_loader, val_loader, song_loader = accelerator.prepare(
+        model, optimizer, train_loader, val_loader, song_loader)
+    # The scheduler is stepped by hand once per optimizer step (not through prepare,
+    # which would scale it by the number of processes); registered so save_state keeps it.
+    accelerator.register_for_checkpointing(scheduler)
+    net = accelerator.unwrap_model(model)
+    progress = resume_progress(accelerator, cfg, say)  # where the next batch starts; loads a checkpoint on --resume
+
+    say(f"stage {stage}: {len(train_set)} train / {len(val_set)} val samples, {len(song_set)} held-out songs | "
+        f"{world} process(es) x {cfg.batch_per_device} x {accum} accumulation = global batch {cfg.global_batch} | "
+        f"{steps_per_epoch} steps/epoch, {total_steps} steps | {sum(p.numel() for p in net.parameters()):,} params")
+    log, curves = open_logs(accelerator, cfg, say, stage, cfg.batch_per_device * world, total_steps)
+    metrics, step, nonfinite_run = {}, progress["step"], 0
+    model.train()
+    for epoch in range(progress["epoch"], cfg.epochs):
+        if step >= total_steps:
+            break
+        skip = progress["batches"] if epoch == progress["epoch"] else 0  # resumed mid-epoch: batches already done
+        loader, batches = epoch_loader(accelerator, train_loader, train_set, epoch, skip), skip
+        for batch in tqdm(loader, desc=f"epoch {epoch}", initial=skip, total=len(train_loader),
+                          disable=None if is_main else True, leave=False):  # None: no bar unless a terminal
+            batches += 1
+            # accumulate -> loss -> backward; on the last micro-batch of a global batch: clip -> step
+            with accelerator.accumulate(model):
+                loss, parts = loss_fn(model, batch)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    # The norm of the all-reduced gradient is the same on every process, so all
+                    # of them skip a non-finite step together (no DDP hang).
+                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm or math.inf)
+                    finite = bool(torch.isfinite(grad_norm))
+                    if finite:
+                        optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+            log.add(loss, parts)
+            if not accelerator.sync_gradients:  # gradients still accumulating: no optimizer step yet
+                continue
+            if not finite:
+                nonfinite_run = skip_update(cfg, log, say, step, loss, nonfinite_run)
+                continue
+            nonfinite_run = 0
+            scheduler.step()
+            net.clamp_logit_scales()
+            step += 1
+            log.step(epoch, step, scheduler.get_last_lr()[0], net, force=step % cfg.log_every == 0 or step == total_steps)
+            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and batches < len(train_loader):
+                save_checkpoint(accelerator, cfg, {"epoch": epoch, "step": step, "batches": batches})
+            if step >= total_steps:
+                break
+
+        # End of an epoch: validate, log, checkpoint (where --resume picks up).
+        metrics = validate(accelerator, model, loss_fn, val_loader, song_loader)
+        say(f"epoch {epoch} | " + " | ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
+                                              for k, v in metrics.items()))
+        log.write({"stage": stage, "epoch": epoch, "step": step, "skipped_nonfinite": log.skipped, **metrics})
+        if curves:
+            curves.request()
+        save_checkpoint(accelerator, cfg, {"epoch": epoch + 1, "step": step, "batches": 0})
+
+    if curves:
+        curves.close()
+    save_final(accelerator, cfg, net, tokenizer, stage, metrics, say)  # the artifact the next stage loads
+    log.close()
+    accelerator.end_training()
+    return {**metrics, "skipped_nonfinite": log.skipped}
+
+
+# -----------------------------------------------------------------------------
+# The loop's steps.
+
+
+def make_accelerator(cfg, stage):
+    """The Accelerator for this run, its number of processes, and the gradient accumulation
+    steps that make batch_per_device x processes up to global_batch."""
+    from accelerate import Accelerator, PartialState
+    from accelerate.utils import DataLoaderConfiguration
+
+    # Several processes without CUDA (torchrun, or `accelerate launch --multi_gpu` on a CPU box):
+    # ask Accelerate for gloo on CPU, which it only does when told cpu=True.
+    cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    world = PartialState(cpu=cpu).num_processes
+    if cfg.global_batch % (cfg.batch_per_device * world):
+        raise SystemExit(f"--global_batch {cfg.global_batch} is not a multiple of --batch_per_device "
+                         f"{cfg.batch_per_device} x {world} processes; set both (e.g. --global_batch 32 "
+                         f"--batch_per_device 32 for a small catalog)")
+    accum = cfg.global_batch // (cfg.batch_per_device * world)
+    trackers = _trackers(cfg.report_to)
+    accelerator = Accelerator(cpu=cpu, mixed_precision=cfg.mixed_precision or None, gradient_accumulation_steps=accum,
+                              dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+                              log_with=trackers, project_dir=cfg.out_dir if trackers else None)
+    if trackers:  # e.g. tensorboard --logdir runs/demo/pretrain
+        accelerator.init_trackers(f"stage{stage}", config={k: v if isinstance(v, (int, float, str, bool)) else str(v)
+                                                           for k, v in _flatten_toml(asdict(cfg))})
+    return accelerator, world, accum
+
+
+def make_loaders(cfg, tokenizer, train_set, val_set, song_set, world, pin_memory):
+    """DataLoaders of the training samples (shuffled, seeded, whole batches only), the held-out
+    samples and the held-out songs (every one of them)."""
+    collate = data.Collator(tokenizer, cfg.max_text_length)
+    # A dataset that draws per epoch (CrossMuSim crops) is told the epoch before each pass; its
+    # workers must then be started afresh each epoch, so they hold the dataset with that epoch.
+    redraws = hasattr(train_set, "set_epoch")
+    loader_kw = dict(collate_fn=collate, num_workers=cfg.num_workers, pin_memory=pin_memory,
+                     persistent_workers=cfg.num_workers > 0 and not redraws)
+    if len(train_set) < cfg.batch_per_device * world:
+        raise SystemExit(f"{len(train_set)} training samples are fewer than one batch "
+                         f"(--batch_per_device {cfg.batch_per_device} x {world} processes): lower "
+                         f"--global_batch and --batch_per_device (global = per device x processes x accumulation)")
+    # drop_last: the gathered contrastive loss needs the same batch on every process.
+    # Own generator: creating a loader iterator then draws no number from the global RNG, so
+    # dropout after a mid-epoch resume sees the same random stream as an uninterrupted run.
+    train_loader = torch.utils.data.DataLoader(train_set, cfg.batch_per_device, shuffle=True, drop_last=True,
+                                               generator=torch.Generator().manual_seed(cfg.seed), **loader_kw)
+    # Validation keeps every sample: Accelerate's even_batches tops up the last batch from the
+    # start so every process gathers the same size, and gather_for_metrics drops the extras.
+    val_loader = torch.utils.data.DataLoader(val_set, cfg.batch_per_device, **loader_kw)
+    song_loader = torch.utils.data.DataLoader(song_set, cfg.batch_per_device, **loader_kw)
+    return train_loader, val_loader, song_loader
+
+
+def open_logs(accelerator, cfg, say, stage, batch_global, total_steps):
+    """The interval log (log.jsonl, trackers) and, on the main process, the curves.png plotter.
+    batch_global, the negatives per contrastive loss, gives each line's chance level ln(B)."""
+    log = IntervalLog(cfg.out_dir if accelerator.is_main_process else None, say, stage, batch_global, total_steps,
+                      accelerator if accelerator.log_with else None)
+    curves = CurvePlotter(os.path.join(cfg.out_dir, "log.jsonl"), os.path.join(cfg.out_dir, "curves.png"),
+                          say) if accelerator.is_main_process else None
+    return log, curves
+
+
+def epoch_loader(accelerator, train_loader, train_set, epoch, skip):
+    """The training batches of `epoch`, after the first `skip` (a mid-epoch resume)."""
+    loader = accelerator.skip_first_batches(train_loader, skip) if skip else train_loader
+    loader.set_epoch(epoch)  # the same shuffle as an uninterrupted run, also for the skipping loader
+    if hasattr(train_set, "set_epoch"):
+        train_set.set_epoch(epoch)  # the same crops and texts as an uninterrupted run
+    return loader
+
+
+def skip_update(cfg, log, say, step, loss, nonfinite_run):
+    """A step whose loss or gradient is NaN/inf is not applied: count it, say so, and stop the run
+    after cfg.max_nonfinite_steps in a row. Returns the new count in a row."""
+    nonfinite_run += 1
+    log.skipped += 1
+    say(f"step {step + 1}: non-finite loss/gradient (loss {loss.item()}), update skipped "
+        f"({nonfinite_run} in a row, {log.skipped} in all)")
+    if nonfinite_run >= cfg.max_nonfinite_steps:
+        raise SystemExit(f"{nonfinite_run} non-finite steps in a row: stopping. The last checkpoint "
+                         f"in {cfg.out_dir}/checkpoints is intact; try a lower --lr, "
+                         f"--mixed_precision no, or check the data.")
+    return nonfinite_run
+
+
+def save_final(accelerator, cfg, net, tokenizer, stage, metrics, say):
+    """out_dir/final, written by the main process once every process is done: the artifact, with
+    the run's config and last validation metrics in its metadata."""
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        final = os.path.join(cfg.out_dir, "final")
+        htcl.save_artifact(net, tokenizer, final, extra={"stage": stage, **asdict(cfg), **metrics})
+        say(f"wrote {final}")
+
+
+# -----------------------------------------------------------------------------
+# Optimizer and schedule.
+
+
+def lr_lambda(total_steps, warmup_steps, schedule="cosine"):
+    """LambdaLR's factor at optimizer step `step`: linear warmup over warmup_steps, then a cosine
+    down to 0 at total_steps (or constant, as the released code, which has no schedule)."""
+    if schedule not in ("cosine", "constant"):
+        raise SystemExit(f"--lr_schedule must be cosine or constant, not {schedule!r}")
+
+    def f(step):
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        if schedule == "constant":
+            return 1.0
+        t = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+    return f
+
+
+def build_schedule(optimizer, cfg, steps_per_epoch):
+    """The LambdaLR over the run's optimizer steps (epochs, or --max_steps if fewer), and that number.
+    Warmup lasts warmup_epochs if set, else warmup_ratio of the run."""
+    total_steps = steps_per_epoch * cfg.epochs
+    if cfg.max_steps:
+        total_steps = min(total_steps, cfg.max_steps)
+    warmup_steps = round(cfg.warmup_epochs * steps_per_epoch) if cfg.warmup_epochs > 0 else int(cfg.warmup_ratio * total_steps)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total_steps, warmup_steps, cfg.lr_schedule)), total_steps
+
+
+def build_optimizer(model, cfg, device_type):
+    """Adam with up to three learning rates: the text model gets cfg.text_lr, the audio encoder
+    cfg.audio_lr (0: cfg.lr), everything else (heads, fusion, temperatures) cfg.lr."""
+    text, audio, rest = [], [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (text if name.startswith("text_encoder.") else
+             audio if name.startswith("audio_encoder.") else rest).append(p)
+    groups = [{"params": rest, "lr": cfg.lr}, {"params": audio, "lr": cfg.audio_lr or cfg.lr},
+              {"params": text, "lr": cfg.text_lr}]
+    # Fused Adam on CPU and CUDA: one kernel for all tensors (bench.py, paper size on CPU: 0.19 s
+    # a step against 6.7 s for the per-tensor loop); other devices keep torch's default.
+    fused = True if device_type in ("cpu", "cuda") else None
+    return torch.optim.Adam([g for g in groups if g["params"]], fused=fused)  # Sec. 3.1.3: Adam, no weight decay
+
+
+# -----------------------------------------------------------------------------
 # Validation: loss plus audio <-> text retrieval on held-out songs.
 
 
@@ -116,197 +353,6 @@ def validate(accelerator, model, loss_fn, val_loader, song_loader):
     metrics["val_songs"] = n
     model.train()
     return metrics
-
-
-# -----------------------------------------------------------------------------
-# The training loop, shared by both stages.
-
-
-def lr_lambda(total_steps, warmup_steps, schedule="cosine"):
-    if schedule not in ("cosine", "constant"):
-        raise SystemExit(f"--lr_schedule must be cosine or constant, not {schedule!r}")
-
-    def f(step):
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        if schedule == "constant":
-            return 1.0
-        t = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
-    return f
-
-
-def build_optimizer(model, cfg, device_type):
-    """Adam with up to three learning rates: the text model gets cfg.text_lr, the audio encoder
-    cfg.audio_lr (0: cfg.lr), everything else (heads, fusion, temperatures) cfg.lr."""
-    text, audio, rest = [], [], []
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            (text if name.startswith("text_encoder.") else
-             audio if name.startswith("audio_encoder.") else rest).append(p)
-    groups = [{"params": rest, "lr": cfg.lr}, {"params": audio, "lr": cfg.audio_lr or cfg.lr},
-              {"params": text, "lr": cfg.text_lr}]
-    # Fused Adam on CPU and CUDA: one kernel for all tensors (bench.py, paper size on CPU: 0.19 s
-    # a step against 6.7 s for the per-tensor loop); other devices keep torch's default.
-    fused = True if device_type in ("cpu", "cuda") else None
-    return torch.optim.Adam([g for g in groups if g["params"]], fused=fused)  # Sec. 3.1.3: Adam, no weight decay
-
-
-def train(cfg, model, tokenizer, loss_fn, train_set, val_set, song_set, stage):
-    """Train `model` with `loss_fn(model, batch) -> (loss, parts)`; write out_dir/final.
-
-    train_set / val_set yield what loss_fn needs; song_set yields held-out songs
-    for the retrieval metrics. Returns the last validation metrics.
-    """
-    from accelerate import Accelerator, PartialState
-    from accelerate.utils import DataLoaderConfiguration, set_seed
-
-    # Several processes without CUDA (torchrun, or `accelerate launch --multi_gpu` on a CPU box):
-    # ask Accelerate for gloo on CPU, which it only does when told cpu=True.
-    cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
-    world = PartialState(cpu=cpu).num_processes
-    if cfg.global_batch % (cfg.batch_per_device * world):
-        raise SystemExit(f"--global_batch {cfg.global_batch} is not a multiple of --batch_per_device "
-                         f"{cfg.batch_per_device} x {world} processes; set both (e.g. --global_batch 32 "
-                         f"--batch_per_device 32 for a small catalog)")
-    accum = cfg.global_batch // (cfg.batch_per_device * world)
-    trackers = _trackers(cfg.report_to)
-    accelerator = Accelerator(cpu=cpu, mixed_precision=cfg.mixed_precision or None, gradient_accumulation_steps=accum,
-                              dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
-                              log_with=trackers, project_dir=cfg.out_dir if trackers else None)
-    if trackers:  # e.g. tensorboard --logdir runs/demo/pretrain
-        accelerator.init_trackers(f"stage{stage}", config={k: v if isinstance(v, (int, float, str, bool)) else str(v)
-                                                           for k, v in _flatten_toml(asdict(cfg))})
-    set_seed(cfg.seed)
-    is_main = accelerator.is_main_process
-
-    def say(msg):  # main process only, and above the progress bar rather than through it
-        if is_main:
-            tqdm.write(msg)
-
-    collate = data.Collator(tokenizer, cfg.max_text_length)
-    on_cuda = accelerator.device.type == "cuda"
-    # A dataset that draws per epoch (CrossMuSim crops) is told the epoch before each pass; its
-    # workers must then be started afresh each epoch, so they hold the dataset with that epoch.
-    redraws = hasattr(train_set, "set_epoch")
-    loader_kw = dict(collate_fn=collate, num_workers=cfg.num_workers, pin_memory=on_cuda,
-                     persistent_workers=cfg.num_workers > 0 and not redraws)
-    if len(train_set) < cfg.batch_per_device * world:
-        raise SystemExit(f"{len(train_set)} training samples are fewer than one batch "
-                         f"(--batch_per_device {cfg.batch_per_device} x {world} processes): lower "
-                         f"--global_batch and --batch_per_device (global = per device x processes x accumulation)")
-    # drop_last: the gathered contrastive loss needs the same batch on every process.
-    # Own generator: creating a loader iterator then draws no number from the global RNG, so
-    # dropout after a mid-epoch resume sees the same random stream as an uninterrupted run.
-    train_loader = torch.utils.data.DataLoader(train_set, cfg.batch_per_device, shuffle=True, drop_last=True,
-                                               generator=torch.Generator().manual_seed(cfg.seed), **loader_kw)
-    # Validation keeps every sample: Accelerate's even_batches tops up the last batch from the
-    # start so every process gathers the same size, and gather_for_metrics drops the extras.
-    val_loader = torch.utils.data.DataLoader(val_set, cfg.batch_per_device, **loader_kw)
-    song_loader = torch.utils.data.DataLoader(song_set, cfg.batch_per_device, **loader_kw)
-
-    optimizer = build_optimizer(model, cfg, accelerator.device.type)
-    steps_per_epoch = len(train_loader) // (accum * world)
-    total_steps = steps_per_epoch * cfg.epochs
-    if cfg.max_steps:
-        total_steps = min(total_steps, cfg.max_steps)
-    warmup_steps = round(cfg.warmup_epochs * steps_per_epoch) if cfg.warmup_epochs > 0 else int(cfg.warmup_ratio * total_steps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total_steps, warmup_steps, cfg.lr_schedule))
-    model, optimizer, train_loader, val_loader, song_loader = accelerator.prepare(
-        model, optimizer, train_loader, val_loader, song_loader)
-    # The scheduler is stepped by hand once per optimizer step (not through prepare,
-    # which would scale it by the number of processes); registered so save_state keeps it.
-    accelerator.register_for_checkpointing(scheduler)
-    net = accelerator.unwrap_model(model)
-
-    # progress = where the next batch starts: the epoch, optimizer steps so far, and micro-batches
-    # already consumed in that epoch (non-zero after a mid-epoch checkpoint).
-    progress = {"epoch": 0, "step": 0, "batches": 0}
-    if cfg.resume and _checkpoints(cfg.out_dir):
-        last = _checkpoints(cfg.out_dir)[-1]
-        accelerator.load_state(last)  # model, optimizer, scheduler, RNG states
-        with open(os.path.join(last, "progress.json")) as f:
-            progress = json.load(f)
-        say(f"resumed from {last}: epoch {progress['epoch']}, step {progress['step']}, "
-            f"{progress['batches']} batches into the epoch")
-    elif cfg.resume:
-        say(f"--resume: no checkpoint in {cfg.out_dir}/checkpoints, starting fresh")
-
-    batch_global = cfg.batch_per_device * world  # negatives per contrastive loss
-    say(f"stage {stage}: {len(train_set)} train / {len(val_set)} val samples, {len(song_set)} held-out songs | "
-        f"{world} process(es) x {cfg.batch_per_device} x {accum} accumulation = global batch {cfg.global_batch} | "
-        f"{steps_per_epoch} steps/epoch, {total_steps} steps | {sum(p.numel() for p in net.parameters()):,} params")
-    log = IntervalLog(cfg.out_dir if is_main else None, say, stage, batch_global, total_steps,
-                      accelerator if trackers else None)
-
-    curves = CurvePlotter(os.path.join(cfg.out_dir, "log.jsonl"), os.path.join(cfg.out_dir, "curves.png"),
-                          say) if is_main else None
-    metrics, step, nonfinite_run = {}, progress["step"], 0
-    model.train()
-    for epoch in range(progress["epoch"], cfg.epochs):
-        if step >= total_steps:
-            break
-        skip = progress["batches"] if epoch == progress["epoch"] else 0
-        loader = accelerator.skip_first_batches(train_loader, skip) if skip else train_loader
-        loader.set_epoch(epoch)  # the same shuffle as an uninterrupted run, also for the skipping loader
-        if redraws:
-            train_set.set_epoch(epoch)  # the same crops and texts as an uninterrupted run
-        batches = skip
-        for batch in tqdm(loader, desc=f"epoch {epoch}", initial=skip, total=len(train_loader),
-                          disable=None if is_main else True, leave=False):  # None: no bar unless a terminal
-            batches += 1
-            with accelerator.accumulate(model):
-                loss, parts = loss_fn(model, batch)
-                accelerator.backward(loss)
-                if accelerator.sync_gradients:
-                    # The norm of the all-reduced gradient is the same on every process, so all
-                    # of them skip a non-finite step together (no DDP hang).
-                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm or math.inf)
-                    finite = bool(torch.isfinite(grad_norm))
-                    if finite:
-                        optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-            log.add(loss, parts)
-            if not accelerator.sync_gradients:
-                continue
-            if not finite:
-                nonfinite_run += 1
-                log.skipped += 1
-                say(f"step {step + 1}: non-finite loss/gradient (loss {loss.item()}), update skipped "
-                    f"({nonfinite_run} in a row, {log.skipped} in all)")
-                if nonfinite_run >= cfg.max_nonfinite_steps:
-                    raise SystemExit(f"{nonfinite_run} non-finite steps in a row: stopping. The last checkpoint "
-                                     f"in {cfg.out_dir}/checkpoints is intact; try a lower --lr, "
-                                     f"--mixed_precision no, or check the data.")
-                continue
-            nonfinite_run = 0
-            scheduler.step()
-            net.clamp_logit_scales()
-            step += 1
-            log.step(epoch, step, scheduler.get_last_lr()[0], net, force=step % cfg.log_every == 0 or step == total_steps)
-            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and batches < len(train_loader):
-                save_checkpoint(accelerator, cfg, {"epoch": epoch, "step": step, "batches": batches})
-            if step >= total_steps:
-                break
-
-        metrics = validate(accelerator, model, loss_fn, val_loader, song_loader)
-        say(f"epoch {epoch} | " + " | ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
-                                              for k, v in metrics.items()))
-        log.write({"stage": stage, "epoch": epoch, "step": step, "skipped_nonfinite": log.skipped, **metrics})
-        if curves:
-            curves.request()
-        save_checkpoint(accelerator, cfg, {"epoch": epoch + 1, "step": step, "batches": 0})
-
-    if curves:
-        curves.close()
-    accelerator.wait_for_everyone()
-    if is_main:
-        final = os.path.join(cfg.out_dir, "final")
-        htcl.save_artifact(net, tokenizer, final, extra={"stage": stage, **asdict(cfg), **metrics})
-        say(f"wrote {final}")
-    log.close()
-    accelerator.end_training()
-    return {**metrics, "skipped_nonfinite": log.skipped}
 
 
 # -----------------------------------------------------------------------------

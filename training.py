@@ -4,7 +4,7 @@ the steps of one iteration (pretrain.train; finetune.py runs the same loop):
     dataclass -> CLI and presets   parse_config (every field a flag, `--preset FILE.toml` tables)
     trackers                       --report_to -> Accelerate's log_with
     logging                        IntervalLog (one line per interval + log.jsonl), CurvePlotter / plot_curves
-    checkpoints                    save_checkpoint (atomic, pruned), _checkpoints (what --resume reads)
+    checkpoints                    save_checkpoint (atomic, pruned), resume_progress (--resume)
 
 None of it is part of the method (HTCL Sec. 2.1 / 2.2): it is how a run is configured, watched
 and continued. It runs through the stage scripts, e.g.
@@ -335,3 +335,20 @@ def save_checkpoint(accelerator, cfg, progress):
             shutil.rmtree(old)
     accelerator.wait_for_everyone()
 
+
+def resume_progress(accelerator, cfg, say):
+    """Where the next batch starts: {epoch, optimizer steps so far, micro-batches already consumed in
+    that epoch} (batches is non-zero after a mid-epoch checkpoint). With --resume and a checkpoint in
+    out_dir, the newest one is loaded first (model, optimizer, scheduler, RNG states), so the run
+    continues as if it had never stopped; otherwise training starts at the beginning."""
+    progress = {"epoch": 0, "step": 0, "batches": 0}
+    if cfg.resume and _checkpoints(cfg.out_dir):
+        last = _checkpoints(cfg.out_dir)[-1]
+        accelerator.load_state(last)  # model, optimizer, scheduler, RNG states
+        with open(os.path.join(last, "progress.json")) as f:
+            progress = json.load(f)
+        say(f"resumed from {last}: epoch {progress['epoch']}, step {progress['step']}, "
+            f"{progress['batches']} batches into the epoch")
+    elif cfg.resume:
+        say(f"--resume: no checkpoint in {cfg.out_dir}/checkpoints, starting fresh")
+    return progress
