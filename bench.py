@@ -303,7 +303,8 @@ class Context:
 def demo_config():
     """The demo preset's PretrainConfig, the tiny BERT's path made absolute."""
     import pretrain
-    cfg = pretrain.parse_config(pretrain.PretrainConfig, "pretrain", ["--preset", PRESET])
+    import training
+    cfg = training.parse_config(pretrain.PretrainConfig, "pretrain", ["--preset", PRESET])
     cfg.model.text_model = TINY_BERT
     return cfg
 

@@ -13,15 +13,16 @@ from the catalog, giving the paper's <trig_audio, rec_audio, rec_text> triplets.
 The stage-1 artifact (--init_from) supplies the model and tokenizer. As in the
 released code, only its two encoders are kept by default: the projection heads, the
 fusion MLP and the three temperatures start fresh (seeded); --init_heads artifact
-keeps every weight. The final artifact goes to out_dir/final. The training loop is pretrain.train.
+keeps every weight. The final artifact goes to out_dir/final. The training loop is
+pretrain.train (the same loop as stage 1); the config -> CLI and preset plumbing is training.py's.
 """
 import random
 from dataclasses import dataclass
 
-
 import data
 import model as htcl
-from pretrain import TrainConfig, load_songs, parse_config, train
+from pretrain import TrainConfig, load_songs, train
+from training import parse_config
 
 
 @dataclass

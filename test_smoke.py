@@ -2043,8 +2043,9 @@ def _demo_stage1_setup(demo_cache, out, *flags):
     """What pretrain.main builds for the demo preset (plus `flags`), for calling pretrain.train in-process:
     (cfg, model, tokenizer, train set, held-out set)."""
     import pretrain
+    import training
     from transformers import AutoTokenizer
-    cfg = pretrain.parse_config(pretrain.PretrainConfig, "pretrain", [
+    cfg = training.parse_config(pretrain.PretrainConfig, "pretrain", [
         "--preset", PRESET, "--cache", str(demo_cache), "--out_dir", str(out), *flags])
     catalog, cache, train_rows, val_rows = pretrain.load_songs(cfg)
     model = htcl.HTCL(cfg.model)
@@ -2309,9 +2310,10 @@ def test_convert_released_refuses_a_key_it_cannot_place(tmp_path):
 def test_released_preset_parses_into_both_stage_configs():
     import finetune
     import pretrain
+    import training
     path = os.path.join(ROOT, "presets", "released.toml")
-    pre = pretrain.parse_config(pretrain.PretrainConfig, "pretrain", ["--preset", path])
-    fine = finetune.parse_config(finetune.FinetuneConfig, "finetune", ["--preset", path])
+    pre = training.parse_config(pretrain.PretrainConfig, "pretrain", ["--preset", path])
+    fine = training.parse_config(finetune.FinetuneConfig, "finetune", ["--preset", path])
     assert (pre.lr, pre.text_lr, pre.batch_per_device, pre.lr_schedule) == (1e-4, 1e-5, 32, "constant")
     assert pre.model.logit_scale_max == math.inf and pre.max_grad_norm == 0
     assert (fine.lr, fine.audio_lr, fine.text_lr, fine.batch_per_device) == (1e-4, 1e-5, 1e-5, 32)
@@ -2322,8 +2324,9 @@ def test_released_preset_parses_into_both_stage_configs():
 
 def test_crossmusim_preset_parses_with_the_papers_settings():
     import pretrain
+    import training
     path = os.path.join(ROOT, "presets", "crossmusim.toml")
-    cfg = pretrain.parse_config(pretrain.PretrainConfig, "pretrain", ["--preset", path])
+    cfg = training.parse_config(pretrain.PretrainConfig, "pretrain", ["--preset", path])
     assert cfg.samples == "crossmusim" and tuple(cfg.text_types) == ("aspects", "caption", "lyrics")
     assert (cfg.lr, cfg.text_lr, cfg.global_batch, cfg.epochs, cfg.warmup_epochs) == (1e-4, 1e-4, 64, 41, 1.0)
     m = cfg.model
@@ -3162,7 +3165,7 @@ def test_random_artist_features_are_the_released_uniform_2613_d_and_seeded():
 
 def test_demo_preset_runs_from_another_directory_and_draws_its_curves(tmp_path, demo_cache):
     """Preset paths are read from the preset's folder; curves.png is drawn from log.jsonl."""
-    import pretrain
+    from training import plot_curves
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     out = tmp_path / "out"
@@ -3179,7 +3182,7 @@ def test_demo_preset_runs_from_another_directory_and_draws_its_curves(tmp_path, 
     png = (out / "curves.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 1000
     rows = [json.loads(line) for line in open(out / "log.jsonl")]
-    drawn = pretrain.plot_curves(str(out / "log.jsonl"), str(tmp_path / "again.png"))
+    drawn = plot_curves(str(out / "log.jsonl"), str(tmp_path / "again.png"))
     train_rows, val_rows = [r for r in rows if "loss" in r], [r for r in rows if "val_loss" in r]
     assert len(train_rows) == 2 and len(val_rows) == 1
     loss_panel, recall_panel, lr_panel, temp_panel = drawn.values()
@@ -3193,10 +3196,11 @@ def test_demo_preset_runs_from_another_directory_and_draws_its_curves(tmp_path, 
 
 def test_paths_on_the_command_line_stay_relative_to_the_working_directory(tmp_path):
     import pretrain
+    import training
     preset = tmp_path / "p.toml"
     preset.write_text('[pretrain]\ncatalog = "c.csv"\ncache = "/abs/cache"\n[pretrain.model]\n'
                       'text_model = "bert-base-uncased"\n')
-    cfg = pretrain.parse_config(pretrain.PretrainConfig, "pretrain", ["--preset", str(preset), "--out_dir", "o"])
+    cfg = training.parse_config(pretrain.PretrainConfig, "pretrain", ["--preset", str(preset), "--out_dir", "o"])
     assert cfg.catalog == str(tmp_path / "c.csv") and cfg.cache == "/abs/cache" and cfg.out_dir == "o"
     assert cfg.model.text_model == "bert-base-uncased"  # no such folder beside the preset: a hub name
 
@@ -3394,7 +3398,7 @@ def test_pair_dataset_leaves_out_texts_no_loss_reads(tiny_world):
 def test_curve_plotter_draws_every_row_once_training_ends_and_never_raises(tmp_path, monkeypatch):
     import threading
 
-    import pretrain
+    import training
     log = tmp_path / "log.jsonl"
     seen, gate = [], threading.Event()
 
@@ -3402,8 +3406,8 @@ def test_curve_plotter_draws_every_row_once_training_ends_and_never_raises(tmp_p
         gate.wait(10)
         seen.append(len(open(log_path).read().split("\n")[:-1]))
 
-    monkeypatch.setattr(pretrain, "plot_curves", slow_plot)
-    plotter = pretrain.CurvePlotter(str(log), str(tmp_path / "c.png"))
+    monkeypatch.setattr(training, "plot_curves", slow_plot)
+    plotter = training.CurvePlotter(str(log), str(tmp_path / "c.png"))
     log.write_text('{"step": 1}\n')
     plotter.request()
     for step in (2, 3):  # two requests while the first draw runs: folded into one more draw
@@ -3414,8 +3418,8 @@ def test_curve_plotter_draws_every_row_once_training_ends_and_never_raises(tmp_p
     plotter.close()
     assert seen[-1] == 3 and len(seen) == 2, seen
     said = []
-    monkeypatch.setattr(pretrain, "plot_curves", lambda *a: 1 / 0)
-    broken = pretrain.CurvePlotter(str(log), str(tmp_path / "c.png"), say=said.append)
+    monkeypatch.setattr(training, "plot_curves", lambda *a: 1 / 0)
+    broken = training.CurvePlotter(str(log), str(tmp_path / "c.png"), say=said.append)
     for _ in range(3):
         broken.request()
         broken.close()
@@ -3425,17 +3429,18 @@ def test_curve_plotter_draws_every_row_once_training_ends_and_never_raises(tmp_p
 def test_small_catalog_preset_is_valid_and_reads_paths_from_its_folder():
     import finetune
     import pretrain
+    import training
     preset = os.path.join(ROOT, "presets", "small.toml")
-    cfg = pretrain.parse_config(pretrain.PretrainConfig, "pretrain", ["--preset", preset])
+    cfg = training.parse_config(pretrain.PretrainConfig, "pretrain", ["--preset", preset])
     assert cfg.catalog == os.path.join(ROOT, "my_songs", "catalog.csv") and cfg.global_batch == 16
     assert cfg.model.text_model == "../models/bert-base-multilingual-uncased"  # no such folder here: kept as given
-    cfg = finetune.parse_config(finetune.FinetuneConfig, "finetune", ["--preset", preset])
+    cfg = training.parse_config(finetune.FinetuneConfig, "finetune", ["--preset", preset])
     assert cfg.init_from == os.path.join(ROOT, "runs", "mine", "pretrain", "final")
 
 
 def test_report_to_tensorboard_without_the_package_says_how_to_install_it(monkeypatch):
-    import pretrain
-    assert pretrain._trackers("none") is None
+    import training
+    assert training._trackers("none") is None
     monkeypatch.setitem(sys.modules, "tensorboard", None)  # import tensorboard now raises ImportError
     with pytest.raises(SystemExit, match="pip install tensorboard"):
-        pretrain._trackers("tensorboard")
+        training._trackers("tensorboard")
