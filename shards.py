@@ -553,11 +553,12 @@ def loader_benchmark(url, batch_size=100, num_workers=4, batches=50, storage_opt
                       shuffle_buffer=shuffle_buffer)
     loader = DataLoader(ds, batch_size, num_workers=num_workers, collate_fn=data.Collator(None))
     samples = frames = got = 0
-    t0, first = time.perf_counter(), None
+    waits, t0 = [], time.perf_counter()  # per epoch: workers start and fill a window before batch 1
     for epoch in range(batches):
         ds.set_epoch(epoch)
-        for batch in loader:
-            first = first or time.perf_counter() - t0
+        te = time.perf_counter()
+        for k, batch in enumerate(loader):
+            waits += [time.perf_counter() - te] if k == 0 else []
             samples += len(batch["row"])
             frames += int((~batch["padding_mask"]).sum())
             got += 1
@@ -567,9 +568,10 @@ def loader_benchmark(url, batch_size=100, num_workers=4, batches=50, storage_opt
             break
     dt = time.perf_counter() - t0
     mb = frames * data.N_MELS * 2 / 1e6  # fp16 bytes as stored
-    return {"url": str(url), "batches": got, "samples": samples, "seconds": round(dt, 3),
-            "first_batch_s": round(first, 3), "samples_per_s": round(samples / dt, 1),
-            "mb_per_s": round(mb / dt, 1)}
+    steady = dt - sum(waits)  # without the epoch starts, which a real epoch (~10^5 batches) amortizes
+    return {"url": str(url), "batches": got, "samples": samples, "seconds": round(dt, 3), "epochs": len(waits),
+            "first_batch_s": round(waits[0], 3), "samples_per_s": round(samples / dt, 1),
+            "mb_per_s": round(mb / dt, 1), "steady_samples_per_s": round(samples * (1 - len(waits) / got) / steady, 1)}
 
 
 # -----------------------------------------------------------------------------
