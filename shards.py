@@ -21,7 +21,9 @@ Layout: the catalog rows in a seeded permutation, cut into shards of rows_per_sh
 that a batch's songs are not neighbours in the catalog (an artist's songs often are), which would
 put near-duplicates among the in-batch negatives. Writing is resumable: a shard whose sidecar
 exists is done (tar and sidecar each appear atomically: temp name + rename locally, one put on
-object storage), so a rerun after kill -9 redoes at most the shards in flight.
+object storage), so a rerun after kill -9 redoes at most the shards in flight. Songs that failed
+to decode stay out of a finished shard (with ~1% bad files nearly every shard has one, so retrying
+them on every rerun would rewrite everything); delete a shard's sidecar to write it again.
 
 Reader (ShardDataset), one stream per (rank, DataLoader worker), G = world_size x num_workers:
   epoch e: the shards in a permutation seeded by (seed, e) are laid end to end; stream g takes
@@ -342,7 +344,8 @@ def _finish_part(fs, root, out, layout, sides, part, written, seconds, max_bad):
     if counts["bad_fraction"] > max_bad:
         raise TooManyBadFiles(f"{counts['report']}: {len(failed)} of {rows} songs ({counts['bad_fraction']:.1%}) "
                               f"failed to decode, more than --max_bad {max_bad:.1%}; that file lists each one and "
-                              f"why. The other songs are in the shards: fix the files and write again")
+                              f"why. The other songs are in the shards; to retry, fix the files, delete the "
+                              f"sidecars (shard-*.json) of the shards that file names and write again")
     return counts
 
 
