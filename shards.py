@@ -1,0 +1,631 @@
+"""
+Paper-scale log-mel shards for stage-1 pretraining, streamed from a folder or object storage.
+
+Paper: Pan et al., "HTCL", ICMR 2025, Sec. 2.1 / 3.1.3: stage 1 pretrains on 50M full songs, each
+the first 120 s as a 128-bin log-mel (1251 frames) with its text X_t. In fp16 that is 320,256 bytes
+a song, 16 TB in all: too big for data.py's memory-mapped cache on one disk, so it is written once
+into tar shards on object storage and streamed by every training process.
+
+Format: WebDataset tar shards (plain tar; a sample is the members sharing a key, written by the
+standard library so the bytes are deterministic, read by webdataset's own reader too):
+  {out}/shard-000012.tar     per sample KEY (the catalog row, 9 digits):
+                               KEY.json     {song_id, row, frames, text (X_t), catalog (the row's
+                                            columns as written), mel_hash}
+                               KEY.mel.npy  float16 (frames, 128), only the real frames
+  {out}/shard-000012.json    sidecar written after the tar: samples, bytes, failed songs (why)
+  {out}/index-part-00000-of-00004.json  one per --part; `merge` joins them into
+  {out}/index.json           the shards, sample counts, bytes, layout and the mel-settings hash
+  {out}/bad-part-00000-of-00004.csv     song_id,path,reason for audio that failed to decode
+Layout: the catalog rows in a seeded permutation, cut into shards of rows_per_shard rows
+(shard_bytes / a full song's bytes), so shard k always holds the same rows. The permutation is so
+that a batch's songs are not neighbours in the catalog (an artist's songs often are), which would
+put near-duplicates among the in-batch negatives. Writing is resumable: a shard whose sidecar
+exists is done (tar and sidecar each appear atomically: temp name + rename locally, one put on
+object storage), so a rerun after kill -9 redoes at most the shards in flight. Songs that failed
+to decode stay out of a finished shard (with ~1% bad files nearly every shard has one, so retrying
+them on every rerun would rewrite everything); delete a shard's sidecar to write it again.
+
+Reader (ShardDataset), one stream per (rank, DataLoader worker), G = world_size x num_workers:
+  epoch e: the shards in a permutation seeded by (seed, e) are laid end to end; stream g takes
+    positions [g*L, (g+1)*L), L = floor(total / (G*B)) * B, so every stream (and so every rank)
+    yields the same number of full batches; the < G*B samples past G*L are dropped (`dropped`,
+    different ones each epoch).
+  shuffle: the stream is cut into windows of shuffle_buffer samples and each window is yielded in
+    a permutation seeded by (seed, e, g, window). A window holds raw fp16 bytes (shuffle_buffer x
+    320 KB per worker at paper size).
+  exact resume: DataLoader hands out batches round robin, so after c batches of an epoch the
+    stream of worker s has yielded ceil((c - s) / W) batches, and batch c is stream c % W's. A new
+    DataLoader starts at worker 0, so set_epoch(e, start_batch=c) gives worker w stream (w + c) % W
+    and makes it jump to its window (whole shards skipped from the index's counts, free), read through the start of
+    that shard without decoding (at most one shard) and skip inside the window's permutation.
+    The checkpoint stores the epoch, the batches consumed in it, and plan() (checked on resume).
+Local folders, s3:// (s3fs; endpoint from AWS_ENDPOINT_URL or storage_options), gs:// (gcsfs) and
+http(s):// (read only) all go through fsspec.
+
+Commands:
+  python shards.py write --catalog C --out DIR_OR_URL [--part i/n] [--shard_bytes N] [--num_workers K]
+  python shards.py merge --out DIR_OR_URL      # after every --part i/n of n has been written
+  python shards.py info URL
+  python shards.py bench URL --batch_size 100 --num_workers 4 --batches 50 [--cold]
+"""
+
+import argparse
+import contextlib
+import csv
+import glob
+import hashlib
+import io
+import json
+import math
+import os
+import re
+import sys
+import tarfile
+import tempfile
+import time
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
+
+import data
+
+FORMAT, FORMAT_VERSION = "htcl-mel-shards", 1
+MEL_VERSION = 1  # bump when song_mel changes in a way the constants below do not show
+SONG_BYTES = data.MAX_FRAMES * data.N_MELS * 2  # 320,256: one full 120 s song in fp16
+SAMPLE_OVERHEAD = 4096  # per sample: 3 tar headers and padding, the npy header, the json (an estimate)
+DEFAULT_SHARD_BYTES = 10 ** 9
+
+
+class ShardError(data.CatalogError):
+    """A problem with shards or their index; the message (one line) names the file and says why."""
+
+
+def mel_settings():
+    return {"sample_rate": data.SAMPLE_RATE, "n_fft": data.N_FFT, "hop_length": data.HOP_LENGTH,
+            "n_mels": data.N_MELS, "max_frames": data.MAX_FRAMES, "top_db": data.TOP_DB,
+            "version": MEL_VERSION}
+
+
+def _hash(obj):
+    return hashlib.sha1(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def mel_hash():
+    """Hash of the log-mel settings: shards written with other settings are refused."""
+    return _hash(mel_settings())
+
+
+# -----------------------------------------------------------------------------
+# Storage: local folders and URLs through fsspec
+
+def _fs(url, storage_options=None, write=False):
+    import fsspec
+    if write and re.match(r"https?://", str(url)):
+        raise ShardError(f"{url}: http(s) is read-only; write to a folder, s3:// or gs:// and serve that")
+    try:
+        fs, root = fsspec.core.url_to_fs(str(url), **(storage_options or {}))
+    except (ImportError, ValueError) as e:  # e.g. s3:// without s3fs installed
+        raise ShardError(f"{url}: {e}".replace("\n", " ")) from None
+    return fs, root.rstrip("/") or "/"
+
+
+def _is_local(fs):
+    return "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
+
+
+@contextlib.contextmanager
+def _atomic(fs, root, name):
+    """A file object for {root}/{name} that appears there whole or not at all: locally a temp name
+    renamed when complete, on object storage a finished local file sent with one put."""
+    final = f"{root}/{name}"
+    if _is_local(fs):
+        tmp = f"{root}/.{name}.tmp-{os.getpid()}"
+        try:
+            with open(tmp, "wb") as f:
+                yield f
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, final)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+    else:
+        with tempfile.NamedTemporaryFile(suffix="-" + name) as f:
+            yield f
+            f.flush()
+            fs.put_file(f.name, final)
+
+
+def _put_json(fs, root, name, obj):
+    with _atomic(fs, root, name) as f:
+        f.write(json.dumps(obj, indent=1).encode())
+
+
+def _get_json(fs, path, missing=None):
+    """JSON file -> object; `missing` (a message) when absent, else None is returned."""
+    try:
+        with fs.open(path, "rb") as f:
+            return json.loads(f.read())
+    except FileNotFoundError:
+        if missing:
+            raise ShardError(missing) from None
+        return None
+    except (ValueError, OSError) as e:
+        raise ShardError(f"{path}: unreadable ({e})".replace("\n", " ")) from None
+
+
+def drop_page_cache(path):
+    """Evict a local folder's files from the page cache (fsync, then POSIX_FADV_DONTNEED), so the
+    next read comes from the disk: a cold-cache benchmark without root."""
+    for name in os.listdir(path):
+        fd = os.open(os.path.join(path, name), os.O_RDONLY)
+        try:
+            os.fsync(fd)  # dirty pages are not dropped
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+# -----------------------------------------------------------------------------
+# Writing
+
+def plan_layout(catalog, shard_bytes=DEFAULT_SHARD_BYTES, seed=3407):
+    """-> (layout dict, write order). Shard k holds order[k*R:(k+1)*R], R = rows_per_shard."""
+    if shard_bytes < 1:
+        raise ShardError(f"--shard_bytes must be positive, got {shard_bytes}")
+    rows = max(1, int(shard_bytes) // (SONG_BYTES + SAMPLE_OVERHEAD))
+    layout = {"format": FORMAT, "format_version": FORMAT_VERSION, "mel_settings": mel_settings(),
+              "mel_hash": mel_hash(), "catalog_rows": len(catalog),
+              "catalog_fingerprint": catalog.fingerprint(), "shard_bytes": int(shard_bytes),
+              "rows_per_shard": rows, "num_shards": math.ceil(len(catalog) / rows), "seed": seed}
+    return layout, np.random.default_rng(seed).permutation(len(catalog))
+
+
+def _shard_name(k, ext="tar"):
+    return f"shard-{k:06d}.{ext}"
+
+
+def _part_name(kind, i, n, ext):
+    return f"{kind}-part-{i:05d}-of-{n:05d}.{ext}"
+
+
+class _Decode(Dataset):
+    """The writer's decode jobs, so a DataLoader runs mel_fn in worker processes."""
+
+    def __init__(self, catalog, rows, mel_fn):
+        self.items, self.mel_fn = [(int(r), catalog[int(r)].audio) for r in rows], mel_fn
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, k):
+        row, path = self.items[k]
+        try:
+            mel = self.mel_fn(path)
+            mel = (mel.numpy() if torch.is_tensor(mel) else np.asarray(mel)).astype(np.float16)
+            if mel.ndim != 2 or mel.shape[1] != data.N_MELS or not 0 < len(mel) <= data.MAX_FRAMES:
+                raise ValueError(f"log-mel of shape {mel.shape}, not (1..{data.MAX_FRAMES}, {data.N_MELS})")
+            return row, mel, ""
+        except Exception as e:  # a bad file is reported and skipped, it does not stop the run
+            return row, None, f"{type(e).__name__}: {e}".replace("\n", " ")
+
+
+def _as_is(item):  # module level, not a lambda: spawned workers pickle it
+    return item
+
+
+def _tar_add(tar, name, payload):
+    info = tarfile.TarInfo(name)  # fixed metadata: the same songs give the same bytes
+    info.size, info.mtime, info.mode = len(payload), 0, 0o444
+    tar.addfile(info, io.BytesIO(payload))
+
+
+def _sample_json(catalog, row, frames):
+    song = catalog[row]
+    columns = {c: catalog.raw_audio[row] if c == "audio" else catalog.label(row, c) for c in catalog.columns}
+    return {"song_id": song.song_id, "row": row, "frames": frames, "text": song.text,
+            "catalog": columns, "mel_hash": mel_hash()}
+
+
+def _write_shard(fs, root, k, catalog, decoded, layout_hash):
+    """Stream decoded (row, mel, reason) items into shard k; then its sidecar. -> the sidecar."""
+    samples, failed = 0, []
+    with _atomic(fs, root, _shard_name(k)) as f:
+        with tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+            for row, mel, reason in decoded:
+                if mel is None:
+                    failed.append([catalog[row].song_id, catalog[row].audio, reason])
+                    continue
+                buf = io.BytesIO()
+                np.save(buf, mel, allow_pickle=False)
+                key = f"{row:09d}"
+                _tar_add(tar, key + ".json", json.dumps(_sample_json(catalog, row, len(mel))).encode())
+                _tar_add(tar, key + ".mel.npy", buf.getvalue())
+                samples += 1
+        nbytes = f.tell()
+    side = {"shard": k, "name": _shard_name(k), "samples": samples, "bytes": nbytes, "failed": failed,
+            "layout_hash": layout_hash}
+    _put_json(fs, root, _shard_name(k, "json"), side)
+    return side
+
+
+def _parse_part(s):
+    try:
+        i, n = (int(v) for v in s.split("/"))
+        assert n >= 1 and 0 <= i < n
+    except (ValueError, AssertionError):
+        raise argparse.ArgumentTypeError(f"--part wants i/n with 0 <= i < n, like 0/4; got {s!r}") from None
+    return i, n
+
+
+def _done_shards(fs, root, ks, layout_hash):
+    """Sidecars of the shards already written by an earlier run, checked to be of this layout."""
+    done = {}
+    for k in ks:
+        path = f"{root}/{_shard_name(k, 'json')}"
+        side = _get_json(fs, path)
+        if side is not None:
+            if side.get("layout_hash") != layout_hash:
+                raise ShardError(f"{path}: written for another catalog, --shard_bytes, seed or mel "
+                                 f"settings than this run; use another --out or delete it")
+            done[k] = side
+    return done
+
+
+def write(catalog_path, out, part=(0, 1), shard_bytes=DEFAULT_SHARD_BYTES, num_workers=0, max_bad=0.01,
+          seed=3407, storage_options=None, mel_fn=data.song_mel):
+    """Write this part's shards (resumable) and its part index; with one part also index.json.
+    mel_fn(audio path) -> (frames, 128) log-mel (data.song_mel; tests and benchmarks pass fakes).
+    Returns counts. Raises TooManyBadFiles (after saving) when more than max_bad failed."""
+    from tqdm import tqdm
+    catalog = data.load_catalog(catalog_path)
+    i, n = part
+    if not (n >= 1 and 0 <= i < n) or not 0.0 <= max_bad <= 1.0:
+        raise ShardError(f"part must be i/n with 0 <= i < n and max_bad in [0, 1]; got {i}/{n}, {max_bad}")
+    layout, order = plan_layout(catalog, shard_bytes, seed)
+    layout_hash, R, S = _hash(layout), layout["rows_per_shard"], layout["num_shards"]
+    fs, root = _fs(out, storage_options, write=True)
+    fs.makedirs(root, exist_ok=True)
+    others = [p for p in fs.glob(f"{root}/index-part-*-of-*.json") if not p.endswith(f"-of-{n:05d}.json")]
+    if others:
+        raise ShardError(f"{out}: holds parts of a run with another part count ({os.path.basename(others[0])}); "
+                         f"use the same n or another --out")
+    ks = range(i * S // n, (i + 1) * S // n)
+    if _is_local(fs):  # temp files of this part's shards that a killed run left behind
+        for tmp in glob.glob(os.path.join(root, ".shard-*.tmp-*")):
+            if int(re.search(r"shard-(\d+)", tmp).group(1)) in ks:
+                os.remove(tmp)
+    done = _done_shards(fs, root, ks, layout_hash)
+    todo = [k for k in ks if k not in done]
+    threads, t0 = torch.get_num_threads(), time.time()
+    torch.set_num_threads(1)  # one song is too small for intra-op threads; workers give parallelism
+    rows = [r for k in todo for r in order[k * R:(k + 1) * R]]
+    loader = DataLoader(_Decode(catalog, rows, mel_fn), batch_size=None, num_workers=num_workers,
+                        collate_fn=_as_is, prefetch_factor=4 if num_workers else None)
+    decoded = iter(tqdm(loader, desc=f"write {i}/{n}", unit="song", disable=None))
+    try:
+        for k in todo:
+            m = len(order[k * R:(k + 1) * R])
+            done[k] = _write_shard(fs, root, k, catalog, (next(decoded) for _ in range(m)), layout_hash)
+    finally:
+        torch.set_num_threads(threads)
+    return _finish_part(fs, root, out, layout, [done[k] for k in ks], part, len(todo), time.time() - t0, max_bad)
+
+
+class TooManyBadFiles(ShardError):
+    """write: more songs failed to decode than max_bad allows. The good ones are in the shards."""
+
+
+def _finish_part(fs, root, out, layout, sides, part, written, seconds, max_bad):
+    i, n = part
+    failed = [[s["shard"], *f] for s in sides for f in s["failed"]]
+    bad_name = _part_name("bad", i, n, "csv")
+    if failed:
+        buf = io.StringIO()
+        csv.writer(buf).writerows([["shard", "song_id", "path", "reason"], *failed])
+        with _atomic(fs, root, bad_name) as f:
+            f.write(buf.getvalue().encode())
+    elif fs.exists(f"{root}/{bad_name}"):
+        fs.rm(f"{root}/{bad_name}")  # every earlier failure decoded this time
+    entries = [{k: s[k] for k in ("shard", "name", "samples", "bytes")} | {"failed": len(s["failed"])}
+               for s in sides]
+    _put_json(fs, root, _part_name("index", i, n, "json"), {**layout, "part": [i, n], "shards": entries})
+    rows = sum(s["samples"] + len(s["failed"]) for s in sides)
+    counts = {"shards": len(sides), "written": written, "kept": len(sides) - written,
+              "samples": sum(s["samples"] for s in sides), "failed": len(failed),
+              "bad_fraction": len(failed) / max(rows, 1), "report": f"{out}/{bad_name}" if failed else None,
+              "bytes": sum(s["bytes"] for s in sides), "seconds": round(seconds, 2)}
+    print(f"write part {i}/{n}: {len(sides)} shards ({written} written, {counts['kept']} kept from an earlier "
+          f"run), {counts['samples']} songs, {counts['bytes'] / 1e6:.1f} MB, {len(failed)} failed"
+          + (f" (see {counts['report']})" if failed else "") + f"; {seconds:.1f} s")
+    if n == 1:
+        merge(out, fs=(fs, root))
+    if counts["bad_fraction"] > max_bad:
+        raise TooManyBadFiles(f"{counts['report']}: {len(failed)} of {rows} songs ({counts['bad_fraction']:.1%}) "
+                              f"failed to decode, more than --max_bad {max_bad:.1%}; that file lists each one and "
+                              f"why. The other songs are in the shards; to retry, fix the files, delete the "
+                              f"sidecars (shard-*.json) of the shards that file names and write again")
+    return counts
+
+
+def merge(out, storage_options=None, fs=None):
+    """Join the part indexes of `out` into index.json; refuses missing parts and overlaps."""
+    fs, root = fs or _fs(out, storage_options, write=True)
+    paths = sorted(fs.glob(f"{root}/index-part-*-of-*.json"))
+    if not paths:
+        raise ShardError(f"{out}: no part indexes (index-part-*.json); run: python shards.py write --out {out} ...")
+    found = {tuple(int(v) for v in re.findall(r"(\d+)-of-(\d+)", p)[-1]): p for p in paths}
+    counts = sorted({n for _, n in found})
+    if len(counts) > 1:
+        raise ShardError(f"{out}: part indexes of runs with different part counts {counts}; delete the stale ones")
+    n = counts[0]
+    missing = [f"{i}/{n}" for i in range(n) if (i, n) not in found]
+    if missing:
+        raise ShardError(f"{out}: parts {', '.join(missing)} not written yet; run: python shards.py write "
+                         f"--catalog C --out {out} --part {missing[0]} (for each), then merge")
+    parts = [_get_json(fs, found[(i, n)]) for i in range(n)]
+    layout = {k: v for k, v in parts[0].items() if k not in ("part", "shards")}
+    shards, owner = {}, {}
+    for p in parts:
+        if {k: v for k, v in p.items() if k not in ("part", "shards")} != layout:
+            raise ShardError(f"{found[tuple(p['part'])]}: another layout than part 0/{n} (catalog, "
+                             f"--shard_bytes, seed or mel settings differ); rewrite that part")
+        for s in p["shards"]:
+            if s["shard"] in owner:
+                raise ShardError(f"{out}: shard {s['shard']} is in parts {owner[s['shard']]}/{n} and "
+                                 f"{p['part'][0]}/{n}; delete the stale part indexes and write again")
+            owner[s["shard"]], shards[s["shard"]] = p["part"][0], s
+    absent = [k for k in range(layout["num_shards"]) if k not in shards]
+    if absent:
+        raise ShardError(f"{out}: shards {absent[:5]} are in no part index; write their parts again")
+    entries = [shards[k] for k in range(layout["num_shards"])]
+    index = {**layout, "parts": n, "samples": sum(s["samples"] for s in entries),
+             "failed": sum(s["failed"] for s in entries), "bytes": sum(s["bytes"] for s in entries),
+             "shards": entries}
+    _put_json(fs, root, "index.json", index)
+    return index
+
+
+def open_index(url, storage_options=None):
+    """-> (fs, root, index) of merged shards, with their mel settings checked against this code's."""
+    fs, root = _fs(url, storage_options)
+    path = f"{root}/index.json"
+    index = _get_json(fs, path, f"{url}: no index.json; write the shards (python shards.py write) and, "
+                                f"with --part, merge them (python shards.py merge --out {url})")
+    if index.get("format") != FORMAT or index.get("format_version") != FORMAT_VERSION:
+        raise ShardError(f"{path}: not an index of {FORMAT} version {FORMAT_VERSION} "
+                         f"(format {index.get('format')!r}, version {index.get('format_version')!r})")
+    if index["mel_hash"] != mel_hash():
+        raise ShardError(f"{path}: written with mel settings {index['mel_hash']} {index['mel_settings']}, but this "
+                         f"code computes {mel_hash()} {mel_settings()}; rewrite the shards")
+    return fs, root, index
+
+
+def info(url, storage_options=None):
+    _, _, ix = open_index(url, storage_options)
+    line = (f"{url}: {len(ix['shards'])} shards, {ix['samples']} songs, {ix['failed']} failed to decode, "
+            f"{ix['bytes'] / 1e6:.1f} MB, {ix['parts']} part(s); catalog {ix['catalog_rows']} rows "
+            f"({ix['catalog_fingerprint'][:12]}), {ix['rows_per_shard']} rows/shard, seed {ix['seed']}; "
+            f"mel settings {ix['mel_hash']} {ix['mel_settings']}")
+    print(line)
+    return ix
+
+
+# -----------------------------------------------------------------------------
+# Reading: the streaming dataset
+
+def _tar_samples(fs, path, skip):
+    """Raw samples (json bytes, npy bytes) of one shard in order, the first `skip` not kept."""
+    key, cur, seen = None, {}, 0
+    try:
+        with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|") as tar:
+            for m in tar:
+                k, ext = m.name.split(".", 1)  # WebDataset: the key is the name up to its first dot
+                if k != key:
+                    if cur:
+                        yield cur
+                    key, cur, seen = k, {}, seen + 1
+                if seen > skip and m.isfile():
+                    cur[ext] = tar.extractfile(m).read()
+            if cur:
+                yield cur
+    except (OSError, tarfile.TarError) as e:
+        raise ShardError(f"{path}: cannot read shard ({type(e).__name__}: {e})".replace("\n", " ")) from None
+
+
+def _decode(raw, path):
+    meta = json.loads(raw["json"])
+    if meta.get("mel_hash") != mel_hash():
+        raise ShardError(f"{path}: sample {meta.get('row')} has mel settings {meta.get('mel_hash')}, this code "
+                         f"{mel_hash()}; rewrite the shards")
+    mel = np.load(io.BytesIO(raw["mel.npy"]), allow_pickle=False)
+    if mel.shape != (meta["frames"], data.N_MELS):
+        raise ShardError(f"{path}: sample {meta['row']}: mel of shape {mel.shape}, expected ({meta['frames']}, "
+                         f"{data.N_MELS}); the shard is damaged, write it again")
+    return {"mel": torch.from_numpy(mel.astype(np.float32)), "text": meta["text"], "row": meta["row"]}
+
+
+class ShardDataset(IterableDataset):
+    """Stage-1 songs from shards -> {"mel": (T, 128) float32, "text": X_t, "row"}, as
+    data.SongDataset's items (data.Collator batches them). See the module docstring for the plan.
+
+    batch_size: the DataLoader's (per process); rank / world_size: this process among the training
+    processes (accelerator.process_index / num_processes); num_workers: the DataLoader's (it is
+    checked). Iterate it with DataLoader(ds, batch_size, num_workers=num_workers), not through
+    accelerator.prepare (which would re-shard or dispatch it), and persistent_workers=False, so each
+    epoch's workers see set_epoch. len(ds) is samples per rank, so len(loader) is batches per rank.
+    """
+
+    def __init__(self, url, batch_size, rank=0, world_size=1, num_workers=0, seed=3407, shuffle_buffer=1000,
+                 storage_options=None):
+        if not 0 <= rank < world_size or batch_size < 1 or num_workers < 0 or shuffle_buffer < 1:
+            raise ShardError(f"need 0 <= rank < world_size, batch_size >= 1, num_workers >= 0, shuffle_buffer "
+                             f">= 1; got rank {rank}, world_size {world_size}, batch_size {batch_size}, "
+                             f"num_workers {num_workers}, shuffle_buffer {shuffle_buffer}")
+        _, _, index = open_index(url, storage_options)
+        self.url, self.storage_options = url, storage_options
+        self.names = [s["name"] for s in index["shards"]]
+        self.counts = np.array([s["samples"] for s in index["shards"]], dtype=np.int64)
+        self.batch_size, self.rank, self.world_size, self.seed = batch_size, rank, world_size, seed
+        self.workers, self.num_workers, self.window = max(num_workers, 1), num_workers, shuffle_buffer
+        self.streams = world_size * self.workers
+        total = int(self.counts.sum())
+        self.stream_batches = total // (self.streams * batch_size)
+        if self.stream_batches == 0:
+            raise ShardError(f"{url}: {total} songs are fewer than one batch of {batch_size} for each of the "
+                             f"{world_size} process(es) x {self.workers} worker(s); lower batch_size or num_workers")
+        self.dropped = total - self.streams * self.stream_batches * batch_size  # per epoch, all ranks
+        self.index_hash = _hash(index["shards"]) + _hash({k: v for k, v in index.items() if k != "shards"})
+        self.epoch, self.start_batch = 0, 0
+
+    def __len__(self):
+        return self.workers * self.stream_batches * self.batch_size
+
+    def set_epoch(self, epoch, start_batch=0):
+        """The next iteration is epoch `epoch`, starting after `start_batch` batches of this rank."""
+        if not 0 <= start_batch <= len(self) // self.batch_size:
+            raise ShardError(f"start_batch {start_batch} is outside the epoch's {len(self) // self.batch_size} batches")
+        self.epoch, self.start_batch = epoch, start_batch
+
+    def plan(self):
+        """What must match for an exact resume; store it in the checkpoint next to epoch and batches."""
+        return {"index": self.index_hash, "world_size": self.world_size, "num_workers": self.num_workers,
+                "batch_size": self.batch_size, "seed": self.seed, "shuffle_buffer": self.window}
+
+    def check_plan(self, saved):
+        diff = [f"{k} {saved.get(k)!r} -> {v!r}" for k, v in self.plan().items() if saved.get(k) != v]
+        if diff:
+            raise ShardError(f"cannot resume exactly: the checkpoint's data plan differs ({'; '.join(diff)}); "
+                             f"resume with the same shards and settings, or start the epoch afresh")
+
+    def _raw_stream(self, fs, root, shard_order, start, stop):
+        """Raw samples at positions [start, stop) of the epoch's shards laid end to end."""
+        counts = self.counts[shard_order]
+        ends = np.cumsum(counts)
+        j = int(np.searchsorted(ends, start, side="right"))  # whole shards before it are skipped
+        pos = start
+        while pos < stop:
+            path, begin = f"{root}/{self.names[shard_order[j]]}", int(ends[j] - counts[j])
+            for raw in _tar_samples(fs, path, pos - begin):
+                yield raw, path
+                pos += 1
+                if pos >= stop:
+                    return
+            if pos < int(ends[j]):
+                raise ShardError(f"{path}: holds fewer samples than index.json says ({counts[j]}); the shard "
+                                 f"or the index was replaced, write and merge again")
+            j += 1
+
+    def __iter__(self):
+        wi = get_worker_info()
+        w, W = (0, 1) if wi is None else (wi.id, wi.num_workers)
+        if W != self.workers:
+            raise ShardError(f"ShardDataset was built for num_workers={self.num_workers} but the DataLoader "
+                             f"has {W if wi else 0}; pass the same number to both")
+        fs, root = _fs(self.url, self.storage_options)  # per worker: no client crosses a fork
+        # a resumed DataLoader starts its round robin at worker 0, which must continue the stream
+        # that would have given batch start_batch: the workers' streams rotate by start_batch
+        s = (w + self.start_batch) % W
+        g, B, K = self.rank * W + s, self.batch_size, self.window
+        L = self.stream_batches * B
+        skip = max(0, -(-(self.start_batch - s) // W)) * B  # batches stream s gave before: ceil((c-s)/W)
+        order = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.names))
+        first = skip // K * K
+        raw = self._raw_stream(fs, root, order, g * L + first, g * L + L)
+        for start in range(first, L, K):
+            items = [next(raw) for _ in range(min(K, L - start))]
+            perm = np.random.default_rng([self.seed, self.epoch, g, start // K]).permutation(len(items))
+            for t in range(max(skip - start, 0), len(items)):
+                yield _decode(*items[perm[t]])
+
+
+# -----------------------------------------------------------------------------
+# Loader benchmark (bench.py calls loader_benchmark)
+
+def loader_benchmark(url, batch_size=100, num_workers=4, batches=50, storage_options=None, cold=False,
+                     shuffle_buffer=1000):
+    """Stream `batches` batches (epochs repeat as needed) through data.Collator(None) -> rates.
+    cold=True (local folders): the shards' pages are evicted from the page cache first."""
+    if cold:
+        fs, root = _fs(url, storage_options)
+        if not _is_local(fs):
+            raise ShardError(f"{url}: cold=True evicts the page cache of a local folder only")
+        drop_page_cache(root)
+    ds = ShardDataset(url, batch_size, num_workers=num_workers, storage_options=storage_options,
+                      shuffle_buffer=shuffle_buffer)
+    loader = DataLoader(ds, batch_size, num_workers=num_workers, collate_fn=data.Collator(None))
+    samples = frames = got = 0
+    waits, t0 = [], time.perf_counter()  # per epoch: workers start and fill a window before batch 1
+    for epoch in range(batches):
+        ds.set_epoch(epoch)
+        te = time.perf_counter()
+        for k, batch in enumerate(loader):
+            waits += [time.perf_counter() - te] if k == 0 else []
+            samples += len(batch["row"])
+            frames += int((~batch["padding_mask"]).sum())
+            got += 1
+            if got == batches:
+                break
+        if got == batches:
+            break
+    dt = time.perf_counter() - t0
+    mb = frames * data.N_MELS * 2 / 1e6  # fp16 bytes as stored
+    steady = dt - sum(waits)  # without the epoch starts, which a real epoch (~10^5 batches) amortizes
+    return {"url": str(url), "batches": got, "samples": samples, "seconds": round(dt, 3), "epochs": len(waits),
+            "first_batch_s": round(waits[0], 3), "samples_per_s": round(samples / dt, 1),
+            "mb_per_s": round(mb / dt, 1), "steady_samples_per_s": round(samples * (1 - len(waits) / got) / steady, 1)}
+
+
+# -----------------------------------------------------------------------------
+# Command line
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # bad input: one line, like every other error here
+        self.exit(2, f"Error: {message} (see {self.prog} --help)\n")
+
+
+def main(argv=None):
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    p = _Parser(description="HTCL log-mel shards: write, merge, inspect, benchmark.", allow_abbrev=False)
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    q = sub.add_parser("write", formatter_class=fmt, allow_abbrev=False,
+                       help="decode a catalog's songs into tar shards (resumable)")
+    q.add_argument("--catalog", required=True, help="catalog CSV/JSONL")
+    q.add_argument("--out", required=True, help="folder or s3:// / gs:// URL")
+    q.add_argument("--part", type=_parse_part, default=(0, 1), help="i/n: this machine's part of n")
+    q.add_argument("--shard_bytes", type=int, default=DEFAULT_SHARD_BYTES, help="target shard size at full-song size")
+    q.add_argument("--num_workers", type=int, default=0, help="decoding processes (0: in-process)")
+    q.add_argument("--max_bad", type=float, default=0.01, help="fail when more than this fraction fails to decode")
+    q.add_argument("--seed", type=int, default=3407, help="seed of the rows' permutation over the shards")
+    q = sub.add_parser("merge", formatter_class=fmt, allow_abbrev=False, help="join part indexes into index.json")
+    q.add_argument("--out", required=True, help="folder or URL the parts were written to")
+    q = sub.add_parser("info", formatter_class=fmt, allow_abbrev=False, help="summarize a shard index")
+    q.add_argument("url", help="folder or URL holding index.json")
+    q = sub.add_parser("bench", formatter_class=fmt, allow_abbrev=False, help="loader throughput")
+    q.add_argument("url", help="folder or URL holding index.json")
+    q.add_argument("--batch_size", type=int, default=100)
+    q.add_argument("--num_workers", type=int, default=4)
+    q.add_argument("--batches", type=int, default=50)
+    q.add_argument("--cold", action="store_true", help="evict the local shards from the page cache first")
+    args = p.parse_args(argv)
+    if args.command == "write":
+        write(args.catalog, args.out, args.part, args.shard_bytes, args.num_workers, args.max_bad, args.seed)
+    elif args.command == "merge":
+        ix = merge(args.out)
+        print(f"merge: {len(ix['shards'])} shards, {ix['samples']} songs from {ix['parts']} parts -> {args.out}/index.json")
+    elif args.command == "info":
+        info(args.url)
+    else:
+        print(json.dumps(loader_benchmark(args.url, args.batch_size, args.num_workers, args.batches, cold=args.cold)))
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (data.CatalogError, OSError) as e:  # a data problem: the message says where; a traceback adds nothing
+        sys.exit(f"Error: {e}".replace("\n", " "))
+    except Exception as e:  # the storage client's own errors (botocore's missing credentials, ...)
+        if not type(e).__module__.startswith(("botocore", "aiobotocore", "google", "aiohttp")):
+            raise
+        sys.exit(f"Error: {type(e).__name__}: {e}".replace("\n", " "))
