@@ -559,35 +559,8 @@ def report(sources, catalog, favourites=None, impressions=None, pairs=None, out_
     model to a report trains only its own jobs (demo.sh evaluates stage 1 while stage 2 trains).
     Returns the Markdown table with its footnotes."""
     os.makedirs(out_dir, exist_ok=True)
-    split, split_note = probe_split(catalog)
-    skipped = {}  # column -> why it shows "-"
-    for column, title in (("genre", "ACC genre"), ("language", "ACC lang")):
-        if column not in catalog.columns:
-            skipped[title] = f"{catalog.path} has no '{column}' column"
-    if split_note:
-        print("report: " + split_note)
-    favs = cases = imp = None
-    if favourites:
-        favs = load_favourites(favourites, catalog)
-        cases = sample_matching_cases(favs, n_triggers)
-        if not len(cases[1]):
-            skipped["HR@100"] = f"no user of {favourites} has more than {n_triggers} favourites (--triggers)"
-    else:
-        skipped["HR@100"] = "no --favourites given"
-    if impressions:
-        imp = read_impressions(impressions, catalog)
-    else:
-        skipped["CTR AUC"] = skipped["CVR AUC"] = "no --impressions given"
-    if impressions and not ranking_seeds:
-        skipped["CTR AUC"] = skipped["CVR AUC"] = "DIN not run (--ranking-seeds 0)"
-    if pairs:
-        fig_pairs = read_labelled_pairs(pairs, catalog)
-    elif imp is not None:
-        fig_pairs = pairs_from_impressions(imp)
-    else:
-        fig_pairs = None
-        skipped["Fig. 2 AUC"] = "neither --pairs nor --impressions given"
-    header = ["Model", "ACC genre", "ACC lang", "HR@100", "CTR AUC", "CVR AUC", "Fig. 2 AUC"]
+    inputs = _report_inputs(catalog, favourites, impressions, pairs, n_triggers, ranking_seeds)
+    settings = dict(probe_seeds=probe_seeds, ranking_seeds=ranking_seeds, ranking_epochs=ranking_epochs)
     times = []  # (protocol, seconds), appended from several threads (list.append is atomic)
 
     def timed_call(name, protocol, fn, *args, **kw):
@@ -599,8 +572,6 @@ def report(sources, catalog, favourites=None, impressions=None, pairs=None, out_
         return out
 
     results, cosines = {name: {} for name in sources}, {}
-    label_columns = [c for c in ("genre", "language") if c in catalog.columns]
-    labels = {c: [catalog.label(r, c) for r in range(len(catalog))] for c in label_columns}
     # The probes and DIN models are most of the time, and independent: they train side by side,
     # one job a thread (each on one intra-op thread; their kernels release the GIL), while this
     # thread embeds the next model. Sources that need no model (random, saved embeddings) go
@@ -615,28 +586,17 @@ def report(sources, catalog, favourites=None, impressions=None, pairs=None, out_
     if reuse and os.path.exists(saved_path):
         with open(saved_path) as f:
             saved = json.load(f)
-    inputs = {}  # result key -> digest of what the job reads besides the embeddings
-    if reuse:
-        inputs = {f"acc_{c}": _digest(labels[c], split, list(probe_seeds), PROBE_LR, PROBE_MIN_STEPS)
-                  for c in label_columns}
-        if imp is not None and ranking_seeds:
-            imp_digest = _digest(*(imp[k] for k in sorted(imp)))  # once: the log may be large
-            inputs.update({f"{t}_auc": _digest(imp_digest, t, list(ranking_seeds), ranking_epochs)
-                           for t in ("ctr", "cvr")})
+    digests = _job_digests(inputs, **settings) if reuse else {}  # result key -> what the job reads but embeddings
     keys = {}  # (model, result key) -> digest
+    cases, fig_pairs = inputs["cases"], inputs["fig_pairs"]
     with one_thread(), ThreadPoolExecutor(workers) as pool:
         jobs = {}  # future -> (model, result key)
         try:
             for name in order:
                 emb = timed_call(name, "embeddings", song_embeddings, sources[name], catalog, kind, mode, cache)
-                todo = [(f"acc_{c}", f"probe {c}", run_probe, (emb, labels[c], split), dict(seeds=probe_seeds))
-                        for c in label_columns]
-                todo += [(f"{t}_auc", f"ranking {t}", run_ranking, (emb, imp, t),
-                          dict(seeds=ranking_seeds, epochs=ranking_epochs))
-                         for t in ("ctr", "cvr") if imp is not None and ranking_seeds]
                 emb_digest = _digest(np.asarray(emb, dtype=np.float32)) if reuse else None
-                for key, protocol, fn, args, kw in todo:
-                    digest = keys[name, key] = _digest(emb_digest, inputs[key]) if reuse else None
+                for key, protocol, fn, args, kw in _report_jobs(emb, inputs, **settings):
+                    digest = keys[name, key] = _digest(emb_digest, digests[key]) if reuse else None
                     if digest in saved:
                         results[name][key] = tuple(saved[digest])
                         print(f"report: {name}: {protocol} reused from {saved_path} (same embeddings and inputs)")
@@ -666,8 +626,75 @@ def report(sources, catalog, favourites=None, impressions=None, pairs=None, out_
         with open(saved_path + ".tmp", "w") as f:
             json.dump(saved, f, indent=0)
         os.replace(saved_path + ".tmp", saved_path)
-    columns = ["acc_genre", "acc_language", "hr@100", "ctr_auc", "cvr_auc", "fig2_auc"]
-    results = {name: {k: res[k] for k in columns if k in res} for name, res in results.items()}  # job order aside
+    results = {name: {k: res[k] for k in REPORT_COLUMNS if k in res} for name, res in results.items()}  # not job order
+    table = _write_report(out_dir, results, cosines, inputs["skipped"])
+    _print_times(times)
+    return table
+
+
+def _report_inputs(catalog, favourites, impressions, pairs, n_triggers, ranking_seeds):
+    """What the report's protocols read -> {"split", "labels", "cases", "imp", "fig_pairs", "skipped"};
+    skipped: Table 2 column -> why it shows "-"."""
+    split, split_note = probe_split(catalog)
+    skipped = {}
+    for column, title in (("genre", "ACC genre"), ("language", "ACC lang")):
+        if column not in catalog.columns:
+            skipped[title] = f"{catalog.path} has no '{column}' column"
+    if split_note:
+        print("report: " + split_note)
+    cases = imp = None
+    if favourites:
+        cases = sample_matching_cases(load_favourites(favourites, catalog), n_triggers)
+        if not len(cases[1]):
+            skipped["HR@100"] = f"no user of {favourites} has more than {n_triggers} favourites (--triggers)"
+    else:
+        skipped["HR@100"] = "no --favourites given"
+    if impressions:
+        imp = read_impressions(impressions, catalog)
+    else:
+        skipped["CTR AUC"] = skipped["CVR AUC"] = "no --impressions given"
+    if impressions and not ranking_seeds:
+        skipped["CTR AUC"] = skipped["CVR AUC"] = "DIN not run (--ranking-seeds 0)"
+    if pairs:
+        fig_pairs = read_labelled_pairs(pairs, catalog)
+    elif imp is not None:
+        fig_pairs = pairs_from_impressions(imp)
+    else:
+        fig_pairs = None
+        skipped["Fig. 2 AUC"] = "neither --pairs nor --impressions given"
+    labels = {c: [catalog.label(r, c) for r in range(len(catalog))] for c in ("genre", "language")
+              if c in catalog.columns}
+    return {"split": split, "labels": labels, "cases": cases, "imp": imp, "fig_pairs": fig_pairs, "skipped": skipped}
+
+
+def _report_jobs(emb, inputs, probe_seeds, ranking_seeds, ranking_epochs):
+    """One model's probe and DIN jobs -> [(result key, protocol, fn, args, kwargs)]."""
+    todo = [(f"acc_{c}", f"probe {c}", run_probe, (emb, labels, inputs["split"]), dict(seeds=probe_seeds))
+            for c, labels in inputs["labels"].items()]
+    todo += [(f"{t}_auc", f"ranking {t}", run_ranking, (emb, inputs["imp"], t),
+              dict(seeds=ranking_seeds, epochs=ranking_epochs))
+             for t in ("ctr", "cvr") if inputs["imp"] is not None and ranking_seeds]
+    return todo
+
+
+def _job_digests(inputs, probe_seeds, ranking_seeds, ranking_epochs):
+    """Result key -> digest of what its job reads besides the embeddings (labels, split, log, settings)."""
+    digests = {f"acc_{c}": _digest(labels, inputs["split"], list(probe_seeds), PROBE_LR, PROBE_MIN_STEPS)
+               for c, labels in inputs["labels"].items()}
+    imp = inputs["imp"]
+    if imp is not None and ranking_seeds:
+        imp_digest = _digest(*(imp[k] for k in sorted(imp)))  # once: the log may be large
+        digests.update({f"{t}_auc": _digest(imp_digest, t, list(ranking_seeds), ranking_epochs)
+                        for t in ("ctr", "cvr")})
+    return digests
+
+
+REPORT_HEADER = ["Model", "ACC genre", "ACC lang", "HR@100", "CTR AUC", "CVR AUC", "Fig. 2 AUC"]
+REPORT_COLUMNS = ["acc_genre", "acc_language", "hr@100", "ctr_auc", "cvr_auc", "fig2_auc"]
+
+
+def _write_report(out_dir, results, cosines, skipped):
+    """table2.md (the table, with a footnote per "-"), table2.json and figure2.npz -> the table's text."""
     rows = []
     for name, res in results.items():
         row = [name]
@@ -676,7 +703,7 @@ def report(sources, catalog, favourites=None, impressions=None, pairs=None, out_
         row += [plus_minus(res[f"{t}_auc"]) if f"{t}_auc" in res else "-" for t in ("ctr", "cvr")]
         row.append(f"{res['fig2_auc']:.4f}" if "fig2_auc" in res else "-")
         rows.append(row)
-    table = markdown_table(header, rows)
+    table = markdown_table(REPORT_HEADER, rows)
     if skipped:
         table += "\n\n" + "\n".join(f"- {column} \"-\": {why}" for column, why in skipped.items())
     with open(os.path.join(out_dir, "table2.md"), "w") as f:
@@ -686,12 +713,15 @@ def report(sources, catalog, favourites=None, impressions=None, pairs=None, out_
     if cosines:
         np.savez(os.path.join(out_dir, "figure2.npz"),
                  **{f"{name}/{side}": c for name, pair in cosines.items() for side, c in zip(("pos", "neg"), pair)})
+    return table
+
+
+def _print_times(times):
     seconds = defaultdict(float)  # protocol -> total over models
     for protocol, dt in times:
         seconds[protocol] += dt
     print("report: time per protocol, summed over models (the probes and DIN run side by side): "
           + ", ".join(f"{k} {v:.1f} s" for k, v in seconds.items()))
-    return table
 
 
 def _digest(*parts):
