@@ -1099,7 +1099,7 @@ def artist_curve(n_layers, scale=0.1, dim=256, epochs=200, seed=0):
 
 
 def stop_epoch(val_loss, patience):
-    """The epoch (1-based) at which --early-stop PATIENCE ends a run with this val-loss curve."""
+    """The epoch (1-based) at which --early_stop PATIENCE ends a run with this val-loss curve."""
     best, since = float("inf"), 0
     for epoch, v in enumerate(val_loss, 1):
         since = 0 if v < best else since + 1

@@ -30,14 +30,16 @@ Commands (from the repo root, on the bundled synthetic world; A = a trained arti
       --favourites sample_data/favourites.csv --impressions sample_data/impressions.csv --out report/
   python evaluate.py table2 runs/table2/s3407/report runs/table2/s3408/report --out runs/table2  # over seeds
 Every sub-command prints a Markdown table and its wall time; --json FILE saves the numbers; -h shows
-every option with its default. A bad file, row, key or value stops the command line with one
-`Error: ...` line naming it (exit 1), as data.py does.
+every option with its default. Flags are spelled with underscores (--batch_size); the dashed
+spellings (--batch-size) are still accepted. A bad file, row, key or value stops the command line
+with one `Error: ...` line naming it (exit 1), as data.py does.
 """
 import argparse
 import hashlib
 import json
 import math
 import os
+import sys
 import threading
 import time
 from collections import defaultdict
@@ -654,7 +656,7 @@ def _report_inputs(catalog, favourites, impressions, pairs, n_triggers, ranking_
     else:
         skipped["CTR AUC"] = skipped["CVR AUC"] = "no --impressions given"
     if impressions and not ranking_seeds:
-        skipped["CTR AUC"] = skipped["CVR AUC"] = "DIN not run (--ranking-seeds 0)"
+        skipped["CTR AUC"] = skipped["CVR AUC"] = "DIN not run (--ranking_seeds 0)"
     if pairs:
         fig_pairs = read_labelled_pairs(pairs, catalog)
     elif imp is not None:
@@ -1012,12 +1014,26 @@ def _days(s):
 
 
 class _Parser(argparse.ArgumentParser):
-    """Every sub-command's parser: -h shows each option's default, abbreviations are refused."""
+    """Every sub-command's parser: -h shows each option's default, abbreviations are refused.
+    Flags are spelled with underscores (--batch_size); the dashed spellings of before (--batch-size)
+    stay accepted, in this one place: a `--foo-bar` this parser does not know but whose `--foo_bar`
+    it does is read as `--foo_bar`. --help shows only the underscore spellings."""
 
     def __init__(self, *args, **kw):
         kw.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
         kw.setdefault("allow_abbrev", False)
         super().__init__(*args, **kw)
+
+    def parse_known_args(self, args=None, namespace=None):
+        args = sys.argv[1:] if args is None else list(args)
+        return super().parse_known_args([self._underscored(a) for a in args], namespace)
+
+    def _underscored(self, arg):
+        if not isinstance(arg, str) or not arg.startswith("--") or arg in self._option_string_actions:
+            return arg
+        flag, eq, value = arg.partition("=")
+        renamed = "--" + flag[2:].replace("-", "_")
+        return renamed + eq + value if renamed in self._option_string_actions else arg
 
 
 def build_parser():
@@ -1049,7 +1065,7 @@ def _add_embed_parser(sub):
     q.add_argument("--fused", action="store_true", help="also write fused.npy (fusion MLP, stage 2)")
     q.add_argument("--split", default="all", choices=["all", "train", "val", "test"], help="which catalog rows")
     q.add_argument("--cache", help="log-mel cache folder (data.py prepare); without it audio is decoded here")
-    q.add_argument("--batch-size", type=int, default=16, help="songs per forward pass")
+    q.add_argument("--batch_size", type=int, default=16, help="songs per forward pass")
     q.add_argument("--index", default="none", choices=["none", "faiss"],
                    help="faiss: also save a FAISS index of each kind (KIND.faiss) for `search`/`matching "
                         "--index faiss`; exact below 1M songs, IVF from 1M on (pip install faiss-cpu)")
@@ -1059,11 +1075,11 @@ def _add_probe_parser(sub):
     q = add_command(sub, "probe", cmd_probe,
                     "semantic tasks: MLP probe accuracy / macro-F1 on frozen embeddings (HTCL)")
     q.add_argument("--label", action="append", default=None, help="label column(s); none given: genre, language")
-    q.add_argument("--split-column", default="split",
+    q.add_argument("--split_column", default="split",
                    help="column with train/test; a catalog without it gets a seeded random split (as report)")
-    q.add_argument("--train-split", default="train", help="value of the split column that trains the probe")
-    q.add_argument("--test-split", default="test", help="value of the split column that scores it")
-    q.add_argument("--random-split", type=float, default=None, metavar="FRACTION",
+    q.add_argument("--train_split", default="train", help="value of the split column that trains the probe")
+    q.add_argument("--test_split", default="test", help="value of the split column that scores it")
+    q.add_argument("--random_split", type=float, default=None, metavar="FRACTION",
                    help="ignore the split column: each seed holds out this random fraction")
     q.add_argument("--seeds", type=int, default=5, help="runs; mean ± std is reported")
     q.add_argument("--hidden", type=int, default=512, help="hidden width; 0 = linear probe")
@@ -1076,8 +1092,8 @@ def _add_matching_parsers(sub):
     q = add_command(sub, "matching", cmd_matching, "next-item HR@K from a favourites log (HTCL matching)")
     q.add_argument("--favourites", required=True, help="CSV user_id,song_id,timestamp")
     q.add_argument("--triggers", type=int, default=30, help="favourites before the target, the triggers (paper: 30)")
-    q.add_argument("--per-trigger", type=int, default=10, help="neighbours retrieved per trigger (paper: 10)")
-    q.add_argument("--list-size", type=int, default=100, help="K of HR@K (paper: 100)")
+    q.add_argument("--per_trigger", type=int, default=10, help="neighbours retrieved per trigger (paper: 10)")
+    q.add_argument("--list_size", type=int, default=100, help="K of HR@K (paper: 100)")
     q.add_argument("--merge", default="best", choices=["best", "round-robin"],
                    help="how candidates become one list (paper silent; our reading: best cosine)")
     q.add_argument("--seed", type=int, default=0, help="draws each user's target")
@@ -1098,15 +1114,15 @@ def _add_ranking_parser(sub):
                     "DIN CTR / CVR AUC with item embeddings from the representations (HTCL)")
     q.add_argument("--impressions", required=True, help="CSV user_id,song_id,day,clicked,favoured")
     q.add_argument("--task", nargs="+", default=["ctr", "cvr"], choices=["ctr", "cvr"], help="which AUCs")
-    q.add_argument("--train-days", type=_days, default=list(range(1, 8)), help="days that train DIN: 1-7 or 1,2,3")
-    q.add_argument("--test-day", type=int, default=8, help="day whose impressions are scored")
+    q.add_argument("--train_days", type=_days, default=list(range(1, 8)), help="days that train DIN: 1-7 or 1,2,3")
+    q.add_argument("--test_day", type=int, default=8, help="day whose impressions are scored")
     q.add_argument("--behaviour", default="clicked", choices=["clicked", "favoured"],
                    help="what forms the user's behaviour sequence (songs on earlier days)")
-    q.add_argument("--max-len", type=int, default=50, help="most recent behaviours kept")
+    q.add_argument("--max_len", type=int, default=50, help="most recent behaviours kept")
     q.add_argument("--epochs", type=int, default=2, help="DIN training epochs")
     q.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
     q.add_argument("--seeds", type=int, default=1, help="runs; mean ± std is reported")
-    q.add_argument("--freeze-items", action="store_true", help="keep item embeddings fixed (default: fine-tuned)")
+    q.add_argument("--freeze_items", action="store_true", help="keep item embeddings fixed (default: fine-tuned)")
 
 
 def _add_distance_parser(sub):
@@ -1126,8 +1142,8 @@ def _add_report_parser(sub):
     q.add_argument("--pairs", help="Figure 2 pairs: CSV anchor,song,label, or stage-2 trigger_song_id,rec_song_id")
     q.add_argument("--triggers", type=int, default=30, help="matching: favourites before the target (paper: 30)")
     q.add_argument("--out", default="report", help="output folder")
-    q.add_argument("--probe-seeds", type=int, default=5, help="probe runs per embedding (mean ± std)")
-    q.add_argument("--ranking-seeds", type=int, default=1, help="DIN runs per embedding; 0 skips the ranking columns")
+    q.add_argument("--probe_seeds", type=int, default=5, help="probe runs per embedding (mean ± std)")
+    q.add_argument("--ranking_seeds", type=int, default=1, help="DIN runs per embedding; 0 skips the ranking columns")
     q.add_argument("--workers", type=int, default=0, help="threads that train the probes and DIN models side "
                    "by side; results do not depend on it. 0: the available cores, at most 8")
     q.add_argument("--reuse", action=argparse.BooleanOptionalAction, default=True,

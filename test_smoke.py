@@ -1653,7 +1653,7 @@ def test_cli_runs_every_protocol_on_a_tiny_world(tmp_path, capsys):
     assert probe["e/genre"]["acc"][0] > 0.8 and probe["random:8/genre"]["acc"][0] < 0.7
     assert probe["e/genre"]["n_test"] == 20  # the catalog's split column: every 4th of 80 songs is test
     m = ev.main(["matching", "--catalog", c, "--emb", e, "--favourites", str(tmp_path / "favourites.csv"),
-                 "--triggers", "5", "--per-trigger", "3", "--list-size", "10"])
+                 "--triggers", "5", "--per_trigger", "3", "--list_size", "10"])
     triggers, targets, _, _ = ev.sample_matching_cases(data.load_favourites(str(tmp_path / "favourites.csv"), catalog),
                                                        5, seed=0)
     assert m["e"]["users"] == 12
@@ -1683,7 +1683,7 @@ def test_cli_runs_every_protocol_on_a_tiny_world(tmp_path, capsys):
         assert (d["e"]["n_pos"], d["e"]["n_neg"]) == (2, 2) and os.path.exists(tmp_path / "f2.png")
         assert d["e"]["auc"] == pytest.approx(np.mean([(p > q) + 0.5 * (p == q) for p in pos for q in neg]))
         assert d["e"]["mean_gap"] == pytest.approx(np.mean(pos) - np.mean(neg), abs=1e-5)
-    g = ev.main(["artist-graph", "--edges", str(tmp_path / "artist_graph.csv"), "--artist-split",
+    g = ev.main(["artist-graph", "--edges", str(tmp_path / "artist_graph.csv"), "--artist_split",
                  str(tmp_path / "artist_split.csv"), "--features", "random", "--features", "mean", "--catalog", c,
                  "--emb", e, "--layers", "0", "1", "--epochs", "2", "--k", "5"])
     assert set(g) == {"random", "mean(e)"} and set(g["random"]) == {"0", "1"}
@@ -1747,7 +1747,7 @@ def test_embed_writes_normalized_embeddings_that_do_not_depend_on_batching(tiny_
     d = tiny_world
     for batch in ("1", "3"):
         ev.main(["embed", "--artifact", str(d / "artifact"), "--catalog", str(d / "catalog.csv"),
-                 "--out", str(d / f"emb{batch}"), "--text", "--fused", "--batch-size", batch])
+                 "--out", str(d / f"emb{batch}"), "--text", "--fused", "--batch_size", batch])
     assert (d / "emb1" / "ids.txt").read_text() == "s0\ns1\ns2\n"
     for kind in embeddings.KINDS:
         a, b = np.load(d / "emb1" / f"{kind}.npy"), np.load(d / "emb3" / f"{kind}.npy")
@@ -1878,7 +1878,7 @@ def test_report_reuses_results_only_for_the_same_embeddings_and_inputs(tmp_path,
     fresh = ev.report({"e": str(tmp_path / "e.npy"), "random": "random"}, catalog, **kw, reuse=False)
     assert "reused" not in capsys.readouterr().out and fresh == again  # retrained: the same numbers
     cli = ["report", "--catalog", str(tmp_path / "catalog.csv"), "--emb", str(tmp_path / "e.npy"), "--impressions",
-           str(tmp_path / "impressions.csv"), "--out", str(tmp_path / "rep"), "--probe-seeds", "1"]
+           str(tmp_path / "impressions.csv"), "--out", str(tmp_path / "rep"), "--probe_seeds", "1"]
     ev.main(cli + ["--no-reuse"])
     assert "reused" not in capsys.readouterr().out
     ev.main(cli)
@@ -2560,7 +2560,7 @@ def test_matching_with_a_faiss_index_gives_the_exact_hit_rate(tmp_path, capsys):
     emb = _write_world(tmp_path)
     c, e = str(tmp_path / "catalog.csv"), str(tmp_path / "e.npy")
     args = ["matching", "--catalog", c, "--emb", e, "--emb", "random:8", "--favourites",
-            str(tmp_path / "favourites.csv"), "--triggers", "4", "--per-trigger", "3", "--list-size", "6"]
+            str(tmp_path / "favourites.csv"), "--triggers", "4", "--per_trigger", "3", "--list_size", "6"]
     exact = ev.main(args)
     faiss.write_index(evsearch.build_index(np.load(e)), str(tmp_path / "e.faiss"))  # rows in e.ids.txt's order
     capsys.readouterr()
@@ -2924,7 +2924,7 @@ def test_artifact_trained_for_chunks_is_embedded_by_chunks_of_its_length_by_defa
     htcl.save_artifact(model, tokenizer, str(tmp_path / "art"))
     catalog = load_catalog(d / "catalog.csv")
     ev.main(["embed", "--artifact", str(tmp_path / "art"), "--catalog", str(d / "catalog.csv"),
-             "--out", str(tmp_path / "emb"), "--batch-size", "2"])
+             "--out", str(tmp_path / "emb"), "--batch_size", "2"])
     assert json.loads((tmp_path / "emb" / "meta.json").read_text())["mode"] == "chunked"
     got = np.load(tmp_path / "emb" / "audio.npy")
     for r in range(3):  # hand loop over the song's 26-frame (2.5 s) windows
@@ -3139,9 +3139,9 @@ def test_graph_layers_recover_hidden_edges_from_random_features():
 
 def test_artist_graph_cli_reports_both_formulas_and_every_flag_acts(tmp_path, capsys, monkeypatch):
     _write_world(tmp_path)
-    args = ["artist-graph", "--edges", str(tmp_path / "artist_graph.csv"), "--artist-split",
+    args = ["artist-graph", "--edges", str(tmp_path / "artist_graph.csv"), "--artist_split",
             str(tmp_path / "artist_split.csv"), "--features", "random", "--layers", "1", "--epochs", "2",
-            "--k", "5", "--hidden", "16", "--out-dim", "8", "--random-dim", "6"]
+            "--k", "5", "--hidden", "16", "--out_dim", "8", "--random_dim", "6"]
     out = ev.main(args)
     table = capsys.readouterr().out
     assert "random ndcg@5 |" in table and "random ndcg@5_released_formula" in table
@@ -3152,8 +3152,8 @@ def test_artist_graph_cli_reports_both_formulas_and_every_flag_acts(tmp_path, ca
     real = embeddings.song_embeddings
     monkeypatch.setattr(embeddings, "song_embeddings", lambda *a, **kw: seen.setdefault("args", a) and real(*a, **kw))
     ev.main(args + ["--features", "mean", "--catalog", str(tmp_path / "catalog.csv"), "--emb",
-                    str(tmp_path / "e.npy"), "--batch-size", "7"])
-    assert seen["args"][-1] == 7  # --batch-size reaches the on-the-fly embedding of an --emb
+                    str(tmp_path / "e.npy"), "--batch_size", "7"])
+    assert seen["args"][-1] == 7  # --batch_size reaches the on-the-fly embedding of an --emb
 
 
 def test_random_artist_features_are_the_released_uniform_2613_d_and_seeded():
@@ -3245,7 +3245,7 @@ def test_evaluate_cli_refuses_a_pickled_npy_naming_the_file(tmp_path):
     np.save(bad, np.array([{"a": 1}] * 40, dtype=object), allow_pickle=True)
     (tmp_path / "bad.ids.txt").write_text("".join(f"s{i}\n" for i in range(40)))
     for argv in (["probe", "--catalog", str(tmp_path / "catalog.csv"), "--emb", str(bad)],
-                 ["artist-graph", "--edges", str(tmp_path / "artist_graph.csv"), "--artist-split",
+                 ["artist-graph", "--edges", str(tmp_path / "artist_graph.csv"), "--artist_split",
                   str(tmp_path / "artist_split.csv"), "--features", str(bad)]):
         with pytest.raises(SystemExit) as e:
             ev.cli(argv)
@@ -3327,6 +3327,18 @@ def test_every_option_of_every_sub_command_has_help_and_shows_its_default():
         if any(a.default not in (None, argparse.SUPPRESS) for a in sub._actions if a.dest != "help"):
             assert "(default: " in sub.format_help(), name
 
+
+def test_flags_are_underscored_and_the_old_dashed_spellings_still_parse():
+    parser = ev.build_parser()
+    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for name, sub in subparsers.choices.items():
+        flags = [f for a in sub._actions for f in a.option_strings if f.startswith("--") and f != "--no-reuse"]
+        assert not [f for f in flags if "-" in f[2:]], name  # --help shows only the underscore spellings
+    args = parser.parse_args(["artist-graph", "--edges", "e", "--artist-split", "s", "--features", "random",
+                              "--out-dim", "8", "--early-stop=3"])
+    assert (args.artist_split, args.out_dim, args.early_stop) == ("s", 8, 3)
+    args = parser.parse_args(["report", "--catalog", "c", "--emb", "x", "--ranking-seeds", "0", "--no-reuse"])
+    assert (args.ranking_seeds, args.reuse) == (0, False)
 
 
 def test_probes_trained_side_by_side_match_probes_trained_alone():

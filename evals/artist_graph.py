@@ -19,7 +19,7 @@ always reported.
 
 Command (from the repo root, on the bundled synthetic world):
   python evaluate.py artist-graph --catalog sample_data/catalog.csv --emb emb/htcl --features mean \
-      --features random --edges sample_data/artist_graph.csv --artist-split sample_data/artist_split.csv
+      --features random --edges sample_data/artist_graph.csv --artist_split sample_data/artist_split.csv
 """
 import dataclasses
 import sys
@@ -389,13 +389,12 @@ def cmd_artist_graph(args):
 
 
 def add_artist_graph_flags(q):
-    """One flag per ArtistGraphConfig field (--early-stop, --undirected, ...), default from the dataclass."""
+    """One flag per ArtistGraphConfig field (--early_stop, --undirected, ...), default from the dataclass."""
     for f in dataclasses.fields(ArtistGraphConfig):
-        flag = "--" + f.name.replace("_", "-")
         if f.type in (bool, "bool"):
-            q.add_argument(flag, action="store_true", help=f.metadata["help"])
+            q.add_argument("--" + f.name, action="store_true", help=f.metadata["help"])
         else:
-            q.add_argument(flag, type=type(f.default), default=f.default, help=f.metadata["help"])
+            q.add_argument("--" + f.name, type=type(f.default), default=f.default, help=f.metadata["help"])
 
 
 def add_parser(subparsers):
@@ -403,7 +402,7 @@ def add_parser(subparsers):
     q = add_command(subparsers, "artist-graph", cmd_artist_graph,
                     "GraphSAGE artist similarity NDCG@200 over 0-4 layers (Grotschla et al.)", source=False)
     q.add_argument("--edges", required=True, help="CSV artist_a,artist_b")
-    q.add_argument("--artist-split", required=True, help="CSV artist_id,split")
+    q.add_argument("--artist_split", required=True, help="CSV artist_id,split")
     q.add_argument("--features", action="append", required=True,
                    help="mean (of each artist's --emb song embeddings), random, or NAME.npy with NAME.ids.txt "
                         "holding artist ids; repeat to compare")
@@ -413,16 +412,16 @@ def add_parser(subparsers):
     q.add_argument("--mode", default=None, choices=["full", "chunked"],
                    help="how an --emb artifact is embedded on the fly (default: the artifact's embed_mode)")
     q.add_argument("--cache", help="log-mel cache folder for an --emb artifact")
-    q.add_argument("--batch-size", type=int, default=16,
+    q.add_argument("--batch_size", type=int, default=16,
                    help="songs per forward pass when an --emb artifact is embedded on the fly (the GNN itself "
                         "takes full-graph steps)")
-    q.add_argument("--artist-column", default="artist_id", help="catalog column naming a song's artist")
-    q.add_argument("--eval-split", default="test", choices=["test", "val"],
+    q.add_argument("--artist_column", default="artist_id", help="catalog column naming a song's artist")
+    q.add_argument("--eval_split", default="test", choices=["test", "val"],
                    help="artists scored; their mutual edges are hidden")
     q.add_argument("--layers", type=int, nargs="+", default=[0, 1, 2, 3, 4], help="GraphSAGE depths compared")
     q.add_argument("--k", type=int, default=200, help="K of NDCG@K")
     q.add_argument("--seeds", type=int, default=1, help="training seeds; mean ± std is reported")
-    q.add_argument("--random-dim", type=int, default=2613, help="width of --features random (released: 2613)")
+    q.add_argument("--random_dim", type=int, default=2613, help="width of --features random (released: 2613)")
     q.add_argument("--verbose", action="store_true", help="print a line per epoch (losses, lr) on stderr")
     add_artist_graph_flags(q)
     return q

@@ -8,7 +8,7 @@
        relevant song in the top K" (hit rate), the only reading under which R@1 is informative.
   Same-artist leakage: share of queries whose top 100 holds a song by the
        query's artist, and how many such songs on average.
-  Leakage control (--exclude-same COLUMN, e.g. artist_id): songs that share the
+  Leakage control (--exclude_same COLUMN, e.g. artist_id): songs that share the
        query's value of COLUMN are neither positives nor candidates, so a model
        cannot score by recognising the artist (or the work a clip comes from).
 A tag is one string per song per column; "" means untagged: never a query, never a positive.
@@ -16,7 +16,7 @@ An exclusion value "" groups nothing.
 
 Command (from the repo root; A = a trained artifact folder, sample_data/crossmusim.sh runs it all):
   python evaluate.py retrieval --catalog sample_data/catalog.csv --emb emb/htcl --tag genre --artifact A \
-      [--exclude-same artist_id]
+      [--exclude_same artist_id]
 """
 import json
 import os
@@ -163,7 +163,7 @@ def cmd_retrieval(args):
                          f"on average ({sa['mean_same_artist_given_any']:.2f} where any)", sa["queries"]])
     print(markdown_table(["emb", "protocol", "score", "queries"], rows))
     if not text_tower and not args.tag_emb:
-        print("retrieval: T2M skipped (no text tower: pass --artifact or --tag-emb)")
+        print("retrieval: T2M skipped (no text tower: pass --artifact or --tag_emb)")
     return results
 
 
@@ -176,13 +176,13 @@ def add_parser(subparsers):
     q.add_argument("--k", type=int, default=100, help="K of M2M mAP@K and of the same-artist top K")
     q.add_argument("--split", default="all", choices=["all", "train", "val", "test"],
                    help="search within these catalog rows only")
-    q.add_argument("--artist-column", default=None,
+    q.add_argument("--artist_column", default=None,
                    help="column naming a song's artist (default: artist_id if present; '' skips the statistic)")
     q.add_argument("--artifact", help="text tower for T2M queries of every --emb (default: each model's own "
                                       "artifact; for random and plain files the first one given)")
-    q.add_argument("--tag-emb", help="T2M query embeddings NAME.npy whose ids file holds the tag values")
+    q.add_argument("--tag_emb", help="T2M query embeddings NAME.npy whose ids file holds the tag values")
     q.add_argument("--template", default="{value}", help="T2M query text, e.g. '{column}: {value}'")
-    q.add_argument("--exclude-same", metavar="COLUMN", default=None,
+    q.add_argument("--exclude_same", metavar="COLUMN", default=None,
                    help="leakage control: songs sharing the query's value of COLUMN (e.g. artist_id) are neither "
                         "positives nor candidates in M2M and the same-artist statistic")
     return q

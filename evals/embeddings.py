@@ -383,7 +383,7 @@ def catalog_column(catalog, column):
 
 def add_command(subparsers, name, fn, help, source=True):
     """A sub-command's parser with --json; with `source`, also the embedding-source flags
-    (--catalog, --emb, --kind, --mode, --cache, --batch-size) that embeddings_of reads."""
+    (--catalog, --emb, --kind, --mode, --cache, --batch_size) that embeddings_of reads."""
     q = subparsers.add_parser(name, help=help, description=help)
     q.set_defaults(fn=fn)
     q.add_argument("--json", help="also write the results to this JSON file")
@@ -397,5 +397,5 @@ def add_command(subparsers, name, fn, help, source=True):
                        help="an artifact embedded on the fly: whole song (HTCL) or mean of 10 s chunks "
                             "(CrossMuSim); default: the mode the artifact was trained for")
         q.add_argument("--cache", help="log-mel cache folder (data.py prepare) for artifacts")
-        q.add_argument("--batch-size", type=int, default=16, help="songs per forward pass when embedding")
+        q.add_argument("--batch_size", type=int, default=16, help="songs per forward pass when embedding")
     return q

@@ -121,7 +121,7 @@ def cosine_topk(queries, keys, k, exclude=None, batch_size=1024, progress=None, 
     exclude: (Q,) key index that query q may not retrieve (itself, when the queries are songs
     of the catalog being searched).
     groups: (query_groups (Q,), key_groups (N,)) int codes, -1 = none: query q may not retrieve
-    a key of its own group (evaluate.py retrieval --exclude-same). Such keys score -inf, so
+    a key of its own group (evaluate.py retrieval --exclude_same). Such keys score -inf, so
     they come last; a caller whose k exceeds the allowed keys must ignore -inf scores.
     """
     q = F.normalize(as_float_tensor(queries), dim=-1)

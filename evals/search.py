@@ -301,7 +301,7 @@ def add_parser(subparsers):
     q.add_argument("--nprobe", type=int, default=FAISS_NPROBE,
                    help=f"cells an approximate FAISS index (>= {FAISS_APPROX_FROM:,} songs) scans per query")
     q.add_argument("--cache", help="log-mel cache folder (data.py prepare) for embedding the catalog")
-    q.add_argument("--batch-size", type=int, default=16, help="songs per forward pass when embedding")
+    q.add_argument("--batch_size", type=int, default=16, help="songs per forward pass when embedding")
     q.add_argument("--out", help="also write one row per (query, rank) to this .csv or .json file")
     return q
 
