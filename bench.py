@@ -16,13 +16,13 @@ What it measures, stage by stage, on synthetic inputs of the paper's sizes (noth
   memory    peak memory of the paper-size step at the paper's per-GPU batch of 100 (800 / 8), fp32 /
             bf16, with and without gradient checkpointing: run at 100 on a GPU, extrapolated from
             batches 1 and 3 on a CPU; does it fit an 80 GB GPU?
-  embed     songs/s of evaluate.embed_catalog, full song and 10 s chunks, demo and paper encoders
+  embed     songs/s of evals.embeddings.embed_catalog, full song and 10 s chunks, demo and paper encoders
   matching  seconds of evaluate.matching_benchmark (HR@100, on CPU) against songs and users; the
             sizes not run are extrapolated from those run, and marked so
   search    similar-song search at 100k and 1M synthetic songs (D 100): exact top-k in torch and
-            the FAISS index evaluate.build_index makes (faiss-cpu; skipped without it): build
+            the FAISS index evals.search.build_index makes (faiss-cpu; skipped without it): build
             seconds, query latency (a batch, and one query at a time), recall@10 against exact
-  artist    seconds per epoch of evaluate.train_artist_gnn (the released artist-graph protocol) at
+  artist    seconds per epoch of evals.artist_graph.train_artist_gnn (the released artist-graph protocol) at
             1 and 4 layers on a synthetic graph of OLGA's size (olga_like_graph), and the 0-4 layer
             x 200-epoch sweep extrapolated from them (--rows artist: ~10 min on a busy machine)
 
@@ -869,7 +869,7 @@ def compare_adam(model, params, loss):
 
 
 def bench_embed(ctx):
-    import evaluate
+    from evals.embeddings import embed_catalog
     args, rows = ctx.args, []
     device = torch.device(args.device)
     tok = tokenizer()
@@ -885,12 +885,13 @@ def bench_embed(ctx):
         songs = list(range(len(catalog)))
         n_threads = 1 if size == "demo" else None  # sample_data/demo.sh runs evaluate.py on one thread
         for mode in ("full", "chunked"):
-            run = lambda rows_: evaluate.embed_catalog(model, tok, catalog, rows_, mode=mode, cache=cache)  # noqa: E731
+            run = lambda rows_: embed_catalog(model, tok, catalog, rows_, mode=mode, cache=cache)  # noqa: E731
             with torch_threads(n_threads), PeakRSS() as mem:
                 run(songs[:2])  # warm-up
                 seconds = median_time(lambda: run(songs), 0, 1 if args.quick else 2)
             frames = "sample_data songs (~4 s)" if size == "demo" else "120 s songs (1251 frames)"
-            rows.append(row(f"embed/{size}", f"evaluate.embed_catalog mode={mode}, batch 16", len(songs) / seconds,
+            rows.append(row(f"embed/{size}", f"evals.embeddings.embed_catalog mode={mode}, batch 16",
+                            len(songs) / seconds,
                             "songs/s", mem.mb, f"{len(songs)} {frames} from the cache; "
                             f"{'10 s windows, mean-pooled' if mode == 'chunked' else 'one pass per song'}; "
                             f"{threads(n_threads or torch.get_num_threads())}", key=f"embed_{size}_{mode}"))
@@ -954,7 +955,7 @@ def clustered_songs(n, dim=100, clusters=1000, noise=1.0, seed=0):
 
 def bench_search(ctx):
     import importlib.util
-    import evaluate
+    from evals import search as evsearch
     rows, k = [], 10
     sizes = [100_000] + ([] if ctx.args.quick else [1_000_000])  # quick: the 1M index takes ~1 min to build
     for n in sizes:
@@ -966,11 +967,11 @@ def bench_search(ctx):
 
         def timed(index):
             t = time.perf_counter()
-            _, found = evaluate.search(queries, keys, k, own, index)
+            _, found = evsearch.search(queries, keys, k, own, index)
             batch = (time.perf_counter() - t) / n_queries
             t = time.perf_counter()
             for q, r in zip(queries[:50], own[:50]):
-                evaluate.search(q[None], keys, k, r[None], index)
+                evsearch.search(q[None], keys, k, r[None], index)
             return found, batch, (time.perf_counter() - t) / 50
 
         exact_r, seconds, single = timed(None)
@@ -984,13 +985,13 @@ def bench_search(ctx):
             continue
         import faiss
         # the index embed --index faiss builds at this size; at 100k also the approximate one, for scale
-        for approx_from in sorted({evaluate.FAISS_APPROX_FROM, 0} if n < evaluate.FAISS_APPROX_FROM else {0},
+        for approx_from in sorted({evsearch.FAISS_APPROX_FROM, 0} if n < evsearch.FAISS_APPROX_FROM else {0},
                                   reverse=True):
             t = time.perf_counter()
-            index = evaluate.build_index(keys, approx_from=approx_from)
+            index = evsearch.build_index(keys, approx_from=approx_from)
             build = time.perf_counter() - t
             kind = "IndexFlatIP (exact)" if n < approx_from else \
-                f"IVF{faiss.extract_index_ivf(index).nlist},Flat nprobe {evaluate.FAISS_NPROBE}"
+                f"IVF{faiss.extract_index_ivf(index).nlist},Flat nprobe {evsearch.FAISS_NPROBE}"
             got, seconds, single = timed(index)
             recall = float(np.mean([len(set(a) & set(b)) / k for a, b in zip(got, exact_r)]))
             rows.append(row("search", f"{n:,} songs, D 100, FAISS {kind}", 1 / seconds, "queries/s", None,
@@ -1043,24 +1044,25 @@ def bench_artist_graph(ctx):
     """Seconds per epoch (16 full-graph steps + the validation loss) at 1 and 4 layers on the
     OLGA-size graph with the released random features (2613-d), and the whole 0-4 sweep at 200
     epochs, extrapolated: epoch time is linear in the layer count (fitted to 1 and 4)."""
-    import evaluate
+    from evals import artist_graph
     small_edges, small_split = olga_like_graph(scale=0.02, communities=10)  # warm-up: the first optimizer
-    evaluate.train_artist_gnn(evaluate.artist_features("random", small_split, dim=8),  # pulls in ~20 s of
-                              evaluate.message_passing_graphs(small_edges, small_split), small_split, 1,  # imports
-                              evaluate.ArtistGraphConfig(epochs=1, steps_per_epoch=1))
+    artist_graph.train_artist_gnn(artist_graph.artist_features("random", small_split, dim=8),  # pulls in ~20 s
+                                  artist_graph.message_passing_graphs(small_edges, small_split), small_split, 1,  # of
+                                  artist_graph.ArtistGraphConfig(epochs=1, steps_per_epoch=1))  # imports
     edges, split = olga_like_graph()
-    x = evaluate.artist_features("random", split)
-    graphs = evaluate.message_passing_graphs(edges, split)
+    x = artist_graph.artist_features("random", split)
+    graphs = artist_graph.message_passing_graphs(edges, split)
     epochs = 1 if ctx.args.quick else 2
-    cfg = evaluate.ArtistGraphConfig(epochs=epochs)
+    cfg = artist_graph.ArtistGraphConfig(epochs=epochs)
     per_epoch, rows = {}, []
     for n_layers in (1, 4):
         t = time.time()
-        evaluate.train_artist_gnn(x, graphs, split, n_layers, cfg)
+        artist_graph.train_artist_gnn(x, graphs, split, n_layers, cfg)
         per_epoch[n_layers] = (time.time() - t) / epochs
         rows.append(row("artist-graph/epoch", f"{n_layers} layer(s), {len(split):,} artists, {len(edges):,} pairs",
                         per_epoch[n_layers], "s/epoch", None, f"{epochs} epoch(s), setup included; 1 torch thread "
-                        f"(evaluate.one_thread); load average {load_average()}", key=f"artist_epoch_{n_layers}"))
+                        f"(evals.metrics.one_thread); load average {load_average()}",
+                        key=f"artist_epoch_{n_layers}"))
     slope = (per_epoch[4] - per_epoch[1]) / 3
     sweep = sum(per_epoch[1] + slope * (n_layers - 1) for n_layers in range(5)) * 200
     rows.append(row("artist-graph/sweep", "0-4 layers x 200 epochs (released), estimated", sweep / 60, "min",
@@ -1074,30 +1076,30 @@ def artist_curve(n_layers, scale=0.1, dim=256, epochs=200, seed=0):
     epoch -> {"val_loss": [...], "ndcg": [...], "ndcg_released": [...], "seconds": ...}. Stopping
     early only truncates a run (same seed, same draws), so one run gives every stopping rule's
     result next to the last epoch's."""
-    import evaluate
+    from evals import artist_graph
     edges, split = olga_like_graph(seed, scale, communities=max(1, int(500 * scale)))
-    x = evaluate.artist_features("random", split, dim=dim)
-    graphs = evaluate.message_passing_graphs(edges, split)
+    x = artist_graph.artist_features("random", split, dim=dim)
+    graphs = artist_graph.message_passing_graphs(edges, split)
     test = np.flatnonzero(split == "test")
     local = torch.full((len(split),), -1, dtype=torch.long)
     local[test] = torch.arange(len(test))
     curve = {"ndcg": [], "ndcg_released": []}
 
     def score(epoch, model):
-        r = evaluate.artist_ndcg(evaluate.embed_artists(model, x, graphs["test"], test, n_layers),
-                                 local[graphs["truth_test"]])
+        r = artist_graph.artist_ndcg(artist_graph.embed_artists(model, x, graphs["test"], test, n_layers),
+                                     local[graphs["truth_test"]])
         curve["ndcg"].append(r["ndcg"])
         curve["ndcg_released"].append(r["ndcg_released"])
 
     t = time.time()
-    _, history = evaluate.train_artist_gnn(x, graphs, split, n_layers, evaluate.ArtistGraphConfig(epochs=epochs),
-                                           seed, on_epoch=score)
+    _, history = artist_graph.train_artist_gnn(x, graphs, split, n_layers,
+                                               artist_graph.ArtistGraphConfig(epochs=epochs), seed, on_epoch=score)
     return {**curve, "val_loss": history["val_loss"], "lr": history["lr"], "seconds": time.time() - t,
             "n_layers": n_layers, "scale": scale, "dim": dim}
 
 
 def stop_epoch(val_loss, patience):
-    """The epoch (1-based) at which --early-stop PATIENCE ends a run with this val-loss curve."""
+    """The epoch (1-based) at which --early_stop PATIENCE ends a run with this val-loss curve."""
     best, since = float("inf"), 0
     for epoch, v in enumerate(val_loss, 1):
         since = 0 if v < best else since + 1

@@ -336,7 +336,7 @@ def embed_songs(accelerator, model, loader):
 @torch.no_grad()
 def validate(accelerator, model, loss_fn, val_loader, song_loader):
     """Mean validation loss and audio->text / text->audio R@1, R@10 (chance: k / N)."""
-    from evaluate import recall_at_k
+    from evals.metrics import recall_at_k
     model.eval()
     losses = []
     for batch in val_loader:

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 
 import data
 import evaluate as ev
+from evals import artist_graph, crossmusim, embeddings, metrics, search as evsearch
 import model as htcl
 from data import AudioError, CatalogError
 from tools import convert_released, released_reference
@@ -1256,38 +1257,38 @@ def test_recall_at_k_matches_brute_force():
     sims = _unit(q) @ _unit(k).T
     for K in (1, 5, 10):
         brute = np.mean([i in np.argsort(-sims[i], kind="stable")[:K] for i in range(57)])
-        assert ev.recall_at_k(q, k, K, batch_size=16) == pytest.approx(brute)
-        assert ev.recall_at_k(torch.tensor(q), torch.tensor(k), K) == pytest.approx(brute)  # torch input too
+        assert metrics.recall_at_k(q, k, K, batch_size=16) == pytest.approx(brute)
+        assert metrics.recall_at_k(torch.tensor(q), torch.tensor(k), K) == pytest.approx(brute)  # torch input too
 
 
 def test_score_blocks_follow_the_memory_budget(monkeypatch):
     """With a budget of 5 rows of scores, retrieval runs in blocks of 5 and finds the same neighbours."""
     rng = np.random.default_rng(1)
     q, keys = rng.standard_normal((23, 8)), rng.standard_normal((57, 8))
-    full_s, full_i = ev.cosine_topk(q, keys, 7)
-    rec = ev.recall_at_k(q, keys[:23], 3)
-    monkeypatch.setattr(ev, "SCORE_BLOCK_BYTES", 4 * 57 * 5)
-    assert ev._rows_per_block(57, 1024) == 5 and ev._rows_per_block(57, 2) == 2
-    assert ev._rows_per_block(10**9, 1024) == 1  # never 0 rows
-    s, i = ev.cosine_topk(q, keys, 7)
+    full_s, full_i = metrics.cosine_topk(q, keys, 7)
+    rec = metrics.recall_at_k(q, keys[:23], 3)
+    monkeypatch.setattr(metrics, "SCORE_BLOCK_BYTES", 4 * 57 * 5)
+    assert metrics._rows_per_block(57, 1024) == 5 and metrics._rows_per_block(57, 2) == 2
+    assert metrics._rows_per_block(10**9, 1024) == 1  # never 0 rows
+    s, i = metrics.cosine_topk(q, keys, 7)
     brute = np.argsort(-(_unit(q) @ _unit(keys).T), axis=1, kind="stable")[:, :7]
     assert torch.equal(i, full_i) and torch.allclose(s, full_s, atol=1e-6) and (i.numpy() == brute).all()
-    assert ev.recall_at_k(q, keys[:23], 3) == rec
+    assert metrics.recall_at_k(q, keys[:23], 3) == rec
 
 
 def test_recall_at_k_of_a_collapsed_model_is_zero():
     same = np.ones((10, 4))
-    assert ev.recall_at_k(same, same, 1) == 0.0  # ties count against the query
+    assert metrics.recall_at_k(same, same, 1) == 0.0  # ties count against the query
 
 
 def test_map_at_k_hand_worked():
     # ranked list: hit, miss, hit, miss; 3 relevant in total; k = 4
     # AP = (P@1 + P@3) / min(4, 3) = (1 + 2/3) / 3
-    assert ev.map_at_k([[1, 0, 1, 0]], [3], 4) == pytest.approx((1 + 2 / 3) / 3)
+    assert metrics.map_at_k([[1, 0, 1, 0]], [3], 4) == pytest.approx((1 + 2 / 3) / 3)
     # a perfect list with fewer relevant than k scores 1; a query with none is left out
-    assert ev.map_at_k([[1, 1, 0, 0], [0, 0, 0, 0]], [2, 0], 4) == pytest.approx(1.0)
+    assert metrics.map_at_k([[1, 1, 0, 0], [0, 0, 0, 0]], [2, 0], 4) == pytest.approx(1.0)
     # only the first k positions count
-    assert ev.map_at_k([[0, 1, 1]], [2], 2) == pytest.approx(0.5 / 2)
+    assert metrics.map_at_k([[0, 1, 1]], [2], 2) == pytest.approx(0.5 / 2)
 
 
 def test_map_at_k_matches_loop():
@@ -1304,16 +1305,16 @@ def test_map_at_k_matches_loop():
                 hits += 1
                 total += hits / (i + 1)
         loop.append(total / min(10, n))
-    assert ev.map_at_k(rel, n_rel, 10) == pytest.approx(np.mean(loop))
+    assert metrics.map_at_k(rel, n_rel, 10) == pytest.approx(np.mean(loop))
 
 
 def test_ndcg_at_k_hand_worked():
     # relevant at ranks 2 and 3, two relevant in total: DCG = 1/log2(3) + 1/log2(4), IDCG = 1 + 1/log2(3)
     dcg, idcg = 1 / math.log2(3) + 0.5, 1 + 1 / math.log2(3)
-    assert ev.ndcg_at_k([[0, 1, 1]], [2], 3)[0] == pytest.approx(dcg / idcg)
+    assert metrics.ndcg_at_k([[0, 1, 1]], [2], 3)[0] == pytest.approx(dcg / idcg)
     # a relevant item below the cut-off adds nothing to DCG but still counts in the ideal
-    assert ev.ndcg_at_k([[1, 0, 0]], [5], 3)[0] == pytest.approx(1 / (1 + 1 / math.log2(3) + 0.5))
-    assert np.isnan(ev.ndcg_at_k([[0, 0]], [0], 2)[0])
+    assert metrics.ndcg_at_k([[1, 0, 0]], [5], 3)[0] == pytest.approx(1 / (1 + 1 / math.log2(3) + 0.5))
+    assert np.isnan(metrics.ndcg_at_k([[0, 0]], [0], 2)[0])
 
 
 def test_auc_matches_pairwise_count_with_ties():
@@ -1323,9 +1324,9 @@ def test_auc_matches_pairwise_count_with_ties():
         labels = rng.random(80) < 0.4
         pos, neg = scores[labels], scores[~labels]
         pairwise = np.mean([(p > n) + 0.5 * (p == n) for p in pos for n in neg])
-        assert ev.auc(scores, labels) == pytest.approx(pairwise)
-    assert ev.auc([0.1, 0.9, 0.4], [0, 1, 0]) == 1.0
-    assert np.isnan(ev.auc([0.1, 0.2], [1, 1]))
+        assert metrics.auc(scores, labels) == pytest.approx(pairwise)
+    assert metrics.auc([0.1, 0.9, 0.4], [0, 1, 0]) == 1.0
+    assert np.isnan(metrics.auc([0.1, 0.2], [1, 1]))
 
 
 def test_macro_f1_hand_worked():
@@ -1333,7 +1334,7 @@ def test_macro_f1_hand_worked():
     # class 0: tp 1 (i0), fp 2 (i3, i4), fn 1 (i1) -> 2/(2+2+1); class 1: tp 1, fp 0, fn 1 (i3) -> 2/3
     # class 2: tp 0 -> 0
     expected = np.mean([2 / 5, 2 / 3, 0.0])
-    assert ev.macro_f1(y_true, y_pred) == pytest.approx(expected)
+    assert metrics.macro_f1(y_true, y_pred) == pytest.approx(expected)
 
 
 # -----------------------------------------------------------------------------
@@ -1426,7 +1427,7 @@ def test_music_to_music_map_matches_brute_force():
                 hits += 1
                 total += hits / (i + 1)
         aps.append(total / min(10, n_rel))
-    got, n = ev.music_to_music_map(emb, tags, k=10, batch_size=7)
+    got, n = crossmusim.music_to_music_map(emb, tags, k=10, batch_size=7)
     assert n == len(aps) and got == pytest.approx(np.mean(aps))
 
 
@@ -1437,7 +1438,7 @@ def test_text_to_music_hand_worked():
     # "rock" ranks 0,1,3,2: hit at 1 and 3 -> AP@10 = (1 + 2/3) / 2; R@1 yes
     # "jazz" ranks 2,3,1,0: hit at 1 and 3 -> same AP; R@1 yes
     # "opera" has no song: left out
-    out = ev.text_to_music(queries, ["rock", "jazz", "opera"], songs, tags, ks=(1, 2))
+    out = crossmusim.text_to_music(queries, ["rock", "jazz", "opera"], songs, tags, ks=(1, 2))
     assert out["queries"] == 2
     assert out["R@1"] == 1.0 and out["R@2"] == 1.0
     assert out["mAP@10"] == pytest.approx((1 + 2 / 3) / 2)
@@ -1455,7 +1456,7 @@ def test_same_artist_stats_match_loop():
         order = [j for j in np.argsort(-sims[q], kind="stable") if j != q][:5]
         counts.append(sum(artists[j] == artists[q] for j in order))
     counts = np.array(counts)
-    out = ev.same_artist_stats(emb, artists, k=5)
+    out = crossmusim.same_artist_stats(emb, artists, k=5)
     assert out["share_with_same_artist"] == pytest.approx((counts > 0).mean())
     assert out["mean_same_artist"] == pytest.approx(counts.mean())
     assert out["mean_same_artist_given_any"] == pytest.approx(counts[counts > 0].mean())
@@ -1525,7 +1526,7 @@ def test_din_learns_a_planted_signal_and_music_embeddings_beat_random():
     emb, imp = _planted_impressions()
     music = ev.run_ranking(emb, imp, "ctr", epochs=3, seeds=(0,))
     assert music["auc"][0] > 0.75, music
-    rand = ev.run_ranking(ev.random_embeddings(len(emb), emb.shape[1]), imp, "ctr", epochs=3, seeds=(0,))
+    rand = ev.run_ranking(embeddings.random_embeddings(len(emb), emb.shape[1]), imp, "ctr", epochs=3, seeds=(0,))
     assert music["auc"][0] > rand["auc"][0] + 0.05, (music, rand)
 
 
@@ -1629,16 +1630,16 @@ def test_embeddings_file_is_aligned_to_the_catalog_by_song_id(tmp_path):
     from data import load_catalog
     emb = _write_world(tmp_path)
     catalog = load_catalog(tmp_path / "catalog.csv")
-    got = ev.song_embeddings(str(tmp_path / "e.npy"), catalog)
+    got = embeddings.song_embeddings(str(tmp_path / "e.npy"), catalog)
     assert np.allclose(got, emb)
     (tmp_path / "e.ids.txt").write_text("".join(f"s{i}\n" for i in range(1, 81)))  # s0 missing, s80 unknown
     with pytest.raises(ValueError, match="no embedding for 1 of 80 songs, e.g. s0"):
-        ev.song_embeddings(str(tmp_path / "e.npy"), catalog)
+        embeddings.song_embeddings(str(tmp_path / "e.npy"), catalog)
     folder = tmp_path / "embed_out"
-    ev.save_embeddings(folder, [s.song_id for s in catalog.songs], {"audio": emb})
-    assert np.allclose(ev.song_embeddings(str(folder), catalog), emb)
+    embeddings.save_embeddings(folder, [s.song_id for s in catalog.songs], {"audio": emb})
+    assert np.allclose(embeddings.song_embeddings(str(folder), catalog), emb)
     with pytest.raises(FileNotFoundError, match="no text.npy"):
-        ev.song_embeddings(str(folder), catalog, kind="text")
+        embeddings.song_embeddings(str(folder), catalog, kind="text")
 
 
 def test_cli_runs_every_protocol_on_a_tiny_world(tmp_path, capsys):
@@ -1652,7 +1653,7 @@ def test_cli_runs_every_protocol_on_a_tiny_world(tmp_path, capsys):
     assert probe["e/genre"]["acc"][0] > 0.8 and probe["random:8/genre"]["acc"][0] < 0.7
     assert probe["e/genre"]["n_test"] == 20  # the catalog's split column: every 4th of 80 songs is test
     m = ev.main(["matching", "--catalog", c, "--emb", e, "--favourites", str(tmp_path / "favourites.csv"),
-                 "--triggers", "5", "--per-trigger", "3", "--list-size", "10"])
+                 "--triggers", "5", "--per_trigger", "3", "--list_size", "10"])
     triggers, targets, _, _ = ev.sample_matching_cases(data.load_favourites(str(tmp_path / "favourites.csv"), catalog),
                                                        5, seed=0)
     assert m["e"]["users"] == 12
@@ -1669,9 +1670,9 @@ def test_cli_runs_every_protocol_on_a_tiny_world(tmp_path, capsys):
     assert all(0 <= r[k]["auc"][0] <= 1 for k in r)
     rel = ev.main(["retrieval", "--catalog", c, "--emb", e, "--tag", "genre", "--k", "10"])
     assert rel["e/genre/m2m"]["mAP@10"] > 0.6
-    assert rel["e/genre/m2m"]["mAP@10"] == pytest.approx(ev.music_to_music_map(emb, genre, 10)[0])
+    assert rel["e/genre/m2m"]["mAP@10"] == pytest.approx(crossmusim.music_to_music_map(emb, genre, 10)[0])
     artist_id = np.array([catalog.label(r, "artist_id") for r in range(len(catalog))], dtype=object)
-    assert rel["e/same_artist"] == pytest.approx(ev.same_artist_stats(emb, artist_id, 10))
+    assert rel["e/same_artist"] == pytest.approx(crossmusim.same_artist_stats(emb, artist_id, 10))
     with open(tmp_path / "pairs.csv", "w") as f:
         f.write("anchor,song,label\ns0,s1,positive\ns0,s2,negative\ns3,s4,1\ns5,s6,0\n")
     if importlib.util.find_spec("matplotlib"):
@@ -1682,7 +1683,7 @@ def test_cli_runs_every_protocol_on_a_tiny_world(tmp_path, capsys):
         assert (d["e"]["n_pos"], d["e"]["n_neg"]) == (2, 2) and os.path.exists(tmp_path / "f2.png")
         assert d["e"]["auc"] == pytest.approx(np.mean([(p > q) + 0.5 * (p == q) for p in pos for q in neg]))
         assert d["e"]["mean_gap"] == pytest.approx(np.mean(pos) - np.mean(neg), abs=1e-5)
-    g = ev.main(["artist-graph", "--edges", str(tmp_path / "artist_graph.csv"), "--artist-split",
+    g = ev.main(["artist-graph", "--edges", str(tmp_path / "artist_graph.csv"), "--artist_split",
                  str(tmp_path / "artist_split.csv"), "--features", "random", "--features", "mean", "--catalog", c,
                  "--emb", e, "--layers", "0", "1", "--epochs", "2", "--k", "5"])
     assert set(g) == {"random", "mean(e)"} and set(g["random"]) == {"0", "1"}
@@ -1746,9 +1747,9 @@ def test_embed_writes_normalized_embeddings_that_do_not_depend_on_batching(tiny_
     d = tiny_world
     for batch in ("1", "3"):
         ev.main(["embed", "--artifact", str(d / "artifact"), "--catalog", str(d / "catalog.csv"),
-                 "--out", str(d / f"emb{batch}"), "--text", "--fused", "--batch-size", batch])
+                 "--out", str(d / f"emb{batch}"), "--text", "--fused", "--batch_size", batch])
     assert (d / "emb1" / "ids.txt").read_text() == "s0\ns1\ns2\n"
-    for kind in ev.KINDS:
+    for kind in embeddings.KINDS:
         a, b = np.load(d / "emb1" / f"{kind}.npy"), np.load(d / "emb3" / f"{kind}.npy")
         assert a.shape == (3, 8) and a.dtype == np.float32
         assert np.allclose(np.linalg.norm(a, axis=1), 1, atol=1e-5)
@@ -1756,7 +1757,7 @@ def test_embed_writes_normalized_embeddings_that_do_not_depend_on_batching(tiny_
     # an artifact given as --emb is embedded on the fly, the same way
     from data import load_catalog
     catalog = load_catalog(d / "catalog.csv")
-    on_the_fly = ev.song_embeddings(str(d / "artifact"), catalog, kind="fused")
+    on_the_fly = embeddings.song_embeddings(str(d / "artifact"), catalog, kind="fused")
     assert np.allclose(on_the_fly, np.load(d / "emb1" / "fused.npy"), atol=1e-5)
 
 
@@ -1766,18 +1767,18 @@ def test_chunked_embedding_is_the_mean_of_10s_windows(tiny_world):
     d = tiny_world
     model, tokenizer = load_artifact(str(d / "artifact"))
     catalog = load_catalog(d / "catalog.csv")
-    got = ev.embed_catalog(model, tokenizer, catalog, mode="chunked", batch_size=2)["audio"]
+    got = embeddings.embed_catalog(model, tokenizer, catalog, mode="chunked", batch_size=2)["audio"]
     for r in range(3):
         mel = song_mel(catalog[r].audio)
-        starts = [s for s in range(0, len(mel), ev.CHUNK_FRAMES)
+        starts = [s for s in range(0, len(mel), embeddings.CHUNK_FRAMES)
                   if s == 0 or len(mel) - s >= MIN_FRAMES]
         if r == 0:
             assert len(mel) == 261 and starts == [0, 104, 208]  # 25 s: two full windows and 53 frames
         with torch.no_grad():
-            chunks = [model.encode_audio(mel[s:s + ev.CHUNK_FRAMES][None], normalize=False)[0] for s in starts]
+            chunks = [model.encode_audio(mel[s:s + embeddings.CHUNK_FRAMES][None], normalize=False)[0] for s in starts]
         want = F.normalize(torch.stack(chunks).mean(0), dim=0).numpy()
         assert np.allclose(got[r], want, atol=1e-5)
-    full = ev.embed_catalog(model, tokenizer, catalog, mode="full")["audio"]
+    full = embeddings.embed_catalog(model, tokenizer, catalog, mode="full")["audio"]
     assert np.allclose(full[1:], got[1:], atol=1e-5)  # songs under 10 s are one window: both modes agree
     assert not np.allclose(full[0], got[0], atol=1e-3)
 
@@ -1877,7 +1878,7 @@ def test_report_reuses_results_only_for_the_same_embeddings_and_inputs(tmp_path,
     fresh = ev.report({"e": str(tmp_path / "e.npy"), "random": "random"}, catalog, **kw, reuse=False)
     assert "reused" not in capsys.readouterr().out and fresh == again  # retrained: the same numbers
     cli = ["report", "--catalog", str(tmp_path / "catalog.csv"), "--emb", str(tmp_path / "e.npy"), "--impressions",
-           str(tmp_path / "impressions.csv"), "--out", str(tmp_path / "rep"), "--probe-seeds", "1"]
+           str(tmp_path / "impressions.csv"), "--out", str(tmp_path / "rep"), "--probe_seeds", "1"]
     ev.main(cli + ["--no-reuse"])
     assert "reused" not in capsys.readouterr().out
     ev.main(cli)
@@ -1897,15 +1898,15 @@ def test_figure2_pairs_read_labelled_files_and_stage2_pairs(tmp_path):
     from data import load_catalog
     catalog = load_catalog(tmp_path / "catalog.csv")
     (tmp_path / "l.csv").write_text("anchor,song,label\ns0,s1,positive\ns0,s2,0\ns3,nope,1\n")
-    a, s, pos = ev.read_labelled_pairs(tmp_path / "l.csv", catalog)  # the unknown song is dropped aloud
+    a, s, pos = embeddings.read_labelled_pairs(tmp_path / "l.csv", catalog)  # the unknown song is dropped aloud
     assert a.tolist() == [0, 0] and s.tolist() == [1, 2] and pos.tolist() == [True, False]
     (tmp_path / "p.csv").write_text("trigger_song_id,rec_song_id\ns0,s1\ns5,s6\n")
-    a, s, pos = ev.read_labelled_pairs(tmp_path / "p.csv", catalog)
+    a, s, pos = embeddings.read_labelled_pairs(tmp_path / "p.csv", catalog)
     assert a.tolist() == [0, 5, 0, 5] and s[:2].tolist() == [1, 6] and pos.tolist() == [True, True, False, False]
     assert s[2] not in (0, 1) and s[3] not in (5, 6)
     (tmp_path / "bad.csv").write_text("anchor,song,label\ns0,s1,maybe\n")
     with pytest.raises(ValueError, match=r"bad.csv: line 2, column 'label'"):
-        ev.read_labelled_pairs(tmp_path / "bad.csv", catalog)
+        embeddings.read_labelled_pairs(tmp_path / "bad.csv", catalog)
 
 
 # -----------------------------------------------------------------------------
@@ -2468,13 +2469,13 @@ def test_search_finds_a_songs_own_file_first_and_a_song_id_leaves_itself_out(sea
     from model import load_artifact
     w = search_world
     model, tokenizer = load_artifact(w["model"])
-    keys = ev.embed_catalog(model, tokenizer, load_catalog(w["catalog"]))["audio"]
+    keys = embeddings.embed_catalog(model, tokenizer, load_catalog(w["catalog"]))["audio"]
     out = ev.main(["search", "--model", w["model"], "--catalog", w["catalog"], "--query",
                    str(w["dir"] / "my_song.wav"), "--query", "s5", "--k", "4", "--out", str(tmp_path / "r.csv")])
     by_query = _by_query(out)
     mine = by_query[str(w["dir"] / "my_song.wav")]
     assert mine[0]["song_id"] == "s3" and mine[0]["score"] > 0.9999  # a file outside the catalog, its twin first
-    query = ev.embed_audio_files(model, [str(w["dir"] / "my_song.wav")])[0]
+    query = evsearch.embed_audio_files(model, [str(w["dir"] / "my_song.wav")])[0]
     assert np.allclose(query, keys[3], atol=1e-5)  # embedded as `embed` embeds its catalog twin
     rows, cos = _brute_force_top(keys, query, 4)
     assert [r["song_id"] for r in mine] == [f"s{r}" for r in rows]
@@ -2525,8 +2526,8 @@ def test_search_query_that_is_both_file_and_song_id_or_neither_is_refused(search
     w = search_world
     monkeypatch.chdir(w["dir"] / "audio")  # here "s1.wav" is a file; make it a song id too
     with pytest.raises(ValueError, match=r"--query s1.wav: both a file and a song_id of c; write ./s1.wav"):
-        ev.parse_queries(["s1.wav"], {"s1.wav": 0}, "c")
-    assert ev.parse_queries(["./s1.wav", "id:s1.wav", "s2"], {"s1.wav": 0, "s2": 1}, "c") == \
+        evsearch.parse_queries(["s1.wav"], {"s1.wav": 0}, "c")
+    assert evsearch.parse_queries(["./s1.wav", "id:s1.wav", "s2"], {"s1.wav": 0, "s2": 1}, "c") == \
         [("file", "./s1.wav"), ("song", "s1.wav"), ("song", "s2")]
     with pytest.raises(ValueError, match=r"--query s9: no such file, and no song_id 's9' in .*catalog.csv"):
         ev.main(["search", "--model", w["model"], "--catalog", w["catalog"], "--query", "s9"])
@@ -2541,15 +2542,15 @@ def test_faiss_index_top_k_equals_exact_torch_top_k():
             + 0.5 * rng.standard_normal((3000, 16))).astype(np.float32)
     queries = keys[:50] + 0.1 * rng.standard_normal((50, 16)).astype(np.float32)
     exclude = np.where(np.arange(50) % 2 == 0, np.arange(50), -1)  # half song-id queries, half files
-    want_s, want_r = ev.search(queries, keys, 10, exclude)
+    want_s, want_r = evsearch.search(queries, keys, 10, exclude)
     assert not (want_r == exclude[:, None]).any()
-    for index in (ev.build_index(keys),  # exact: IndexFlatIP
-                  ev.build_index(keys, approx_from=1000, nprobe=10_000)):  # IVF scanning every cell: exact too
-        got_s, got_r = ev.search(queries, keys, 10, exclude, index)
+    for index in (evsearch.build_index(keys),  # exact: IndexFlatIP
+                  evsearch.build_index(keys, approx_from=1000, nprobe=10_000)):  # IVF scanning every cell: exact too
+        got_s, got_r = evsearch.search(queries, keys, 10, exclude, index)
         assert (got_r == want_r).all()
         assert np.allclose(got_s, want_s, atol=1e-5)
-    ivf = ev.build_index(keys, approx_from=1000, nprobe=4)  # 64 cells, 4 scanned: approximate, most found
-    got_s, got_r = ev.search(queries, keys, 10, exclude, ivf)
+    ivf = evsearch.build_index(keys, approx_from=1000, nprobe=4)  # 64 cells, 4 scanned: approximate, most found
+    got_s, got_r = evsearch.search(queries, keys, 10, exclude, ivf)
     recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(got_r, want_r)])
     assert 0.5 < recall <= 1 and (got_s[got_r >= 0] <= want_s[:, :1].max() + 1e-5).all()
 
@@ -2559,9 +2560,9 @@ def test_matching_with_a_faiss_index_gives_the_exact_hit_rate(tmp_path, capsys):
     emb = _write_world(tmp_path)
     c, e = str(tmp_path / "catalog.csv"), str(tmp_path / "e.npy")
     args = ["matching", "--catalog", c, "--emb", e, "--emb", "random:8", "--favourites",
-            str(tmp_path / "favourites.csv"), "--triggers", "4", "--per-trigger", "3", "--list-size", "6"]
+            str(tmp_path / "favourites.csv"), "--triggers", "4", "--per_trigger", "3", "--list_size", "6"]
     exact = ev.main(args)
-    faiss.write_index(ev.build_index(np.load(e)), str(tmp_path / "e.faiss"))  # rows in e.ids.txt's order
+    faiss.write_index(evsearch.build_index(np.load(e)), str(tmp_path / "e.faiss"))  # rows in e.ids.txt's order
     capsys.readouterr()
     via = ev.main(args + ["--index", "faiss"])
     assert "other order" in capsys.readouterr().out  # not the catalog's order: rebuilt, not misread
@@ -2571,7 +2572,7 @@ def test_matching_with_a_faiss_index_gives_the_exact_hit_rate(tmp_path, capsys):
     # catalog order: the saved index itself is used
     np.save(tmp_path / "c.npy", emb)
     (tmp_path / "c.ids.txt").write_text("".join(f"s{i}\n" for i in range(len(emb))))
-    faiss.write_index(ev.build_index(emb), str(tmp_path / "c.faiss"))
+    faiss.write_index(evsearch.build_index(emb), str(tmp_path / "c.faiss"))
     args[args.index(e)] = str(tmp_path / "c.npy")
     capsys.readouterr()
     assert ev.main(args + ["--index", "faiss"])["c"]["hr"] == exact["e"]["hr"]
@@ -2583,7 +2584,7 @@ def test_the_documented_python_search_snippet_runs_and_finds_a_songs_own_file(se
     w = search_world
     emb = str(tmp_path / "emb")
     ev.main(["embed", "--artifact", w["model"], "--catalog", w["catalog"], "--out", emb])
-    doc = ev.__doc__.split("Similar songs from Python")[1].split("\n", 1)[1]
+    doc = evsearch.__doc__.split("Similar songs from Python")[1].split("\n", 1)[1]
     snippet = textwrap.dedent("".join(line + "\n" for line in doc.splitlines() if line.startswith("  ")))
     readme = open(os.path.join(ROOT, "README.md")).read().split("**From Python**")[1]
     readme = readme.split("```python\n")[1].split("```")[0]
@@ -2600,7 +2601,7 @@ def test_the_documented_python_search_snippet_runs_and_finds_a_songs_own_file(se
 def test_index_faiss_without_faiss_installed_says_how_to_install_it(search_world, monkeypatch):
     monkeypatch.setitem(sys.modules, "faiss", None)  # what `import faiss` meets where it is not installed
     with pytest.raises(ModuleNotFoundError, match="pip install faiss-cpu"):
-        ev.build_index(np.ones((3, 4), dtype=np.float32))
+        evsearch.build_index(np.ones((3, 4), dtype=np.float32))
     with pytest.raises(ModuleNotFoundError, match="--index faiss needs the optional package faiss-cpu"):
         ev.main(["search", "--model", search_world["model"], "--catalog", search_world["catalog"],
                  "--query", "s1", "--index", "faiss"])
@@ -2799,7 +2800,7 @@ def test_random_crop_has_the_crop_length_stays_inside_the_song_and_is_seeded():
         assert torch.equal(crop, data.random_crop(mel, 20, np.random.default_rng(seed)))  # same seed, same crop
     assert min(starts) == 0 and max(starts) == 30 and len(set(starts)) > 20  # every start reachable
     assert torch.equal(data.random_crop(mel[:12], 20, np.random.default_rng(0)), mel[:12])  # short song: whole
-    assert data.seconds_to_frames(10) == ev.CHUNK_FRAMES == 104
+    assert data.seconds_to_frames(10) == embeddings.CHUNK_FRAMES == 104
 
 
 def test_aspect_and_caption_samplers_draw_what_the_paper_describes():
@@ -2923,7 +2924,7 @@ def test_artifact_trained_for_chunks_is_embedded_by_chunks_of_its_length_by_defa
     htcl.save_artifact(model, tokenizer, str(tmp_path / "art"))
     catalog = load_catalog(d / "catalog.csv")
     ev.main(["embed", "--artifact", str(tmp_path / "art"), "--catalog", str(d / "catalog.csv"),
-             "--out", str(tmp_path / "emb"), "--batch-size", "2"])
+             "--out", str(tmp_path / "emb"), "--batch_size", "2"])
     assert json.loads((tmp_path / "emb" / "meta.json").read_text())["mode"] == "chunked"
     got = np.load(tmp_path / "emb" / "audio.npy")
     for r in range(3):  # hand loop over the song's 26-frame (2.5 s) windows
@@ -2964,24 +2965,24 @@ def test_exclude_same_drops_the_querys_group_from_positives_and_candidates_like_
                 hits += 1
                 total += hits / (i + 1)
         aps.append(total / min(k, n_rel))
-    got, nq = ev.music_to_music_map(emb, tags, k=k, batch_size=7, exclude_same=artists)
+    got, nq = crossmusim.music_to_music_map(emb, tags, k=k, batch_size=7, exclude_same=artists)
     assert nq == len(aps) and got == pytest.approx(np.mean(aps))
-    plain, _ = ev.music_to_music_map(emb, tags, k=k)
+    plain, _ = crossmusim.music_to_music_map(emb, tags, k=k)
     assert plain != pytest.approx(got)  # the control changes the score on this case
-    sa = ev.same_artist_stats(emb, artists, k=k, exclude_same=artists)
+    sa = crossmusim.same_artist_stats(emb, artists, k=k, exclude_same=artists)
     assert sa["share_with_same_artist"] == 0 and sum(counts) == 0
     # hand-made: a (artist x) has its twin b (also x) closest and c (artist y) next, both rock
     e = np.array([[1, 0], [0.99, 0.1], [0.9, 0.4], [0, 1]])
     t, a = ["rock", "rock", "rock", "jazz"], ["x", "x", "y", "z"]
-    assert ev.music_to_music_map(e, t, k=2)[0] == pytest.approx(1.0)
+    assert crossmusim.music_to_music_map(e, t, k=2)[0] == pytest.approx(1.0)
     # with x excluded: query a's only positive is c (rank 1): AP 1; b likewise; c's positives a, b: AP 1
     # and d (jazz) has no positive: not a query
-    assert ev.music_to_music_map(e, t, k=2, exclude_same=a) == (pytest.approx(1.0), 3)
+    assert crossmusim.music_to_music_map(e, t, k=2, exclude_same=a) == (pytest.approx(1.0), 3)
     e2 = np.array([[1, 0], [0.99, 0.1], [0, 1], [0.3, 0.95]])  # now c sits far from a and b; d is closer to them
     t2, a2 = ["rock", "rock", "jazz", "rock"], ["x", "x", "y", "z"]
     # query a, candidates c, d (b excluded): d (rock) ranks first: AP 1. Query d: candidates a, b, c, with
     # c first (jazz), then b, a: hits at ranks 2 and 3 -> (1/2 + 2/3) / 2
-    res = ev.music_to_music_map(e2, t2, k=3, exclude_same=a2)
+    res = crossmusim.music_to_music_map(e2, t2, k=3, exclude_same=a2)
     assert res[1] == 3 and res[0] == pytest.approx((1 + 1 + (1 / 2 + 2 / 3) / 2) / 3)
 # --- issue 13: artist-graph protocol ---
 
@@ -2998,7 +2999,7 @@ def test_message_passing_graphs_follow_the_released_splits_and_stored_direction(
     stored = {(i, j) for i, j in edges.tolist() if i != j}
     pairs = lambda t: set(map(tuple, t.T.tolist()))  # noqa: E731
     for undirected in (False, True):
-        g = ev.message_passing_graphs(edges, split, undirected)
+        g = artist_graph.message_passing_graphs(edges, split, undirected)
         kept = stored | {(j, i) for i, j in stored} if undirected else stored
         s = lambda i, j: {split[i], split[j]}  # noqa: E731
         assert pairs(g["train"]) == {e for e in kept if s(*e) == {"train"}}
@@ -3016,10 +3017,10 @@ def test_message_passing_graphs_follow_the_released_splits_and_stored_direction(
 
 
 def test_sage_layer_is_the_projected_mean_over_in_neighbours_then_l2():
-    layer = ev.SAGEConv(3)
+    layer = artist_graph.SAGEConv(3)
     h = torch.randn(4, 3)
     edges = torch.tensor([[1, 2, 0, 3], [0, 0, 1, 1]])  # 0 <- {1, 2}, 1 <- {0, 3}; 2 and 3 receive nothing
-    adj, _ = ev.local_graph(edges, torch.arange(4), 4)
+    adj, _ = artist_graph.local_graph(edges, torch.arange(4), 4)
     proj = torch.relu(layer.project(h))
     mean = torch.stack([(proj[1] + proj[2]) / 2, (proj[0] + proj[3]) / 2, torch.zeros(3), torch.zeros(3)])
     expect = F.normalize(layer.lin_l(mean) + layer.lin_r(h), dim=1)
@@ -3028,7 +3029,7 @@ def test_sage_layer_is_the_projected_mean_over_in_neighbours_then_l2():
 
 def test_zero_layers_is_the_encoder_then_the_head():
     torch.manual_seed(0)
-    model = ev.ArtistGNN(5, n_layers=0, hidden=8, out_dim=4).eval()
+    model = artist_graph.ArtistGNN(5, n_layers=0, hidden=8, out_dim=4).eval()
     with torch.no_grad():  # non-trivial BatchNorm statistics
         model.encoder[1].running_mean.uniform_(-1, 1)
         model.encoder[1].running_var.uniform_(0.5, 2)
@@ -3037,32 +3038,32 @@ def test_zero_layers_is_the_encoder_then_the_head():
     h = (x @ lin.weight.T + lin.bias - bn.running_mean) / torch.sqrt(bn.running_var + bn.eps) * bn.weight + bn.bias
     h1 = torch.relu(h @ model.head[0].weight.T + model.head[0].bias)
     out = (h1 @ model.head[2].weight.T + model.head[2].bias) @ model.head[3].weight.T + model.head[3].bias
-    g1, _ = ev.local_graph(torch.tensor([[0, 1, 2], [1, 2, 3]]), torch.arange(7), 7)
+    g1, _ = artist_graph.local_graph(torch.tensor([[0, 1, 2], [1, 2, 3]]), torch.arange(7), 7)
     assert torch.allclose(model(x, g1), F.normalize(out, dim=1), atol=1e-5)
     assert torch.allclose(model(x, None), model(x, g1))
-    deep = ev.ArtistGNN(5, n_layers=2, hidden=8, out_dim=4).eval()
-    assert not torch.allclose(deep(x, g1), deep(x, ev.local_graph(torch.tensor([[4], [0]]), torch.arange(7), 7)[0]))
+    deep = artist_graph.ArtistGNN(5, n_layers=2, hidden=8, out_dim=4).eval()
+    assert not torch.allclose(deep(x, g1), deep(x, artist_graph.local_graph(torch.tensor([[4], [0]]), torch.arange(7), 7)[0]))
 
 
 def test_forward_over_the_receptive_field_equals_the_full_graph():
     split, edges = _artist_world(n=80, seed=3, p=0.04)
-    g = ev.message_passing_graphs(edges, split)
+    g = artist_graph.message_passing_graphs(edges, split)
     x = torch.randn(80, 6)
     targets = np.flatnonzero(split == "test")
-    model = ev.ArtistGNN(6, n_layers=2, hidden=8, out_dim=4).eval()
-    full = model(x, ev.local_graph(g["test"], torch.arange(80), 80)[0])[targets]
-    assert len(ev.receptive_nodes(g["test"], targets, 2, 80)) < 80  # something was left out
-    assert torch.allclose(ev.embed_artists(model, x, g["test"], targets, 2), full, atol=1e-5)
-    assert not torch.allclose(ev.embed_artists(model, x, g["test"], targets, 1), full, atol=1e-3)
+    model = artist_graph.ArtistGNN(6, n_layers=2, hidden=8, out_dim=4).eval()
+    full = model(x, artist_graph.local_graph(g["test"], torch.arange(80), 80)[0])[targets]
+    assert len(artist_graph.receptive_nodes(g["test"], targets, 2, 80)) < 80  # something was left out
+    assert torch.allclose(artist_graph.embed_artists(model, x, g["test"], targets, 2), full, atol=1e-5)
+    assert not torch.allclose(artist_graph.embed_artists(model, x, g["test"], targets, 1), full, atol=1e-3)
 
 
 def test_negatives_are_never_the_anchor_or_a_neighbour_and_cover_the_rest():
     split, edges = _artist_world(n=30, seed=5, p=0.3)
-    pairs = ev.message_passing_graphs(edges, split)["pairs"]
+    pairs = artist_graph.message_passing_graphs(edges, split)["pairs"]
     candidates = torch.as_tensor(np.flatnonzero(split == "train"))
     neighbours = {i: {j for a, j in pairs.T.tolist() if a == i} for i in range(30)}
     anchors = pairs[0].repeat(200)
-    neg = ev.sample_negatives(anchors, pairs, candidates, 30, torch.Generator().manual_seed(0))
+    neg = artist_graph.sample_negatives(anchors, pairs, candidates, 30, torch.Generator().manual_seed(0))
     drawn = {}
     for a, n in zip(anchors.tolist(), neg.tolist()):
         assert n != a and n not in neighbours[a] and split[n] == "train"
@@ -3073,15 +3074,15 @@ def test_negatives_are_never_the_anchor_or_a_neighbour_and_cover_the_rest():
 
 
 def _tiny_graph_cfg(**kw):
-    return ev.ArtistGraphConfig(hidden=16, out_dim=8, steps_per_epoch=2, **kw)
+    return artist_graph.ArtistGraphConfig(hidden=16, out_dim=8, steps_per_epoch=2, **kw)
 
 
 def test_plateau_schedule_steps_on_the_validation_loss():
     split, edges = _artist_world(n=50, seed=2, p=0.2)
-    g = ev.message_passing_graphs(edges, split)
-    x = ev.artist_features("random", split, dim=12)
+    g = artist_graph.message_passing_graphs(edges, split)
+    x = artist_graph.artist_features("random", split, dim=12)
     cfg = _tiny_graph_cfg(epochs=12, lr=0.3, plateau_patience=1, min_lr=1e-3)
-    _, hist = ev.train_artist_gnn(x, g, split, 1, cfg)
+    _, hist = artist_graph.train_artist_gnn(x, g, split, 1, cfg)
     # ReduceLROnPlateau's rule (mode min, relative threshold 1e-4), replayed on the logged val losses
     lr, best, bad, expect = cfg.lr, float("inf"), 0, [cfg.lr]
     for v in hist["val_loss"][:-1]:
@@ -3095,24 +3096,24 @@ def test_plateau_schedule_steps_on_the_validation_loss():
 
 def test_same_seed_same_result_and_early_stop_truncates_the_run():
     split, edges = _artist_world(n=50, seed=4, p=0.2)
-    x = ev.artist_features("random", split, dim=12)
+    x = artist_graph.artist_features("random", split, dim=12)
     cfg = _tiny_graph_cfg(epochs=4)
-    a = ev.artist_graph_ndcg(x, edges, split, layers=(1,), k=10, cfg=cfg)
-    b = ev.artist_graph_ndcg(x, edges, split, layers=(1,), k=10, cfg=cfg)
-    c = ev.artist_graph_ndcg(x, edges, split, layers=(1,), k=10, seeds=(1,), cfg=cfg)
+    a = artist_graph.artist_graph_ndcg(x, edges, split, layers=(1,), k=10, cfg=cfg)
+    b = artist_graph.artist_graph_ndcg(x, edges, split, layers=(1,), k=10, cfg=cfg)
+    c = artist_graph.artist_graph_ndcg(x, edges, split, layers=(1,), k=10, seeds=(1,), cfg=cfg)
     assert a == b and a != c
-    stopped = ev.artist_graph_ndcg(x, edges, split, layers=(1,), k=10, cfg=_tiny_graph_cfg(epochs=30, early_stop=1))
+    stopped = artist_graph.artist_graph_ndcg(x, edges, split, layers=(1,), k=10, cfg=_tiny_graph_cfg(epochs=30, early_stop=1))
     assert stopped[1]["epochs"][0] < 30
 
 
 def test_ndcg_both_formulas_hand_worked():
     # eval artists on a line at 0, 1, 3, 6; artist 0 ranks 1, 2, 3 (1 is nearest)
     z = torch.tensor([[0.0], [1.0], [3.0], [6.0]])
-    one = ev.artist_ndcg(z, torch.tensor([[0, 1], [1, 0]]))  # artist 0 - 1: each finds the other first
+    one = artist_graph.artist_ndcg(z, torch.tensor([[0, 1], [1, 0]]))  # artist 0 - 1: each finds the other first
     assert one["queries"] == 2 and one["ndcg"] == pytest.approx(1.0)
     assert one["ndcg_released"] == pytest.approx(1 / (1 + 1 / math.log2(3)))  # ~0.613
     # artist 0 with two relevant neighbours, 1 (rank 1) and 3 (rank 3); 1 and 3 each have one
-    two = ev.artist_ndcg(z, torch.tensor([[0, 0, 1, 3], [1, 3, 0, 0]]))
+    two = artist_graph.artist_ndcg(z, torch.tensor([[0, 0, 1, 3], [1, 3, 0, 0]]))
     q0_std = (1 + 1 / math.log2(4)) / (1 + 1 / math.log2(3))
     q0_rel = (1 + 1 / math.log2(4)) / (1 + 1 / math.log2(3) + 1 / math.log2(4))
     # artist 1 ranks 0 (d 1) then 2 (d 2): 0 at rank 1; artist 3 ranks 2 (d 3), 1 (d 5), 0 (d 6): rank 3
@@ -3129,18 +3130,18 @@ def test_graph_layers_recover_hidden_edges_from_random_features():
     group = rng.integers(0, groups, n)
     edges = [(i, j) for i in range(n) for j in range(i + 1, n) if rng.random() < (0.3 if group[i] == group[j] else 0.005)]
     split = rng.choice(["train", "val", "test"], n, p=[0.6, 0.2, 0.2])
-    x = ev.artist_features("random", split, dim=16)
-    cfg = ev.ArtistGraphConfig(hidden=32, out_dim=16, epochs=6, undirected=True)
-    table = ev.artist_graph_ndcg(x, edges, split, "test", layers=(0, 2), k=50, cfg=cfg)
+    x = artist_graph.artist_features("random", split, dim=16)
+    cfg = artist_graph.ArtistGraphConfig(hidden=32, out_dim=16, epochs=6, undirected=True)
+    table = artist_graph.artist_graph_ndcg(x, edges, split, "test", layers=(0, 2), k=50, cfg=cfg)
     assert table[2]["ndcg@50"][0] > table[0]["ndcg@50"][0] + 0.15, table
     assert table[2]["ndcg@50_released_formula"][0] < table[2]["ndcg@50"][0]
 
 
 def test_artist_graph_cli_reports_both_formulas_and_every_flag_acts(tmp_path, capsys, monkeypatch):
     _write_world(tmp_path)
-    args = ["artist-graph", "--edges", str(tmp_path / "artist_graph.csv"), "--artist-split",
+    args = ["artist-graph", "--edges", str(tmp_path / "artist_graph.csv"), "--artist_split",
             str(tmp_path / "artist_split.csv"), "--features", "random", "--layers", "1", "--epochs", "2",
-            "--k", "5", "--hidden", "16", "--out-dim", "8", "--random-dim", "6"]
+            "--k", "5", "--hidden", "16", "--out_dim", "8", "--random_dim", "6"]
     out = ev.main(args)
     table = capsys.readouterr().out
     assert "random ndcg@5 |" in table and "random ndcg@5_released_formula" in table
@@ -3148,19 +3149,19 @@ def test_artist_graph_cli_reports_both_formulas_and_every_flag_acts(tmp_path, ca
     assert out["random"]["1"]["ndcg@5_released_formula"][0] < out["random"]["1"]["ndcg@5"][0]
     assert ev.main(args + ["--undirected"])["random"]["1"] != out["random"]["1"]
     seen = {}
-    real = ev.song_embeddings
-    monkeypatch.setattr(ev, "song_embeddings", lambda *a, **kw: seen.setdefault("args", a) and real(*a, **kw))
+    real = embeddings.song_embeddings
+    monkeypatch.setattr(embeddings, "song_embeddings", lambda *a, **kw: seen.setdefault("args", a) and real(*a, **kw))
     ev.main(args + ["--features", "mean", "--catalog", str(tmp_path / "catalog.csv"), "--emb",
-                    str(tmp_path / "e.npy"), "--batch-size", "7"])
-    assert seen["args"][-1] == 7  # --batch-size reaches the on-the-fly embedding of an --emb
+                    str(tmp_path / "e.npy"), "--batch_size", "7"])
+    assert seen["args"][-1] == 7  # --batch_size reaches the on-the-fly embedding of an --emb
 
 
 def test_random_artist_features_are_the_released_uniform_2613_d_and_seeded():
-    x = ev.artist_features("random", ["a"] * 40)
+    x = artist_graph.artist_features("random", ["a"] * 40)
     assert x.shape == (40, 2613) and x.dtype == np.float32
     assert x.min() >= 0 and x.max() < 1 and abs(x.mean() - 0.5) < 0.01  # uniform [0, 1), not Gaussian
-    assert np.array_equal(x, ev.artist_features("random", ["b"] * 40))
-    assert not np.array_equal(x, ev.artist_features("random", ["a"] * 40, seed=1))
+    assert np.array_equal(x, artist_graph.artist_features("random", ["b"] * 40))
+    assert not np.array_equal(x, artist_graph.artist_features("random", ["a"] * 40, seed=1))
 # --- issue 11: own songs offline, clean errors, consistent evaluation options, fast report, curves ---
 
 def test_demo_preset_runs_from_another_directory_and_draws_its_curves(tmp_path, demo_cache):
@@ -3244,7 +3245,7 @@ def test_evaluate_cli_refuses_a_pickled_npy_naming_the_file(tmp_path):
     np.save(bad, np.array([{"a": 1}] * 40, dtype=object), allow_pickle=True)
     (tmp_path / "bad.ids.txt").write_text("".join(f"s{i}\n" for i in range(40)))
     for argv in (["probe", "--catalog", str(tmp_path / "catalog.csv"), "--emb", str(bad)],
-                 ["artist-graph", "--edges", str(tmp_path / "artist_graph.csv"), "--artist-split",
+                 ["artist-graph", "--edges", str(tmp_path / "artist_graph.csv"), "--artist_split",
                   str(tmp_path / "artist_split.csv"), "--features", str(bad)]):
         with pytest.raises(SystemExit) as e:
             ev.cli(argv)
@@ -3279,7 +3280,7 @@ def test_ids_file_with_bom_and_spaces_is_read_as_catalogs_are(tmp_path):
     catalog = load_catalog(tmp_path / "catalog.csv")
     ids = (tmp_path / "e.ids.txt").read_text().splitlines()
     (tmp_path / "e.ids.txt").write_bytes(b"\xef\xbb\xbf" + "".join(f" {i}\t\n" for i in ids).encode())
-    x = ev.song_embeddings(str(tmp_path / "e.npy"), catalog)
+    x = embeddings.song_embeddings(str(tmp_path / "e.npy"), catalog)
     assert np.array_equal(x, emb)  # every song found, in catalog order
 
 
@@ -3309,7 +3310,7 @@ def test_probe_and_report_draw_the_same_random_split_without_a_split_column(tmp_
     assert note in capsys.readouterr().out
     from data import load_catalog
     catalog = load_catalog(tmp_path / "nosplit.csv")
-    direct = ev.run_probe(ev.song_embeddings(str(tmp_path / "e.npy"), catalog),
+    direct = ev.run_probe(embeddings.song_embeddings(str(tmp_path / "e.npy"), catalog),
                           [catalog.label(r, "genre") for r in range(len(catalog))], None, seeds=range(2), epochs=1)
     assert out["e/genre"]["per_seed_acc"] == direct["per_seed_acc"]  # report calls run_probe with split None too
     assert ev.probe_split(catalog)[0] is None and note in ev.probe_split(catalog)[1]
@@ -3325,6 +3326,19 @@ def test_every_option_of_every_sub_command_has_help_and_shows_its_default():
                 assert action.help, f"{name} {action.option_strings[0]} has no help text"
         if any(a.default not in (None, argparse.SUPPRESS) for a in sub._actions if a.dest != "help"):
             assert "(default: " in sub.format_help(), name
+
+
+def test_flags_are_underscored_and_the_old_dashed_spellings_still_parse():
+    parser = ev.build_parser()
+    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for name, sub in subparsers.choices.items():
+        flags = [f for a in sub._actions for f in a.option_strings if f.startswith("--") and f != "--no-reuse"]
+        assert not [f for f in flags if "-" in f[2:]], name  # --help shows only the underscore spellings
+    args = parser.parse_args(["artist-graph", "--edges", "e", "--artist-split", "s", "--features", "random",
+                              "--out-dim", "8", "--early-stop=3"])
+    assert (args.artist_split, args.out_dim, args.early_stop) == ("s", 8, 3)
+    args = parser.parse_args(["report", "--catalog", "c", "--emb", "x", "--ranking-seeds", "0", "--no-reuse"])
+    assert (args.ranking_seeds, args.reuse) == (0, False)
 
 
 def test_probes_trained_side_by_side_match_probes_trained_alone():
@@ -3372,15 +3386,15 @@ def test_audio_only_artifact_gives_the_same_audio_embeddings_without_bert(tiny_w
         audio.encode_text({"input_ids": torch.ones(1, 3, dtype=torch.long)})
     # embedding a catalog's audio needs neither BERT nor a tokenizer (a fresh process), and gives
     # what the full model gives
-    code = (f"import sys, numpy as np, evaluate as ev, data; cat = data.load_catalog({str(d / 'catalog.csv')!r}); "
-            f"np.save(sys.argv[1], ev.song_embeddings({str(d / 'artifact')!r}, cat)); "
+    code = (f"import sys, numpy as np, data; from evals import embeddings; cat = data.load_catalog({str(d / 'catalog.csv')!r}); "
+            f"np.save(sys.argv[1], embeddings.song_embeddings({str(d / 'artifact')!r}, cat)); "
             "print('transformers.models.bert.modeling_bert' in sys.modules)")
     out = d / "audio_only.npy"
     p = subprocess.run([sys.executable, "-c", code, str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-2000:]
     assert p.stdout.splitlines()[-1] == "False", p.stdout
     from data import load_catalog
-    want = ev.embed_catalog(full, _, load_catalog(d / "catalog.csv"))["audio"]
+    want = embeddings.embed_catalog(full, _, load_catalog(d / "catalog.csv"))["audio"]
     assert np.allclose(np.load(out), want, atol=1e-6)
 
 

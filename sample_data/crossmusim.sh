@@ -31,7 +31,7 @@ run python evaluate.py embed --artifact "$OUT/train/final" --catalog sample_data
     --cache runs/demo/cache --out "$OUT/emb/crossmusim"  # chunked: the artifact's embed_mode
 run python evaluate.py embed --artifact runs/demo/pretrain/final --catalog sample_data/catalog.csv \
     --cache runs/demo/cache --out "$OUT/emb/htcl_stage1"  # full songs
-for control in "" "--exclude-same artist_id"; do
+for control in "" "--exclude_same artist_id"; do
     name=$([ -z "$control" ] && echo retrieval || echo retrieval_excl_artist)
     # shellcheck disable=SC2086  # $control is two words or none
     run python evaluate.py retrieval --catalog sample_data/catalog.csv --tag genre --k 100 \

@@ -33,7 +33,7 @@ STAGE2_EPOCHS="${STAGE2_EPOCHS:-12}"
 CF_WINDOW=5 CF_PER_USER=25
 # Evaluation: one probe run per embedding (the std is over the 3 training seeds) and no DIN
 # ranking (CTR/CVR AUC): DIN costs ~3x the rest of a report. EVAL="" gives the full report.
-EVAL="${EVAL-"--probe-seeds 1 --ranking-seeds 0"}"
+EVAL="${EVAL-"--probe_seeds 1 --ranking_seeds 0"}"
 
 run() { echo "+ $*"; "$@"; }
 # One run (a command line), its output in $OUT/s<SEED>/<NAME>.log; one line when done. Args: SEED NAME COMMAND...

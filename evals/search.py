@@ -1,0 +1,307 @@
+"""Similar-song search: "which songs of my catalog sound like this file?"
+
+A query is an audio file (embedded here: no catalog row, no text) or a song id of the catalog.
+Songs are compared by their audio embeddings, the only kind a bare file has. Exact cosine top-k
+in torch (evals.metrics.cosine_topk) by default; for large catalogs a FAISS index (faiss-cpu, an
+optional extra imported only when asked for) that `embed --index faiss` saves beside the
+embeddings, and that `matching --index faiss` can use too. Not a protocol of the papers: the
+use a trained model is put to.
+
+Commands (from the repo root; A = a trained artifact folder):
+  python evaluate.py embed --artifact A --catalog sample_data/catalog.csv --out emb/htcl [--index faiss]
+  python evaluate.py search --model A --catalog sample_data/catalog.csv --emb emb/htcl \
+      --query my_song.wav --query s0001 --k 10 [--index faiss] [--out similar.csv]
+
+Similar songs from Python (the search sub-command does this):
+  from data import load_catalog
+  from evals.embeddings import load_embeddings
+  from evals.search import embed_audio_files, search
+  from model import load_artifact
+  model, tokenizer = load_artifact("runs/demo/finetune/final")
+  ids, keys = load_embeddings("emb/htcl")            # or embed_catalog(model, tokenizer, catalog)["audio"]
+  query = embed_audio_files(model, ["my_song.wav"])  # (1, D), normalized
+  scores, rows = search(query, keys, k=10)           # index=build_index(keys): FAISS (pip install faiss-cpu)
+  catalog = load_catalog("sample_data/catalog.csv")
+  for score, row in zip(scores[0], rows[0]):
+      song = catalog[catalog.index[ids[row]]]
+      print(f"{score:.3f}  {song.song_id}  {song.title} - {song.artists}")
+"""
+import csv
+import json
+import math
+import os
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from data import Collator, song_mel
+from evals.embeddings import (DEVICE, _encode_audio, add_command, embed_catalog, is_artifact, load_embeddings,
+                              load_inputs, read_ids)
+from evals.metrics import as_float_tensor, cosine_topk, markdown_table
+from model import load_artifact
+
+# Below this many songs the index is exact (IndexFlatIP); from it on, approximate:
+# IVF (inverted lists of k-means cells, sqrt(N) cells) scanning FAISS_NPROBE cells a
+# query, with exact cosines for the songs scanned. Chosen by measuring (README
+# Performance): of the candidates tried on 2 busy cores it was the one that built in
+# minutes (IVF-PQ did not), and unlike PQ it returns true cosine scores; it keeps
+# all vectors (400 MB at 1M x 100-d).
+FAISS_APPROX_FROM = 1_000_000
+FAISS_NPROBE = 64
+
+
+def require_faiss():
+    """The faiss module, or an error that says how to install it."""
+    try:
+        import faiss
+    except ImportError:
+        raise ModuleNotFoundError("--index faiss needs the optional package faiss-cpu: pip install faiss-cpu "
+                                  "(or leave out --index for exact search in torch)") from None
+    return faiss
+
+
+def _unit_rows(x):
+    """(N, D) -> L2-normalized float32 C-contiguous numpy, the layout FAISS wants."""
+    return np.ascontiguousarray(F.normalize(as_float_tensor(x), dim=-1).cpu().numpy(), dtype=np.float32)
+
+
+def build_index(emb, approx_from=FAISS_APPROX_FROM, nprobe=FAISS_NPROBE, seed=0):
+    """A FAISS inner-product index over the normalized rows of emb (N, D): cosine search.
+    Exact below approx_from songs, IVF-Flat with ~sqrt(N) cells from it on."""
+    faiss = require_faiss()
+    x = _unit_rows(emb)
+    n, d = x.shape
+    if n < approx_from:
+        index = faiss.IndexFlatIP(d)
+    else:
+        nlist = 2 ** round(math.log2(math.sqrt(n)))  # 1,024 cells at 1M songs
+        index = faiss.index_factory(d, f"IVF{nlist},Flat", faiss.METRIC_INNER_PRODUCT)
+        # 40 songs a cell train k-means as well as all of them would (FAISS warns below 39)
+        sample = np.random.default_rng(seed).choice(n, min(n, 40 * nlist), replace=False)
+        index.train(x[np.sort(sample)])
+        faiss.extract_index_ivf(index).nprobe = nprobe
+    index.add(x)
+    return index
+
+
+def index_path(spec, kind="audio"):
+    """Where `embed --index faiss` saves the index of an embeddings spec: FOLDER/{kind}.faiss or NAME.faiss."""
+    return os.path.join(spec, f"{kind}.faiss") if os.path.isdir(spec) else spec[:-len(".npy")] + ".faiss"
+
+
+def load_index(path, n, dim, nprobe=FAISS_NPROBE):
+    """A saved index, checked against the embeddings it claims to hold (n rows of dim)."""
+    faiss = require_faiss()
+    index = faiss.read_index(path)
+    if (index.ntotal, index.d) != (n, dim):
+        raise ValueError(f"{path}: the index holds {index.ntotal} x {index.d} vectors but its embeddings are "
+                         f"{n} x {dim}; rebuild it with `embed --index faiss`")
+    if hasattr(faiss, "try_extract_index_ivf") and faiss.try_extract_index_ivf(index) is not None:
+        faiss.extract_index_ivf(index).nprobe = nprobe
+    return index
+
+
+def catalog_index(spec, catalog, emb, nprobe=FAISS_NPROBE):
+    """The saved FAISS index of an --emb when its rows are the catalog's, in order; else one built here
+    (`matching --index faiss`)."""
+    saved = index_path(spec) if not is_artifact(spec) and (os.path.isdir(spec) or spec.endswith(".npy")) else None
+    if saved and os.path.exists(saved):
+        ids = read_ids(os.path.join(spec, "ids.txt") if os.path.isdir(spec) else spec[:-len(".npy")] + ".ids.txt")
+        if ids == [s.song_id for s in catalog.songs]:
+            return load_index(saved, *emb.shape, nprobe=nprobe)
+        print(f"matching: {saved} indexes other songs or another order than {catalog.path}; building one here")
+    return build_index(emb, nprobe=nprobe)
+
+
+def neighbours(queries, keys, k, index=None, batch_size=1024, progress=None):
+    """Top-k keys by cosine for each query -> (scores (Q, k), rows (Q, k)) torch tensors, best first.
+    index None: exact, cosine_topk in torch. A FAISS index over keys: its search; a row -1 (score
+    -inf) is a slot an approximate index left empty."""
+    if index is None:
+        return cosine_topk(queries, keys, k, batch_size=batch_size, progress=progress)
+    q = _unit_rows(queries)
+    k = min(k, index.ntotal)
+    scores, rows = [], []
+    for start in range(0, len(q), batch_size):
+        s, r = index.search(q[start:start + batch_size], k)
+        scores.append(np.where(r >= 0, s, -np.inf))
+        rows.append(r)
+        if progress is not None:
+            progress.update(len(r))
+    return (torch.from_numpy(np.concatenate(scores)).float().reshape(-1, k),
+            torch.from_numpy(np.concatenate(rows)).long().reshape(-1, k))
+
+
+def search(query_emb, key_emb, k=10, exclude=None, index=None):
+    """The k songs most cosine-similar to each query -> (scores (Q, k) float32, rows (Q, k) int64) numpy.
+
+    query_emb (Q, D) and key_emb (N, D): arrays or tensors, normalized here. exclude: (Q,) key
+    row that query q may not retrieve (the song itself, for a song-id query), -1 for none.
+    index: a FAISS index over key_emb (build_index, load_index), None for exact search.
+    Rows -1 with score -inf fill slots left empty (k > N, or an approximate index's miss).
+    """
+    scores, rows = neighbours(query_emb, key_emb, k + 1, index)  # one spare for the excluded song
+    scores, rows = scores.numpy(), rows.numpy()
+    width = min(k, rows.shape[1])
+    if exclude is not None:
+        drop = rows == np.asarray(exclude)[:, None]
+        order = np.argsort(drop, axis=1, kind="stable")  # the excluded song, if listed, moves last
+        rows, scores = np.take_along_axis(rows, order, 1), np.take_along_axis(scores, order, 1)
+        drop = np.take_along_axis(drop, order, 1)
+        rows, scores = np.where(drop, -1, rows), np.where(drop, -np.inf, scores)
+    return scores[:, :width].astype(np.float32), rows[:, :width].astype(np.int64)
+
+
+@torch.no_grad()
+def embed_audio_files(model, paths, mode="full", batch_size=16):
+    """Audio files, no catalog row or text needed -> (len(paths), D) float32 normalized audio
+    embeddings: the computation embed_catalog does (eval mode, first 120 s, padded batches with a
+    mask), so a catalog song's own file gets its catalog embedding back."""
+    model.eval()
+    device = next(model.parameters()).device
+    collate = Collator(tokenizer=None)  # mels only: padding and masks, no tokenizer needed
+    out = []
+    for start in range(0, len(paths), batch_size):
+        batch = collate([{"mel": song_mel(p)} for p in paths[start:start + batch_size]])
+        mel, mask = batch["mel"].to(device), batch["padding_mask"].to(device)
+        out.append(F.normalize(_encode_audio(model, mel, mask, mode, batch_size), dim=-1))
+    return torch.cat(out).float().cpu().numpy()
+
+
+def _saved_meta(spec):
+    """meta.json of an `embed` folder ({} for NAME.npy or when absent)."""
+    path = os.path.join(spec, "meta.json") if os.path.isdir(spec) else ""
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
+
+
+def parse_queries(queries, song_ids, source):
+    """Each --query -> ("file", path) or ("song", song_id). `id:X` forces a song id; a string that
+    is both an existing file and a song id is an error, as is one that is neither."""
+    out = []
+    for q in queries:
+        if q.startswith("id:") and q[3:] in song_ids:
+            out.append(("song", q[3:]))
+            continue
+        is_file, is_song = os.path.isfile(q), q in song_ids
+        if is_file and is_song:
+            raise ValueError(f"--query {q}: both a file and a song_id of {source}; write ./{q} for the file "
+                             f"or id:{q} for the song")
+        if not is_file and not is_song:
+            import difflib
+            close = difflib.get_close_matches(q, song_ids, n=3) if len(song_ids) <= 100_000 else []
+            hint = f" (close song_ids: {', '.join(close)})" if close else ""
+            raise ValueError(f"--query {q}: no such file, and no song_id '{q}' in {source}{hint}")
+        out.append(("file", q) if is_file else ("song", q))
+    return out
+
+
+SEARCH_COLUMNS = ("query", "rank", "song_id", "score", "title", "artists")
+
+
+def write_search_results(path, records):
+    """records (dicts with SEARCH_COLUMNS) -> path, CSV or JSON by its extension."""
+    if path.endswith(".json"):
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(records, f, indent=1, ensure_ascii=False)
+    else:
+        with open(path, "w", newline="", encoding="utf-8") as f:
+            w = csv.DictWriter(f, fieldnames=SEARCH_COLUMNS)
+            w.writeheader()
+            w.writerows(records)
+
+
+def _search_keys(args, catalog, cache, model):
+    """The songs searched -> (song_ids, (N, D) embeddings, saved index path or None, meta)."""
+    if args.emb:
+        if is_artifact(args.emb):
+            raise ValueError(f"--emb {args.emb}: an artifact folder; pass it as --model, or give --emb the "
+                             f"output of `embed`")
+        ids, x = load_embeddings(args.emb)
+        unknown = [i for i in ids if i not in catalog.index]
+        if unknown:
+            raise ValueError(f"{args.emb}: {len(unknown)} embedded songs are not in {catalog.path}, e.g. "
+                             f"{', '.join(unknown[:5])}; was it embedded from another catalog?")
+        return ids, x, index_path(args.emb), _saved_meta(args.emb)
+    print(f"{args.model}: embedding {len(catalog)} songs; save them once with `embed` and pass --emb to skip this")
+    x = embed_catalog(*model, catalog, cache=cache, batch_size=args.batch_size)["audio"]
+    return [s.song_id for s in catalog.songs], x, None, {}
+
+
+def cmd_search(args):
+    if not args.model and not args.emb:
+        raise ValueError("search: give --model ARTIFACT (embeds catalog and queries) or --emb SAVED (from "
+                         "`embed`), or both")
+    if args.out and not args.out.endswith((".csv", ".json")):
+        raise ValueError(f"--out {args.out}: the format follows the extension, .csv or .json")
+    if args.index == "faiss":
+        require_faiss()  # missing: say so now, not after embedding the catalog
+    catalog, cache = load_inputs(args)
+    model = load_artifact(args.model, DEVICE, text=False) if args.model else None  # (model, None): audio only
+    ids, keys, saved_index, meta = _search_keys(args, catalog, cache, model)
+    row_of = {i: r for r, i in enumerate(ids)}
+    queries = parse_queries(args.query, row_of, args.emb or catalog.path)
+    files = [q for kind, q in queries if kind == "file"]
+    file_emb = None
+    if files:
+        if not args.model:
+            raise ValueError(f"--query {files[0]}: an audio file; embedding it needs --model ARTIFACT (the model "
+                             f"that made {args.emb})")
+        if meta.get("artifact") and os.path.abspath(args.model) != meta["artifact"]:
+            print(f"search: warning: {args.emb} was embedded by {meta['artifact']}, the queries by "
+                  f"{os.path.abspath(args.model)}; their cosines mean nothing unless it is the same model")
+        file_emb = iter(embed_audio_files(model[0], files, meta.get("mode", "full"), args.batch_size))
+    query_emb = np.stack([next(file_emb) if kind == "file" else keys[row_of[q]] for kind, q in queries])
+    exclude = np.array([row_of[q] if kind == "song" else -1 for kind, q in queries])
+    index = None
+    if args.index == "faiss":
+        if saved_index and os.path.exists(saved_index):
+            index = load_index(saved_index, *keys.shape, nprobe=args.nprobe)
+        else:
+            print(f"search: building a FAISS index of {len(ids)} songs in memory"
+                  + (f" (save it with `embed --index faiss`: no {saved_index})" if saved_index else ""))
+            index = build_index(keys, nprobe=args.nprobe)
+    scores, rows = search(query_emb, keys, args.k, exclude, index)
+    records = []
+    for (kind, q), s, r in zip(queries, scores, rows):
+        table = []
+        for rank, (score, row) in enumerate(((s_, r_) for s_, r_ in zip(s, r) if r_ >= 0), start=1):
+            song = catalog[catalog.index[ids[row]]]
+            records.append({"query": q, "rank": rank, "song_id": song.song_id, "score": round(float(score), 6),
+                            "title": song.title, "artists": song.artists})
+            table.append([rank, f"{score:.4f}", song.song_id, song.title, song.artists])
+        print(f"\nsearch: {q} ({'audio file' if kind == 'file' else 'song id, itself left out'})")
+        print(markdown_table(["rank", "score", "song_id", "title", "artists"], table))
+    if args.out:
+        write_search_results(args.out, records)
+        print(f"search: {len(records)} rows -> {args.out}")
+    return records
+
+
+def add_parser(subparsers):
+    """The `search` sub-command."""
+    q = add_command(subparsers, "search", cmd_search,
+                    "similar songs: the top k of a catalog for audio files or song ids", source=False)
+    q.add_argument("--catalog", required=True, help="catalog CSV/JSONL (data.py format): titles and artists, "
+                   "and the songs searched when --emb is not given")
+    q.add_argument("--query", action="append", required=True, metavar="FILE_OR_SONG_ID",
+                   help="an audio file (no catalog row needed) or a song_id (left out of its own results; "
+                        "id:X forces a song id); repeat for several")
+    q.add_argument("--model", help="artifact folder (pretrain.py / finetune.py): embeds the audio-file queries, "
+                   "and the catalog when --emb is not given")
+    q.add_argument("--emb", help="embeddings saved by `embed` (a folder, or NAME.npy + NAME.ids.txt): the songs "
+                   "searched, instead of embedding the catalog again")
+    q.add_argument("--k", type=int, default=10, help="results per query")
+    q.add_argument("--index", default="exact", choices=["exact", "faiss"],
+                   help="exact: cosine top-k in torch; faiss: the index saved by `embed --index faiss` (built in "
+                        "memory if absent; pip install faiss-cpu)")
+    q.add_argument("--nprobe", type=int, default=FAISS_NPROBE,
+                   help=f"cells an approximate FAISS index (>= {FAISS_APPROX_FROM:,} songs) scans per query")
+    q.add_argument("--cache", help="log-mel cache folder (data.py prepare) for embedding the catalog")
+    q.add_argument("--batch_size", type=int, default=16, help="songs per forward pass when embedding")
+    q.add_argument("--out", help="also write one row per (query, rank) to this .csv or .json file")
+    return q
+
