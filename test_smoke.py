@@ -1584,7 +1584,7 @@ def test_plot_histograms_writes_a_png(tmp_path):
 
 
 # -----------------------------------------------------------------------------
-# Artist graph (GraphSAGE): the tests are in the issue 13 block at the end of the file.
+# Artist graph (GraphSAGE): the tests are in the artist-graph block near the end of the file.
 
 
 # -----------------------------------------------------------------------------
@@ -2105,7 +2105,7 @@ def test_accelerate_launch_with_two_cpu_processes(tmp_path, demo_cache):
     htcl.load_artifact(out / "final")
 
 
-# --- issue 10: Table 2 over seeds (sample_data/table2.sh) ---
+# --- Table 2 over seeds (sample_data/table2.sh) ---
 
 def _seed_report(hr1, hrh, genre, lang):
     """One seed's report() results: HR@100 of stage 1 and HTCL; genre / language ACC per row as
@@ -2160,7 +2160,7 @@ def test_table2_over_seeds_hand_worked_mean_std_and_targets(tmp_path):
         ev.main(["table2", str(tmp_path / "s0"), str(tmp_path / "s2"), "--out", str(tmp_path / "t3")])
 
 
-# --- issue 10: the released architecture, initialisation, checkpoint converter, no-grad gather ---
+# --- the released architecture, initialisation, checkpoint converter, no-grad gather ---
 
 def released_audio_keys(n_convs, n_layers):
     """The state_dict names of the released AudioModel (models/audio_model.py), written from its source."""
@@ -2428,7 +2428,7 @@ def test_released_no_grad_gather_scales_the_embedding_gradient_by_one_over_world
             torch.testing.assert_close(a, b / world, rtol=1e-10, atol=1e-12)
             assert (a - b).abs().max() > 0.1 * b.abs().max()  # really not the full gradient
         torch.testing.assert_close(got["released"][2], full[2], rtol=1e-10, atol=1e-12)
-# --- issue 11: similar-song search ---
+# --- similar-song search ---
 
 
 @pytest.fixture(scope="module")
@@ -2608,8 +2608,8 @@ def test_index_faiss_without_faiss_installed_says_how_to_install_it(search_world
     with pytest.raises(SystemExit, match="^Error: --index faiss needs the optional package faiss-cpu"):
         ev.cli(["search", "--model", search_world["model"], "--catalog", search_world["catalog"],
                 "--query", "s1", "--index", "faiss"])  # the command line: one line, no traceback
-# --- issue 14: tests that catch real bugs ---
-# Each test here, and each weak test tightened for issue 14, was checked by making its bug by hand
+# --- tests that catch real bugs ---
+# Each test here, and each weak test tightened with them, was checked by making its bug by hand
 # (README, Tests) and watching it fail; the bug made for each:
 #   clamps_every_logit_scale     pretrain.train without net.clamp_logit_scales()
 #   missing_or_renamed           load_artifact with strict=False and no key check
@@ -2784,7 +2784,7 @@ def test_stage2_loss_weights_are_applied_in_the_model_and_by_finetune(tmp_path, 
     with torch.no_grad():
         loss, parts = captured["loss_fn"](model, batch)
     assert loss.item() == pytest.approx(weighted(parts), rel=1e-6)
-# --- issue 12: the CrossMuSim training variant ---
+# --- the CrossMuSim training variant ---
 
 
 def test_random_crop_has_the_crop_length_stays_inside_the_song_and_is_seeded():
@@ -2984,7 +2984,7 @@ def test_exclude_same_drops_the_querys_group_from_positives_and_candidates_like_
     # c first (jazz), then b, a: hits at ranks 2 and 3 -> (1/2 + 2/3) / 2
     res = crossmusim.music_to_music_map(e2, t2, k=3, exclude_same=a2)
     assert res[1] == 3 and res[0] == pytest.approx((1 + 1 + (1 / 2 + 2 / 3) / 2) / 3)
-# --- issue 13: artist-graph protocol ---
+# --- artist-graph protocol ---
 
 
 def _artist_world(n=60, seed=8, p=0.15):
@@ -3162,7 +3162,7 @@ def test_random_artist_features_are_the_released_uniform_2613_d_and_seeded():
     assert x.min() >= 0 and x.max() < 1 and abs(x.mean() - 0.5) < 0.01  # uniform [0, 1), not Gaussian
     assert np.array_equal(x, artist_graph.artist_features("random", ["b"] * 40))
     assert not np.array_equal(x, artist_graph.artist_features("random", ["a"] * 40, seed=1))
-# --- issue 11: own songs offline, clean errors, consistent evaluation options, fast report, curves ---
+# --- own songs offline, clean errors, consistent evaluation options, fast report, curves ---
 
 def test_demo_preset_runs_from_another_directory_and_draws_its_curves(tmp_path, demo_cache):
     """Preset paths are read from the preset's folder; curves.png is drawn from log.jsonl."""

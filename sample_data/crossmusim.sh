@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The CrossMuSim training variant (../shared/paper-notes.md Sec. 2) on the bundled synthetic world,
+# The CrossMuSim training variant (docs/PAPER.md) on the bundled synthetic world,
 # on CPU, in a few minutes, next to HTCL's stage 1 and random vectors:
 #   prepare the log-mel cache -> [HTCL stage 1, as demo.sh runs it, if runs/demo/pretrain/final is
 #   missing] -> the variant (pretrain.py --preset sample_data/crossmusim.toml) -> song embeddings
