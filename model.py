@@ -277,23 +277,19 @@ class TextEncoder(nn.Module):
             raise ValueError(f"text_pooling must be auto, pooler, cls or mean, got {pooling!r}")
         if pooling == "pooler" and not has_pooler:
             raise ValueError(f"text_pooling='pooler' but {name_or_path} has no pooler; use cls or mean")
-        self.pooling = pooling
-        self.hidden = self.model.config.hidden_size
+        self.pooling, self.hidden = pooling, self.model.config.hidden_size
+        # transformers >= 5 keeps a ready 4-D mask as is; its own 2-D -> 4-D step for SDPA syncs with the device
+        self.mask_4d = hasattr(self.model, "activation_checkpointing_enable") and self.model.config._attn_implementation == "sdpa"
         self.set_checkpointing(gradient_checkpointing)
 
     def set_checkpointing(self, on):
         """Activation (gradient) checkpointing of the transformers model: its own implementation,
         under its transformers-5 name where there is one (the 4.x name warns there)."""
-        m = self.model
+        m, kw = self.model, {"use_reentrant": False}
         if hasattr(m, "activation_checkpointing_enable"):  # transformers >= 5
-            if on:
-                m.activation_checkpointing_enable({"use_reentrant": False})
-            else:
-                m.activation_checkpointing_disable()
-        elif on:
-            m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            m.activation_checkpointing_enable(kw) if on else m.activation_checkpointing_disable()
         else:
-            m.gradient_checkpointing_disable()
+            m.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw) if on else m.gradient_checkpointing_disable()
 
     @property
     def checkpointing(self):
@@ -301,13 +297,18 @@ class TextEncoder(nn.Module):
         return m.is_activation_checkpointing if hasattr(m, "activation_checkpointing_enable") else m.is_gradient_checkpointing
 
     def forward(self, tokens):
+        mask = tokens.get("attention_mask")  # (B, L); None: no token padded (the model then builds no mask)
+        if mask is not None and self.mask_4d:
+            tokens = {**tokens, "attention_mask": mask.bool()[:, None, None, :]}  # (B, 1, 1, L), True = attend
         out = self.model(**tokens)
         if self.pooling == "pooler":
             return out.pooler_output  # (B, H)
         h = out.last_hidden_state  # (B, L, H)
         if self.pooling == "cls":
             return h[:, 0]  # (B, H)
-        m = tokens["attention_mask"].to(h.dtype)[..., None]  # (B, L, 1)
+        if mask is None:
+            return h.mean(1)  # (B, H)
+        m = mask.to(h.dtype)[..., None]  # (B, L, 1)
         return (h * m).sum(1) / m.sum(1).clamp(min=1)  # (B, H)
 
 

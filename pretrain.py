@@ -236,15 +236,16 @@ def make_loaders(cfg, tokenizer, train_set, val_set, song_set, world, pin_memory
 
 class TrainCollator:
     """data.Collator's batches for the loop, told on the host what the device should not have to
-    find out: a padding mask that marks nothing becomes None, the audio encoder's unmasked path
-    (no attention mask, so SDPA may choose its flash kernel; at paper size no song is padded).
+    find out: a padding mask that marks nothing becomes None, and so does a text attention mask
+    that marks every token: the towers' unmasked paths, with no attention mask, so SDPA may choose
+    its flash kernel (at paper size no song is padded, and most texts fill 512 tokens).
     frame_bucket > 0 (--compile): the frames go on to a multiple of it (at most data.MAX_FRAMES),
     as padding the model masks, so the compiled audio tower sees a few lengths, not one a batch."""
 
     def __init__(self, collate, frame_bucket=0):
         self.collate, self.frame_bucket = collate, frame_bucket
 
-    def __call__(self, items):
+    def __call__(self, items):  # in a DataLoader worker (or the main process): host tensors, no device sync
         batch = self.collate(items)
         for key in [k for k in batch if k.endswith("padding_mask")]:
             mel, mask = key[: -len("padding_mask")] + "mel", batch[key]
@@ -253,8 +254,10 @@ class TrainCollator:
             if to > T:
                 batch[mel] = torch.nn.functional.pad(batch[mel], (0, 0, 0, to - T))  # (B, to, n_mels)
                 mask = batch[key] = torch.nn.functional.pad(mask, (0, to - T), value=True)  # (B, to)
-            if not mask.any():  # on the host (a DataLoader worker): no device sync
-                batch[key] = None
+            batch[key] = None if not mask.any() else mask
+        for key in [k for k in batch if k.endswith("tokens")]:
+            if batch[key]["attention_mask"].all():
+                batch[key] = {**batch[key], "attention_mask": None}
         return batch
 
 
