@@ -958,8 +958,8 @@ class Collator:
     *mel  -> (B, T, 128) float32, zero-padded in time to the batch's longest song (at least
              MIN_FRAMES), plus *padding_mask (B, T) bool, True at padded frames.
     *text -> *tokens: the tokenizer's dict (input_ids, attention_mask[, token_type_ids]), padded
-             to the batch's longest text, truncated at max_text_length (BERT: 512); left out
-             with tokenizer None.
+             to the batch's longest text (on to a multiple of text_bucket if > 0), truncated at
+             max_text_length (BERT: 512); left out with tokenizer None.
     *row  -> LongTensor (B,).
     None items (songs that failed to decode, from a dataset with on_error="skip") are dropped
     with a warning that counts them, so B can be smaller than the batch size. `skipped` counts
@@ -969,8 +969,11 @@ class Collator:
     # floor value; we pad to the batch max with zeros and hand the model a padding mask, which
     # costs less compute for short songs. The model decides what to do with the mask.
 
-    def __init__(self, tokenizer, max_text_length=512):
+    def __init__(self, tokenizer, max_text_length=512, text_bucket=0):
         self.tokenizer, self.max_text_length = tokenizer, max_text_length
+        # > 0: texts padded on to a multiple of text_bucket (at most max_text_length), so that a
+        # compiled model sees a few lengths instead of one per batch (pretrain.py --compile)
+        self.text_bucket = text_bucket
         self.skipped = 0
         self.encoder = _batch_encoder(tokenizer, max_text_length)
 
@@ -979,15 +982,23 @@ class Collator:
         return_tensors="pt") gives, ~2.5x faster (bench.py): same Rust tokenizer, without the Python
         wrapper's per-call set-up and list conversions."""
         if self.encoder is None:  # a slow (pure-Python) tokenizer: its own call
-            return dict(self.tokenizer(texts, padding="longest", truncation=True,
-                                       max_length=self.max_text_length, return_tensors="pt"))
-        # encode_batch_fast skips the character offsets nobody here reads: ~20% faster on lyrics
-        # that fill 512 tokens (bench.py); tokenizers < 0.20 only has encode_batch
-        encode = getattr(self.encoder, "encode_batch_fast", None) or self.encoder.encode_batch
-        encs = encode(texts)
-        fields = {"input_ids": "ids", "token_type_ids": "type_ids", "attention_mask": "attention_mask"}
-        return {name: torch.from_numpy(np.array([getattr(e, fields[name]) for e in encs], dtype=np.int64))
-                for name in self.tokenizer.model_input_names if name in fields}
+            tokens = dict(self.tokenizer(texts, padding="longest", truncation=True,
+                                         max_length=self.max_text_length, return_tensors="pt"))
+        else:
+            # encode_batch_fast skips the character offsets nobody here reads: ~20% faster on lyrics
+            # that fill 512 tokens (bench.py); tokenizers < 0.20 only has encode_batch
+            encode = getattr(self.encoder, "encode_batch_fast", None) or self.encoder.encode_batch
+            encs = encode(texts)
+            fields = {"input_ids": "ids", "token_type_ids": "type_ids", "attention_mask": "attention_mask"}
+            tokens = {name: torch.from_numpy(np.array([getattr(e, fields[name]) for e in encs], dtype=np.int64))
+                      for name in self.tokenizer.model_input_names if name in fields}
+        L = tokens["input_ids"].shape[1]
+        if self.text_bucket and L % self.text_bucket:  # on to the bucket's length, as the tokenizer pads
+            to = min(-(-L // self.text_bucket) * self.text_bucket, self.max_text_length)
+            side = (0, to - L) if self.tokenizer.padding_side == "right" else (to - L, 0)
+            pad = {"input_ids": self.tokenizer.pad_token_id, "token_type_ids": self.tokenizer.pad_token_type_id}
+            tokens = {k: F.pad(v, side, value=pad.get(k, 0)) for k, v in tokens.items()}
+        return tokens
 
     def __call__(self, items):
         kept = [it for it in items if it is not None]

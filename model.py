@@ -144,7 +144,7 @@ class TransformerLayer(nn.Module):
     (released code: post-LN, GELU, FFN 3072, dropout 0.1), written out so that the
     key-padding mask goes straight into F.scaled_dot_product_attention.
 
-    x (B, T, D), attn_mask (B, 1, 1, T) bool, True = attend -> (B, T, D)
+    x (B, T, D), attn_mask (B, 1, 1, T) bool, True = attend, or None (nothing padded) -> (B, T, D)
     """
 
     def __init__(self, cfg: AudioConfig):
@@ -214,25 +214,25 @@ class AudioEncoder(nn.Module):
         self.cls_token = nn.Parameter(torch.randn(1, 1, cfg.hidden))  # released code: std 1
 
     def forward(self, mel, padding_mask=None):
-        B, T, _ = mel.shape
-        frame_lengths = torch.full((B,), T, device=mel.device) if padding_mask is None else (~padding_mask).sum(1)
-        # A song shorter than the stem's receptive field (17 frames at the defaults)
-        # still gets one token; data.py pads such songs with silence first.
-        token_lengths = self.stem.token_lengths(frame_lengths).clamp(min=1)
-
-        x = self.stem(mel)  # (B, N, C)
-        N = x.shape[1]
-        valid = torch.arange(N, device=mel.device)[None, :] < token_lengths[:, None]  # (B, N)
-        x = self.feature_proj(self.feature_norm(x))  # (B, N, D)
-        # Zero the padded tokens so the positional conv sees the same zero padding at
-        # a song's end whatever the batch's length is.
-        x = x * valid[..., None]  # (B, N, D)
+        """padding_mask None: nothing is padded (120 s songs, 1251 frames each). Then no mask is built:
+        SDPA gets attn_mask=None, which lets it choose its flash kernel, and the pool is a plain mean;
+        an all-False mask gives the same embedding on the masked path (tests/test_fast_path.py)."""
+        x = self.feature_proj(self.feature_norm(self.stem(mel)))  # (B, N, C) -> (B, N, D)
+        B, N, _ = x.shape
+        valid = attn_mask = None
+        if padding_mask is not None:
+            # A song shorter than the stem's receptive field (17 frames at the defaults)
+            # still gets one token; data.py pads such songs with silence first.
+            token_lengths = self.stem.token_lengths((~padding_mask).sum(1)).clamp(min=1)
+            valid = torch.arange(N, device=mel.device)[None, :] < token_lengths[:, None]  # (B, N)
+            # Zero the padded tokens so the positional conv sees the same zero padding at
+            # a song's end whatever the batch's length is.
+            x = x * valid[..., None]  # (B, N, D)
+            valid = F.pad(valid, (1, 0), value=True)  # (B, 1 + N); [CLS] is always attended
+            attn_mask = valid[:, None, None, :]  # (B, 1, 1, 1 + N), broadcast over heads and queries
         x = x + self.pos_conv(x)
         x = F.dropout(self.pos_norm(x), self.cfg.dropout, self.training)
         x = torch.cat([self.cls_token.expand(B, -1, -1).to(x.dtype), x], dim=1)  # (B, 1 + N, D)
-        valid = F.pad(valid, (1, 0), value=True)  # (B, 1 + N); [CLS] is always attended
-        attn_mask = valid[:, None, None, :]  # (B, 1, 1, 1 + N), broadcast over heads and queries
-
         for layer in self.layers:
             if self.cfg.gradient_checkpointing and self.training:
                 x = checkpoint(layer, x, attn_mask, use_reentrant=False)
@@ -241,6 +241,8 @@ class AudioEncoder(nn.Module):
 
         if self.pooling == "cls":  # CrossMuSim: the [CLS] output; the mask kept padding out of it
             return x[:, 0]  # (B, D)
+        if valid is None:  # nothing padded: the mean over [CLS] and every token
+            return x.mean(1)  # (B, D)
         # Mean over [CLS] and the song's tokens (released code: mean over all tokens).
         w = valid.to(x.dtype)[..., None]  # (B, 1 + N, 1)
         return (x * w).sum(1) / w.sum(1)  # (B, D)
@@ -275,23 +277,19 @@ class TextEncoder(nn.Module):
             raise ValueError(f"text_pooling must be auto, pooler, cls or mean, got {pooling!r}")
         if pooling == "pooler" and not has_pooler:
             raise ValueError(f"text_pooling='pooler' but {name_or_path} has no pooler; use cls or mean")
-        self.pooling = pooling
-        self.hidden = self.model.config.hidden_size
+        self.pooling, self.hidden = pooling, self.model.config.hidden_size
+        # transformers >= 5 keeps a ready 4-D mask as is; its own 2-D -> 4-D step for SDPA syncs with the device
+        self.mask_4d = hasattr(self.model, "activation_checkpointing_enable") and self.model.config._attn_implementation == "sdpa"
         self.set_checkpointing(gradient_checkpointing)
 
     def set_checkpointing(self, on):
         """Activation (gradient) checkpointing of the transformers model: its own implementation,
         under its transformers-5 name where there is one (the 4.x name warns there)."""
-        m = self.model
+        m, kw = self.model, {"use_reentrant": False}
         if hasattr(m, "activation_checkpointing_enable"):  # transformers >= 5
-            if on:
-                m.activation_checkpointing_enable({"use_reentrant": False})
-            else:
-                m.activation_checkpointing_disable()
-        elif on:
-            m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            m.activation_checkpointing_enable(kw) if on else m.activation_checkpointing_disable()
         else:
-            m.gradient_checkpointing_disable()
+            m.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw) if on else m.gradient_checkpointing_disable()
 
     @property
     def checkpointing(self):
@@ -299,13 +297,18 @@ class TextEncoder(nn.Module):
         return m.is_activation_checkpointing if hasattr(m, "activation_checkpointing_enable") else m.is_gradient_checkpointing
 
     def forward(self, tokens):
+        mask = tokens.get("attention_mask")  # (B, L); None: no token padded (the model then builds no mask)
+        if mask is not None and self.mask_4d:
+            tokens = {**tokens, "attention_mask": mask.bool()[:, None, None, :]}  # (B, 1, 1, L), True = attend
         out = self.model(**tokens)
         if self.pooling == "pooler":
             return out.pooler_output  # (B, H)
         h = out.last_hidden_state  # (B, L, H)
         if self.pooling == "cls":
             return h[:, 0]  # (B, H)
-        m = tokens["attention_mask"].to(h.dtype)[..., None]  # (B, L, 1)
+        if mask is None:
+            return h.mean(1)  # (B, H)
+        m = mask.to(h.dtype)[..., None]  # (B, L, 1)
         return (h * m).sum(1) / m.sum(1).clamp(min=1)  # (B, H)
 
 
@@ -508,13 +511,13 @@ class HTCL(nn.Module):
         (L_aa only). use_trigger_text=True is the released code's variant: L_at
         over both songs and L_af in both directions, at the cost of the trigger's text.
         """
-        B = batch["trig_mel"].shape[0]
-        # One audio pass over both songs of each pair: pad to a common length.
-        T = max(batch["trig_mel"].shape[1], batch["rec_mel"].shape[1])
-        mel = torch.cat([F.pad(batch["trig_mel"], (0, 0, 0, T - batch["trig_mel"].shape[1])),
-                         F.pad(batch["rec_mel"], (0, 0, 0, T - batch["rec_mel"].shape[1]))])  # (2B, T, M)
-        mask = torch.cat([F.pad(batch["trig_padding_mask"], (0, T - batch["trig_mel"].shape[1]), value=True),
-                          F.pad(batch["rec_padding_mask"], (0, T - batch["rec_mel"].shape[1]), value=True)])  # (2B, T)
+        # One audio pass over both songs of each pair: pad to a common length. A mask of None: nothing padded.
+        mels, masks = (batch["trig_mel"], batch["rec_mel"]), (batch["trig_padding_mask"], batch["rec_padding_mask"])
+        B, T = mels[0].shape[0], max(m.shape[1] for m in mels)
+        mel = torch.cat([F.pad(m, (0, 0, 0, T - m.shape[1])) for m in mels])  # (2B, T, M)
+        mask = None if all(k is None and m.shape[1] == T for m, k in zip(mels, masks)) else torch.cat([
+            F.pad(m.new_zeros(m.shape[:2], dtype=torch.bool) if k is None else k, (0, T - m.shape[1]), value=True)
+            for m, k in zip(mels, masks)])  # (2B, T), True at padded frames
         audio_emb = self.encode_audio(mel, mask, normalize=False)  # (2B, D)
         trig_audio, rec_audio = audio_emb[:B], audio_emb[B:]  # (B, D) each
 

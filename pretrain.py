@@ -27,8 +27,8 @@ from tqdm.auto import tqdm
 
 import data
 import model as htcl
-from training import (CurvePlotter, IntervalLog, _flatten_toml, _trackers, parse_config, resume_progress,
-                      save_checkpoint)
+from training import (CurvePlotter, IntervalLog, NonFiniteGuard, _flatten_toml, _trackers, parse_config,
+                      resume_progress, save_checkpoint)
 
 # -----------------------------------------------------------------------------
 # Config: one dataclass per stage, CLI flags generated from it (training.parse_config).
@@ -62,6 +62,11 @@ class TrainConfig:
     resume: bool = False              # continue from the last checkpoint in out_dir
     max_steps: int = 0                # > 0: stop after this many optimizer steps (smoke runs)
     report_to: str = "none"           # Accelerate tracker for the curves: none | tensorboard (pip install tensorboard) | wandb | ...
+    # Speed switches (none changes the method but tf32; make_fast says why each default is what it is).
+    compile: bool = False             # torch.compile both towers (off until measured on a GPU: see make_fast)
+    text_bucket: int = 64             # with --compile: texts padded on to a multiple of this (<= max_text_length)
+    frame_bucket: int = 128           # with --compile: a padded batch's frames on to a multiple of this (<= 1251)
+    tf32: bool = True                 # NOTE(paper): CUDA fp32 matmuls and convolutions on TF32 tensor cores; --no-tf32 = full fp32
 
 
 @dataclass
@@ -102,6 +107,7 @@ def train(cfg, model, tokenizer, loss_fn, train_set, val_set, song_set, stage):
     train_loader, val_loader, song_loader = make_loaders(cfg, tokenizer, train_set, val_set, song_set, world,
                                                          pin_memory=accelerator.device.type == "cuda")
     optimizer = build_optimizer(model, cfg, accelerator.device.type)
+    make_fast(cfg, model, accelerator.device)  # TF32 on CUDA; torch.compile of both towers with --compile
     steps_per_epoch = len(train_loader) // (accum * world)
     scheduler, total_steps = build_schedule(optimizer, cfg, steps_per_epoch)
     model, optimizer, train_loader, val_loader, song_loader = accelerator.prepare(
@@ -116,7 +122,8 @@ def train(cfg, model, tokenizer, loss_fn, train_set, val_set, song_set, stage):
         f"{world} process(es) x {cfg.batch_per_device} x {accum} accumulation = global batch {cfg.global_batch} | "
         f"{steps_per_epoch} steps/epoch, {total_steps} steps | {sum(p.numel() for p in net.parameters()):,} params")
     log, curves = open_logs(accelerator, cfg, say, stage, cfg.batch_per_device * world, total_steps)
-    metrics, step, nonfinite_run = {}, progress["step"], 0
+    guard = NonFiniteGuard(accelerator, optimizer, cfg.max_nonfinite_steps, cfg.out_dir, say, progress["step"])
+    metrics, step = {}, progress["step"]
     model.train()
     for epoch in range(progress["epoch"], cfg.epochs):
         if step >= total_steps:
@@ -134,20 +141,19 @@ def train(cfg, model, tokenizer, loss_fn, train_set, val_set, song_set, stage):
                     # The norm of the all-reduced gradient is the same on every process, so all
                     # of them skip a non-finite step together (no DDP hang).
                     grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm or math.inf)
-                    finite = bool(torch.isfinite(grad_norm))
-                    if finite:
-                        optimizer.step()
+                    guard.step(grad_norm)  # optimizer.step(), unless the norm is NaN/inf: decided on the device
                     optimizer.zero_grad(set_to_none=True)
             log.add(loss, parts)
             if not accelerator.sync_gradients:  # gradients still accumulating: no optimizer step yet
                 continue
-            if not finite:
-                nonfinite_run = skip_update(cfg, log, say, step, loss, nonfinite_run)
-                continue
-            nonfinite_run = 0
             scheduler.step()
             net.clamp_logit_scales()
-            step += 1
+            step += 1  # counted as applied: guard.settle takes back the skipped ones
+            if not settle_due(cfg, step, total_steps):  # between log steps the host never waits for the device
+                continue
+            step, moved = guard.settle(step, scheduler)
+            if not moved:  # every step since the last settle was skipped
+                continue
             log.step(epoch, step, scheduler.get_last_lr()[0], net, force=step % cfg.log_every == 0 or step == total_steps)
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and batches < len(train_loader):
                 save_checkpoint(accelerator, cfg, {"epoch": epoch, "step": step, "batches": batches})
@@ -155,10 +161,11 @@ def train(cfg, model, tokenizer, loss_fn, train_set, val_set, song_set, stage):
                 break
 
         # End of an epoch: validate, log, checkpoint (where --resume picks up).
+        step, _ = guard.settle(step, scheduler)
         metrics = validate(accelerator, model, loss_fn, val_loader, song_loader)
         say(f"epoch {epoch} | " + " | ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
                                               for k, v in metrics.items()))
-        log.write({"stage": stage, "epoch": epoch, "step": step, "skipped_nonfinite": log.skipped, **metrics})
+        log.write({"stage": stage, "epoch": epoch, "step": step, "skipped_nonfinite": guard.skipped, **metrics})
         if curves:
             curves.request()
         save_checkpoint(accelerator, cfg, {"epoch": epoch + 1, "step": step, "batches": 0})
@@ -168,7 +175,7 @@ def train(cfg, model, tokenizer, loss_fn, train_set, val_set, song_set, stage):
     save_final(accelerator, cfg, net, tokenizer, stage, metrics, say)  # the artifact the next stage loads
     log.close()
     accelerator.end_training()
-    return {**metrics, "skipped_nonfinite": log.skipped}
+    return {**metrics, "skipped_nonfinite": guard.skipped}
 
 
 # -----------------------------------------------------------------------------
@@ -192,7 +199,8 @@ def make_accelerator(cfg, stage):
     accum = cfg.global_batch // (cfg.batch_per_device * world)
     trackers = _trackers(cfg.report_to)
     accelerator = Accelerator(cpu=cpu, mixed_precision=cfg.mixed_precision or None, gradient_accumulation_steps=accum,
-                              dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+                              # non_blocking: batches go to the GPU from pinned memory (make_loaders) while it computes
+                              dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, non_blocking=True),
                               log_with=trackers, project_dir=cfg.out_dir if trackers else None)
     if trackers:  # e.g. tensorboard --logdir runs/demo/pretrain
         accelerator.init_trackers(f"stage{stage}", config={k: v if isinstance(v, (int, float, str, bool)) else str(v)
@@ -203,7 +211,8 @@ def make_accelerator(cfg, stage):
 def make_loaders(cfg, tokenizer, train_set, val_set, song_set, world, pin_memory):
     """DataLoaders of the training samples (shuffled, seeded, whole batches only), the held-out
     samples and the held-out songs (every one of them)."""
-    collate = data.Collator(tokenizer, cfg.max_text_length)
+    collate = TrainCollator(data.Collator(tokenizer, cfg.max_text_length, cfg.text_bucket if cfg.compile else 0),
+                            cfg.frame_bucket if cfg.compile else 0)
     # A dataset that draws per epoch (CrossMuSim crops) is told the epoch before each pass; its
     # workers must then be started afresh each epoch, so they hold the dataset with that epoch.
     redraws = hasattr(train_set, "set_epoch")
@@ -225,6 +234,60 @@ def make_loaders(cfg, tokenizer, train_set, val_set, song_set, world, pin_memory
     return train_loader, val_loader, song_loader
 
 
+class TrainCollator:
+    """data.Collator's batches for the loop, told on the host what the device should not have to
+    find out: a padding mask that marks nothing becomes None, and so does a text attention mask
+    that marks every token: the towers' unmasked paths, with no attention mask, so SDPA may choose
+    its flash kernel (at paper size no song is padded, and most texts fill 512 tokens).
+    frame_bucket > 0 (--compile): the frames go on to a multiple of it (at most data.MAX_FRAMES),
+    as padding the model masks, so the compiled audio tower sees a few lengths, not one a batch."""
+
+    def __init__(self, collate, frame_bucket=0):
+        self.collate, self.frame_bucket = collate, frame_bucket
+
+    def __call__(self, items):  # in a DataLoader worker (or the main process): host tensors, no device sync
+        batch = self.collate(items)
+        for key in [k for k in batch if k.endswith("padding_mask")]:
+            mel, mask = key[: -len("padding_mask")] + "mel", batch[key]
+            T = mask.shape[1]
+            to = min(-(-T // self.frame_bucket) * self.frame_bucket, data.MAX_FRAMES) if self.frame_bucket else T
+            if to > T:
+                batch[mel] = torch.nn.functional.pad(batch[mel], (0, 0, 0, to - T))  # (B, to, n_mels)
+                mask = batch[key] = torch.nn.functional.pad(mask, (0, to - T), value=True)  # (B, to)
+            batch[key] = None if not mask.any() else mask
+        for key in [k for k in batch if k.endswith("tokens")]:
+            if batch[key]["attention_mask"].all():
+                batch[key] = {**batch[key], "attention_mask": None}
+        return batch
+
+
+def make_fast(cfg, model, device):
+    """The run's speed switches (docs/PERFORMANCE.md has what each bought).
+
+    tf32 (default on): CUDA runs their fp32 matmuls and convolutions on TF32 tensor cores, a 10-bit
+    mantissa for the products, fp32 accumulation; bf16 autocast runs are barely touched (their
+    matmuls are bf16 already). --no-tf32 for IEEE fp32 throughout.
+    compile (default off, on every device): both towers are compiled in place (parameter names, and
+    so checkpoints and artifacts, stay as they are); validation runs them eagerly. Off until a GPU
+    measurement says it pays (bench.py step_fast_* rows): a cold compile of both towers costs
+    minutes, which a short run never earns back, and Inductor's dynamic shapes fail on the conv
+    stem's length arithmetic (torch 2.13, reproduced on CPU), so shapes are static and the batches
+    go to bucket lengths (text_bucket, frame_bucket): a compile per bucket, and padded compute.
+    """
+    if device.type == "cuda":
+        precision = "tf32" if cfg.tf32 else "ieee"
+        if hasattr(torch.backends.cuda.matmul, "fp32_precision"):  # torch >= 2.9
+            torch.backends.cuda.matmul.fp32_precision = torch.backends.cudnn.conv.fp32_precision = precision
+        else:
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.tf32
+    if cfg.compile:
+        # one graph per bucket length: up to 1251 / frame_bucket + 1 audio and 512 / text_bucket text shapes
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
+        model.audio_encoder.compile(dynamic=False)
+        if model.text_encoder is not None:
+            model.text_encoder.model.compile(dynamic=False)
+
+
 def open_logs(accelerator, cfg, say, stage, batch_global, total_steps):
     """The interval log (log.jsonl, trackers) and, on the main process, the curves.png plotter.
     batch_global, the negatives per contrastive loss, gives each line's chance level ln(B)."""
@@ -244,18 +307,11 @@ def epoch_loader(accelerator, train_loader, train_set, epoch, skip):
     return loader
 
 
-def skip_update(cfg, log, say, step, loss, nonfinite_run):
-    """A step whose loss or gradient is NaN/inf is not applied: count it, say so, and stop the run
-    after cfg.max_nonfinite_steps in a row. Returns the new count in a row."""
-    nonfinite_run += 1
-    log.skipped += 1
-    say(f"step {step + 1}: non-finite loss/gradient (loss {loss.item()}), update skipped "
-        f"({nonfinite_run} in a row, {log.skipped} in all)")
-    if nonfinite_run >= cfg.max_nonfinite_steps:
-        raise SystemExit(f"{nonfinite_run} non-finite steps in a row: stopping. The last checkpoint "
-                         f"in {cfg.out_dir}/checkpoints is intact; try a lower --lr, "
-                         f"--mixed_precision no, or check the data.")
-    return nonfinite_run
+def settle_due(cfg, step, total_steps):
+    """Whether the host reads the device's counts after this optimizer step (NonFiniteGuard.settle):
+    at log and checkpoint steps and the last step, where it has to wait for the device anyway."""
+    return step % cfg.log_every == 0 or step >= total_steps or bool(cfg.checkpoint_every and
+                                                                     step % cfg.checkpoint_every == 0)
 
 
 def save_final(accelerator, cfg, net, tokenizer, stage, metrics, say):
@@ -334,6 +390,7 @@ def embed_songs(accelerator, model, loader):
 
 
 @torch.no_grad()
+@torch.compiler.set_stance("force_eager")  # --compile: eager here, no graphs for eval mode and odd batch sizes
 def validate(accelerator, model, loss_fn, val_loader, song_loader):
     """Mean validation loss and audio->text / text->audio R@1, R@10 (chance: k / N)."""
     from evals.metrics import recall_at_k

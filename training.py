@@ -4,6 +4,7 @@ the steps of one iteration (pretrain.train; finetune.py runs the same loop):
     dataclass -> CLI and presets   parse_config (every field a flag, `--preset FILE.toml` tables)
     trackers                       --report_to -> Accelerate's log_with
     logging                        IntervalLog (one line per interval + log.jsonl), CurvePlotter / plot_curves
+    non-finite steps               NonFiniteGuard (skipped on the device; the host reads the counts at log steps)
     checkpoints                    save_checkpoint (atomic, pruned), resume_progress (--resume)
 
 None of it is part of the method (HTCL Sec. 2.1 / 2.2): it is how a run is configured, watched
@@ -25,6 +26,8 @@ import sys
 import threading
 import time
 import tomllib
+
+import torch
 
 import model as htcl
 
@@ -166,7 +169,8 @@ def _trackers(report_to):
 class IntervalLog:
     """One line per log interval: step, loss (parts), chance level ln(B), lr, temperatures,
     samples/s; also appended to out_dir/log.jsonl, and sent to the Accelerate trackers
-    (--report_to). Non-finite losses are left out of the means."""
+    (--report_to). Non-finite losses are left out of the means. The sums stay on the device
+    until a line is written, so that the host does not wait for the device at every step."""
 
     def __init__(self, out_dir, say, stage, batch_global, total_steps, accelerator=None):
         self.say, self.stage, self.batch_global, self.total_steps = say, stage, batch_global, total_steps
@@ -174,27 +178,28 @@ class IntervalLog:
         if out_dir:
             os.makedirs(out_dir, exist_ok=True)
         self.file = open(os.path.join(out_dir, "log.jsonl"), "a") if out_dir else None
-        self.skipped = 0
         self.reset()
 
     def reset(self):
-        self.t0, self.n, self.loss, self.parts = time.time(), 0, 0.0, {}
+        self.t0, self.sums, self.keys = time.time(), None, ()
 
     def add(self, loss, parts):
-        loss = loss.item()
-        if math.isfinite(loss):
-            self.n += 1
-            self.loss += loss
-            for k, v in parts.items():
-                self.parts[k] = self.parts.get(k, 0.0) + v.item()
+        """Adds to the interval's sums on the device: (loss, *parts, number of finite losses)."""
+        vals = torch.stack([loss.detach().float(), *(v.detach().float() for v in parts.values())])  # (1 + P,)
+        finite = torch.isfinite(vals[0])
+        vals = torch.cat([torch.where(finite, vals, 0.0), finite.float()[None]])  # (2 + P,)
+        self.sums, self.keys = vals if self.sums is None else self.sums + vals, tuple(parts)
 
     def step(self, epoch, step, lr, net, force):
-        if not force or not self.n:
+        if not force or self.sums is None:
             return
-        parts = {k: v / self.n for k, v in self.parts.items()}
-        rec = {"stage": self.stage, "epoch": epoch, "step": step, "loss": self.loss / self.n,
+        loss, *sums, n = self.sums.tolist()  # the interval's one transfer to the host
+        if not n:
+            return
+        parts = {k: v / n for k, v in zip(self.keys, sums)}
+        rec = {"stage": self.stage, "epoch": epoch, "step": step, "loss": loss / n,
                "ln_B": math.log(self.batch_global), "lr": lr,
-               "samples_per_s": self.n * self.batch_global / (time.time() - self.t0),
+               "samples_per_s": n * self.batch_global / (time.time() - self.t0),
                **{f"loss_{k}": v for k, v in parts.items()}}
         detail = f" ({' '.join(f'{k} {v:.3f}' for k, v in parts.items())})" if len(parts) > 1 else ""
         temps = {k: 1 / v.exp().item() for k, v in net.logit_scale.items() if v.requires_grad}
@@ -217,6 +222,61 @@ class IntervalLog:
     def close(self):
         if self.file:
             self.file.close()
+
+
+class NonFiniteGuard:
+    """Skips an optimizer step whose gradient norm is NaN/inf, and stops the run after
+    max_in_a_row of them in a row, without the host waiting for the device at every step.
+
+    step(grad_norm) hands the flag to torch's fused Adam as its found_inf (the mechanism GradScaler
+    uses): the fused kernel then changes no weight, no moment and no step count, all on the device.
+    An optimizer without it (not fused, or fp16, whose GradScaler owns found_inf) is checked on the
+    host instead, one sync a step. The counts stay on the device until settle(), which the loop
+    calls where it syncs anyway (log and checkpoint steps, an epoch's end): one transfer, then the
+    skipped steps are taken back from the step count and the lr schedule, said, and counted.
+    Two consequences of waiting: max_in_a_row in a row stop the run at the next settle (up to
+    log_every steps late; the skipped steps changed nothing meanwhile), and between a skipped step
+    and that settle the schedule runs one position ahead per skipped step.
+    """
+
+    def __init__(self, accelerator, optimizer, max_in_a_row, out_dir, say, step=0):
+        self.optimizer, self.max_in_a_row, self.out_dir, self.say = optimizer, max_in_a_row, out_dir, say
+        self.inner = getattr(optimizer, "optimizer", optimizer)  # torch's, under Accelerate's wrapper
+        self.on_device = accelerator.scaler is None and all(g.get("fused") for g in self.inner.param_groups)
+        # skipped since the last settle, in a row now, the longest run since the last settle
+        self.counts = torch.zeros(3, device=accelerator.device)
+        self.skipped, self.settled = 0, step  # in all, and the step count, as of the last settle
+
+    def step(self, grad_norm):
+        bad = (~torch.isfinite(grad_norm)).float().reshape(())
+        if self.on_device:
+            self.inner.found_inf = bad
+            try:
+                self.optimizer.step()
+            finally:
+                del self.inner.found_inf
+        elif not bad.item():
+            self.optimizer.step()
+        run = (self.counts[1] + 1) * bad
+        self.counts = torch.stack([self.counts[0] + bad, run, torch.maximum(self.counts[2], run)])
+
+    def settle(self, step, scheduler):
+        """-> (the number of steps applied, whether it grew since the last settle)."""
+        bad, run, longest = (int(v) for v in self.counts.tolist())  # the one transfer to the host
+        self.counts = torch.stack([self.counts[0] * 0, self.counts[1], self.counts[1]])
+        if bad:
+            step -= bad
+            self.skipped += bad
+            scheduler.last_epoch -= bad + 1  # back to the applied steps: step() adds one and sets the lr
+            scheduler.step()
+            self.say(f"step {step + 1}: {bad} update(s) with a non-finite loss/gradient skipped since the last "
+                     f"log ({run} in a row now, {self.skipped} in all)")
+        if longest >= self.max_in_a_row:
+            raise SystemExit(f"{longest} non-finite steps in a row: stopping. The last checkpoint "
+                             f"in {self.out_dir}/checkpoints is intact; try a lower --lr, "
+                             f"--mixed_precision no, or check the data.")
+        grew, self.settled = step > self.settled, step
+        return step, grew
 
 
 class CurvePlotter:
