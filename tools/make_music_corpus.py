@@ -167,11 +167,14 @@ def score_works(style, spec, rng, render_dir, clip, min_excerpts):
     if style == "string_quartet":
         paths = [p for p in paths if p.endswith((".mxl", ".krn"))]
     rng.shuffle(paths)
-    out = []
+    out, seen = [], set()
     for path in paths:
         if len(out) == max_works:
             break
         name = os.path.splitext(path.split("corpus/")[-1])[0].replace("/", "_")
+        if name in seen:  # one work in two encodings (e.g. .krn and .mxl): once
+            continue
+        seen.add(name)
         r = render_score(path, programs, rng, os.path.join(render_dir, f"{style}_{name}.wav"))
         if r is None:
             continue
