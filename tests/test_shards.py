@@ -72,9 +72,14 @@ def tar_digests(folder):
             for p in sorted(glob.glob(os.path.join(folder, "shard-*.tar")))}
 
 
-def run_cli(*args):
-    return subprocess.run([sys.executable, str(REPO / "shards.py"), *map(str, args)], capture_output=True,
+def run_cli(*args, script="shards.py"):
+    return subprocess.run([sys.executable, str(REPO / script), *map(str, args)], capture_output=True,
                           text=True, env={**os.environ, **THREADS}, cwd=REPO, timeout=300)  # the s3 fixture's env
+
+
+def run_prepare(*args):
+    """data.py prepare --shards ...: the user's one entry for writing shards."""
+    return run_cli("prepare", *args, script="data.py")
 
 
 @pytest.fixture(scope="module")
@@ -133,6 +138,28 @@ def test_two_ranks_two_workers_see_every_song_once(world):
     batch = next(iter(DataLoader(ds, 4, collate_fn=data.Collator(tok))))  # the items data.Collator batches
     assert batch["mel"].shape[0] == 4 and batch["mel"].dtype == torch.float32
     assert set(batch) == {"mel", "padding_mask", "tokens", "row"} and batch["tokens"]["input_ids"].shape[0] == 4
+
+
+def test_a_split_of_the_rows_is_streamed_once_over_ranks_and_workers(world):
+    catalog = data.load_catalog(world["catalog"])
+    rows = [r for r in range(48) if r % 5 != 2]  # 38 of 48 (a train split), scattered over every shard
+    seen, order = [], shards.plan_layout(catalog, 4 * PER_SONG)[1]
+    for rank in (0, 1):
+        ds = shards.ShardDataset(world["out"], 3, rank=rank, world_size=2, num_workers=2, catalog=catalog, rows=rows)
+        assert list(ds.counts) == [sum(r % 5 != 2 for r in order[k * 4:(k + 1) * 4]) for k in range(12)]
+        assert ds.dropped == 38 - 36 and len(ds) == 18  # 38 // (4 streams x 3) = 3 batches a stream
+        batches = rows_of(ds, 2, epoch=1)
+        assert rows_of(ds, 2, epoch=1, start_batch=4) == batches[4:]  # exact resume inside the subset
+        seen += [r for b, _ in batches for r in b]
+    assert len(seen) == len(set(seen)) == 36 and set(seen) <= set(rows)
+    assert ds.plan() != shards.ShardDataset(world["out"], 3, rank=1, world_size=2, num_workers=2).plan()
+    other = data.load_catalog(make_catalog(world["root"] / "other", 48, start=1))
+    with pytest.raises(shards.ShardError, match="written from another catalog"):
+        shards.ShardDataset(world["out"], 3, catalog=other, rows=rows)
+    every = sorted(it["row"] for rank in (0, 1) for it in
+                   DataLoader(shards.ShardSongs(world["out"], rank, 2, catalog=catalog, rows=rows),
+                              None, num_workers=2))
+    assert every == rows  # embedding: each rank its own shards, every wanted song once
 
 
 def test_unequal_shards_every_rank_same_batches(tmp_path):
@@ -241,17 +268,18 @@ def test_parts_merge_and_refusals(world, tmp_path, monkeypatch):
     out = str(tmp_path / "parts")
     for i in (0, 2):
         shards.write(world["catalog"], out, part=(i, 3), shard_bytes=4 * PER_SONG, mel_fn=fake_mel)
-    with pytest.raises(shards.ShardError, match=r"parts 1/3 not written yet.*--part 1/3"):
+    with pytest.raises(shards.ShardError, match=r"parts 1/3 not written yet.*--shard 1/3"):
         shards.merge(out)
     with pytest.raises(shards.ShardError, match="no index.json"):
         shards.ShardDataset(out, 4)
     shards.write(world["catalog"], out, part=(1, 3), shard_bytes=4 * PER_SONG, mel_fn=fake_mel)
+    assert json.load(open(os.path.join(out, "index.json")))["parts"] == 3  # the last part to finish merged
     ix = shards.merge(out)
     single = json.load(open(os.path.join(world["out"], "index.json")))
     assert ix["shards"] == single["shards"] and ix["parts"] == 3 and tar_digests(out) == tar_digests(world["out"])
     with pytest.raises(shards.ShardError, match="another part count"):
         shards.write(world["catalog"], out, part=(0, 2), shard_bytes=4 * PER_SONG, mel_fn=fake_mel)
-    with pytest.raises(shards.ShardError, match="another catalog, --shard_bytes, seed"):
+    with pytest.raises(shards.ShardError, match="another catalog, --shard_size_mb, seed"):
         shards.write(world["catalog"], out, part=(0, 3), shard_bytes=4 * PER_SONG, seed=1, mel_fn=fake_mel)
     # a part index copied from another layout: refused by merge, naming the part
     p1 = os.path.join(out, "index-part-00001-of-00003.json")
@@ -275,9 +303,9 @@ def test_real_audio_and_bad_files(tmp_path):
     rows[2][1], rows[5][1] = str(tmp_path / "missing.mp3"), str(broken)  # catalog rows 1 and 4 (0: header)
     csv.writer(open(cat, "w", newline="", encoding="utf-8")).writerows(rows)
     out = str(tmp_path / "s")
-    r = run_cli("write", "--catalog", cat, "--out", out, "--shard_bytes", 2 * PER_SONG, "--num_workers", 2)
+    r = run_prepare("--catalog", cat, "--shards", out, "--shard_size_mb", 2 * PER_SONG / 1e6, "--num_workers", 2)
     err = r.stderr.strip().splitlines()
-    assert r.returncode == 1 and err[-1].startswith("Error: ") and "2 of 6 songs" in err[-1]
+    assert r.returncode == 1 and err[-1].startswith("error: ") and "2 of 6 songs" in err[-1]
     assert "bad-part-00000-of-00001.csv" in err[-1] and "2 failed" in r.stdout
     bad = list(csv.DictReader(open(os.path.join(out, "bad-part-00000-of-00001.csv"))))
     assert sorted(b["path"] for b in bad) == sorted([str(tmp_path / "missing.mp3"), str(broken)])
@@ -292,20 +320,29 @@ def test_real_audio_and_bad_files(tmp_path):
         assert torch.equal(it["mel"], torch.from_numpy(ref)) and it["text"] == catalog[it["row"]].text
     r = run_cli("info", out)
     assert r.returncode == 0 and "4 songs, 2 failed to decode" in r.stdout
+    # a subset of the rows (a split) counts its samples per shard without reading them: row 1 failed
+    sub = shards.ShardDataset(out, 1, catalog=catalog, rows=[0, 1, 2, 3])
+    assert len(sub) == 3 and sorted(it["row"] for it in sub) == [0, 2, 3]
+    assert sorted(it["row"] for it in shards.ShardSongs(out, catalog=catalog, rows=[1, 4, 5])) == [5]
 
 
 def test_cli_help_and_errors(tmp_path):
-    r = run_cli("write", "--help")
-    assert r.returncode == 0 and "--shard_bytes" in r.stdout and "1000000000" in r.stdout and "--num_workers" in r.stdout
-    for args, words in [(["write", "--catalog", "x.csv", "--out", tmp_path, "--part", "3/2"], "--part wants i/n"),
-                        (["info", tmp_path], "no index.json"),
-                        (["merge", "--out", tmp_path], "no part indexes"),
-                        (["write", "--catalog", tmp_path / "none.csv", "--out", tmp_path], "none.csv"),
-                        (["write", "--catalog", make_catalog(tmp_path, 2), "--out", "http://127.0.0.1:9/x"],
-                         "read-only")]:
+    r = run_prepare("--help")
+    assert r.returncode == 0 and "--shard_size_mb" in r.stdout and "--shards" in r.stdout and "1000" in r.stdout
+    cat = make_catalog(tmp_path, 2)
+    for args, words in [(["info", tmp_path], "no index.json"),
+                        (["merge", "--out", tmp_path], "no part indexes")]:
         r = run_cli(*args)
         lines = r.stderr.strip().splitlines()
         assert r.returncode != 0 and len(lines) == 1 and lines[0].startswith("Error: ") and words in lines[0], r.stderr
+    for args, words in [(["--catalog", cat, "--shards", tmp_path, "--shard", "3/2"], "--shard wants i/n"),
+                        (["--catalog", cat], "give one of --cache DIR"),
+                        (["--catalog", cat, "--shards", tmp_path / "s", "--cache", tmp_path / "c"], "give one of"),
+                        (["--catalog", tmp_path / "none.csv", "--shards", tmp_path], "none.csv"),
+                        (["--catalog", cat, "--shards", "http://127.0.0.1:9/x"], "read-only")]:
+        r = run_prepare(*args)
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode != 0 and words in lines[-1] and "Traceback" not in r.stderr, r.stderr
 
 
 def _free_port():
