@@ -13,6 +13,7 @@ import hashlib
 import http.server
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -417,3 +418,99 @@ def test_loader_benchmark_local(world):
     warm = shards.loader_benchmark(world["out"], 4, 2, 8)
     for b in (cold, warm):
         assert b["batches"] == 8 and b["samples"] == 32 and b["mb_per_s"] > 0
+
+
+# -----------------------------------------------------------------------------
+# Streaming training (pretrain.py --shards) and embedding (evaluate.py embed --shards) on real log-mels
+
+PRESET = REPO / "sample_data" / "preset.toml"
+LAUNCH2 = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+
+
+@pytest.fixture(scope="module")
+def real(tmp_path_factory):
+    """48 sample songs (36 in the train split) written by `data.py prepare --shards`: 12 shards of 4."""
+    root = tmp_path_factory.mktemp("real")
+    cat = make_catalog(root, 48)
+    r = run_prepare("--catalog", cat, "--shards", root / "shards", "--shard_size_mb", 4 * PER_SONG / 1e6,
+                    "--num_workers", 2)
+    assert r.returncode == 0, r.stderr
+    return {"root": root, "catalog": cat, "out": str(root / "shards")}
+
+
+def run_ok(cmd, timeout=300):
+    p = subprocess.run([str(c) for c in cmd], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=timeout)
+    assert p.returncode == 0, f"{' '.join(map(str, cmd))}:\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}"
+    return p.stdout + p.stderr
+
+
+def train_flags(real, out, *more):
+    return ["--preset", PRESET, "--catalog", real["catalog"], "--cache", "", "--shards", real["out"],
+            "--out_dir", out, "--num_workers", 2, "--shuffle_buffer", 5, "--log_every", 1, *more]
+
+
+RECORDER = """
+import json, os, sys
+sys.path.insert(0, {repo!r})
+import pretrain
+seen, inner = [], pretrain.stage1_loss
+def recording(model, batch):  # the training batches this process saw
+    if model.training:
+        seen.append(batch["row"].tolist())
+    return inner(model, batch)
+pretrain.stage1_loss = recording
+pretrain.main(sys.argv[1:])
+out = sys.argv[sys.argv.index("--out_dir") + 1]
+json.dump(seen, open(os.path.join(out, "rows-%s.json" % os.environ.get("RANK", "0")), "w"))
+"""
+
+
+def test_pretrain_two_processes_two_workers_see_every_training_song_once(real, tmp_path):
+    script, out = tmp_path / "record.py", tmp_path / "ddp"
+    script.write_text(RECORDER.format(repo=str(REPO)))
+    log = run_ok(LAUNCH2 + [script, *train_flags(real, out, "--batch_per_device", 3, "--global_batch", 12,
+                                                   "--epochs", 1, "--checkpoint_every", 0)])
+    assert "2 process(es) x 3 x 2 accumulation = global batch 12" in log and "3 steps/epoch" in log
+    per_rank = [json.load(open(out / f"rows-{r}.json")) for r in (0, 1)]
+    assert [len(b) for b in per_rank] == [6, 6] and all(len(x) == 3 for b in per_rank for x in b)
+    seen = [r for b in per_rank for x in b for r in x]
+    catalog = data.load_catalog(real["catalog"])
+    train_rows = data.split_rows(catalog, "train")
+    assert len(train_rows) == 36 and sorted(seen) == train_rows  # 2 processes x 2 workers: each song once
+    train, _ = read_log(out)
+    assert [r["step"] for r in train] == [1, 2, 3]
+
+
+def read_log(out_dir):
+    rows = [json.loads(line) for line in open(os.path.join(out_dir, "log.jsonl"))]
+    return [r for r in rows if "loss" in r], [r for r in rows if "val_loss" in r]
+
+
+def test_pretrain_resume_after_sigkill_mid_epoch_replays_the_same_losses(real, tmp_path):
+    """kill -9 mid-epoch, --resume: the batches after the restart (and so every loss) are those of
+    an unkilled run, as test_smoke's test of the memory-mapped cache checks."""
+    common = [sys.executable, "pretrain.py", *train_flags(real, "OUT", "--batch_per_device", 3, "--global_batch", 3,
+                                                          "--epochs", 2, "--checkpoint_every", 5)]
+    at = lambda out: [str(out) if c == "OUT" else c for c in common]  # noqa: E731
+    run_ok(at(tmp_path / "full"))
+    p = subprocess.Popen([str(c) for c in at(tmp_path / "cut")], cwd=REPO, env=ENV, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.PIPE, text=True)
+    ckpt = tmp_path / "cut" / "checkpoints" / "step_000000015"  # 12 steps an epoch: 3 batches into epoch 1
+    _kill_after(p, ckpt.exists, timeout=300)
+    assert not (tmp_path / "cut" / "final").exists(), "the run finished before the kill"
+    shutil.copytree(tmp_path / "cut", tmp_path / "other")
+    out = run_ok(at(tmp_path / "cut") + ["--resume"])
+    import re
+    resumed = re.search(r"resumed from .*step_(\d+): epoch (\d+), step \d+, (\d+) batches into the epoch", out)
+    assert resumed and int(resumed.group(3)) % 2 == 1, out[-2000:]  # mid-epoch, at an odd batch: worker 1 next
+    full, full_val = read_log(tmp_path / "full")
+    cut = {r["step"]: r for r in read_log(tmp_path / "cut")[0]}
+    assert sorted(cut) == [r["step"] for r in full] == list(range(1, 25))
+    for b in full:
+        assert cut[b["step"]]["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-6), (cut[b["step"]], b)
+    assert read_log(tmp_path / "cut")[1][-1]["val_loss"] == pytest.approx(full_val[-1]["val_loss"], rel=1e-5)
+    # a resume with another data plan cannot give the same batches: refused in one line
+    r = subprocess.run([str(c) for c in at(tmp_path / "other") + ["--resume", "--shuffle_buffer", "7"]], cwd=REPO,
+                       env=ENV, capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0 and "shuffle_buffer 5 -> 7" in r.stderr.strip().splitlines()[-1], r.stderr[-2000:]
