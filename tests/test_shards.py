@@ -514,3 +514,64 @@ def test_pretrain_resume_after_sigkill_mid_epoch_replays_the_same_losses(real, t
     r = subprocess.run([str(c) for c in at(tmp_path / "other") + ["--resume", "--shuffle_buffer", "7"]], cwd=REPO,
                        env=ENV, capture_output=True, text=True, timeout=300)
     assert r.returncode != 0 and "shuffle_buffer 5 -> 7" in r.stderr.strip().splitlines()[-1], r.stderr[-2000:]
+
+
+@pytest.fixture(scope="module")
+def artifact(tmp_path_factory):
+    """A small seeded HTCL (random weights: embeddings only have to be the same, not good) saved as pretrain does."""
+    import model as htcl
+    from transformers import AutoTokenizer
+    torch.manual_seed(0)
+    audio = htcl.AudioConfig(conv_channels=32, hidden=32, layers=2, heads=2, ffn=64)
+    net = htcl.HTCL(htcl.HTCLConfig(audio=audio, text_model=str(SAMPLE / "tiny-bert"), text_pretrained=False,
+                                    proj_dims=(24, 16), fusion_dims=(16, 16)))
+    folder = tmp_path_factory.mktemp("artifact") / "final"
+    htcl.save_artifact(net, AutoTokenizer.from_pretrained(str(SAMPLE / "tiny-bert")), str(folder))
+    return folder
+
+
+def test_embed_over_shards_two_processes_give_the_embeddings_of_one(real, artifact, tmp_path):
+    from evals import embeddings
+    embed = [REPO / "evaluate.py", "embed", "--artifact", artifact, "--catalog", real["catalog"], "--shards",
+             real["out"], "--text", "--fused", "--batch_size", 5]
+    run_ok([sys.executable, *embed, "--out", tmp_path / "one"])
+    log = run_ok(LAUNCH2 + [*embed, "--out", tmp_path / "two"])
+    assert log.count("embed: 48 songs x audio 16-d, text 16-d, fused 16-d") == 1  # rank 0 merges and writes
+    catalog = data.load_catalog(real["catalog"])
+    for kind in ("audio", "text", "fused"):
+        ids1, x1 = embeddings.load_embeddings(str(tmp_path / "one"), kind)
+        ids2, x2 = embeddings.load_embeddings(str(tmp_path / "two"), kind)
+        assert ids1 == ids2 == [catalog[r].song_id for r in range(48)]  # catalog order, whoever embedded a song
+        assert x1.shape == (48, 16) and np.allclose(x1, x2, atol=1e-5)
+        gap = np.abs(x1[:, None] - x1[None]).max(-1) + np.eye(48)  # songs differ by more than the tolerance
+        assert gap.min() > 2e-5, (kind, gap.min())
+    assert not os.path.exists(tmp_path / "two" / ".parts")  # merged, then removed
+    # independently: embed_catalog (the --cache path, one process, catalog order) on the shards' log-mels
+    mels = {it["row"]: it["mel"] for it in shards.ShardSongs(real["out"])}
+
+    class ShardMels:  # what SongDataset asks of a MelCache
+        cache_dir = real["out"]
+        has = staticmethod(lambda row: True)
+        mel = staticmethod(lambda row: mels[row])
+    model, tok = __import__("model").load_artifact(str(artifact), "cpu")
+    ref = embeddings.embed_catalog(model, tok, catalog, range(48), kinds=("audio", "text", "fused"), cache=ShardMels,
+                                   batch_size=5)
+    for kind, x in ref.items():
+        assert np.allclose(embeddings.load_embeddings(str(tmp_path / "one"), kind)[1], x, atol=1e-5), kind
+
+
+def test_embed_merge_waits_for_this_jobs_parts_and_names_missing_songs(real, artifact, tmp_path):
+    from evals import embed_shards
+    catalog = data.load_catalog(real["catalog"])
+    job = embed_shards.job_key(str(artifact), real["out"], range(48), "full", ["audio"])
+    part = {"job": np.array(job), "rows": np.array([3, 1]), "audio": np.eye(2, 4, dtype=np.float32)}
+    embed_shards._write_part(embed_shards._part_path(str(tmp_path), 0, 2), part)
+    embed_shards._write_part(embed_shards._part_path(str(tmp_path), 1, 2), {**part, "job": np.array("other run")})
+    with pytest.raises(shards.ShardError, match="part-00001-of-00002.npz: no part of this job after 0 s"):
+        embed_shards.merge_parts(str(tmp_path), 2, job, catalog, [1, 3], timeout=0)
+    embed_shards._write_part(embed_shards._part_path(str(tmp_path), 1, 2), {**part, "rows": np.zeros(0, np.int64),
+                                                                              "audio": np.zeros((0, 4), np.float32)})
+    merged = embed_shards.merge_parts(str(tmp_path), 2, job, catalog, [1, 3], timeout=0)
+    assert np.array_equal(merged["audio"], np.eye(2, 4, dtype=np.float32)[[1, 0]])  # put back in the wanted order
+    with pytest.raises(shards.ShardError, match=r"1 songs have no log-mel in the shards .* e\.g\. \['s0003'\]"):
+        embed_shards.merge_parts(str(tmp_path), 2, job, catalog, [1, 2, 3], timeout=0)
