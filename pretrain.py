@@ -128,12 +128,7 @@ def train(cfg, model, tokenizer, loss_fn, train_set, val_set, song_set, stage):
     accelerator.register_for_checkpointing(scheduler)
     net = accelerator.unwrap_model(model)
     progress = resume_progress(accelerator, cfg, say)  # where the next batch starts; loads a checkpoint on --resume
-    plan = {"data_plan": train_set.plan()} if streamed else {}  # what an exact resume of the stream needs
-    if streamed and progress["batches"]:  # mid-epoch: the same streams, or the batches would not be the same
-        try:
-            train_set.check_plan(progress.get("data_plan", {}))
-        except data.CatalogError as e:
-            raise SystemExit(f"Error: --resume: {e}") from None
+    plan = stream_plan(train_set, progress) if streamed else {}  # stored in every checkpoint
 
     say(f"stage {stage}: {len(train_set)} train / {len(val_set)} val samples, {len(song_set)} held-out songs | "
         f"{world} process(es) x {cfg.batch_per_device} x {accum} accumulation = global batch {cfg.global_batch} | "
@@ -333,6 +328,17 @@ def epoch_loader(accelerator, train_loader, train_set, epoch, skip, batches):
     if hasattr(train_set, "set_epoch"):
         train_set.set_epoch(epoch)  # the same crops and texts as an uninterrupted run
     return loader
+
+
+def stream_plan(train_set, progress):
+    """A stream of shards' data plan (shards.ShardDataset.plan), for the checkpoints. A mid-epoch
+    resume must find the same one: other streams would not give the unkilled run's batches."""
+    if progress["batches"]:
+        try:
+            train_set.check_plan(progress.get("data_plan", {}))
+        except data.CatalogError as e:
+            raise SystemExit(f"Error: --resume: {e}") from None
+    return {"data_plan": train_set.plan()}
 
 
 def settle_due(cfg, step, total_steps):

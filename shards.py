@@ -53,6 +53,7 @@ with data.song_mel, the one decode -> log-mel path):
 import argparse
 import contextlib
 import csv
+import gc
 import glob
 import hashlib
 import io
@@ -592,9 +593,10 @@ class ShardSongs(IterableDataset):
 # Loader benchmark (bench.py calls loader_benchmark)
 
 def loader_benchmark(url, batch_size=100, num_workers=4, batches=50, storage_options=None, cold=False,
-                     shuffle_buffer=1000):
-    """Stream `batches` batches (epochs repeat as needed) through data.Collator(None) -> rates.
-    cold=True (local folders): the shards' pages are evicted from the page cache first."""
+                     shuffle_buffer=1000, collate=None):
+    """Stream `batches` batches (epochs repeat as needed) through collate (default data.Collator(None),
+    no tokenization) -> rates. cold=True (local folders): the shards' pages are evicted from the
+    page cache first."""
     if cold:
         fs, root = _fs(url, storage_options)
         if not _is_local(fs):
@@ -602,8 +604,9 @@ def loader_benchmark(url, batch_size=100, num_workers=4, batches=50, storage_opt
         drop_page_cache(root)
     ds = ShardDataset(url, batch_size, num_workers=num_workers, storage_options=storage_options,
                       shuffle_buffer=shuffle_buffer)
-    loader = DataLoader(ds, batch_size, num_workers=num_workers, collate_fn=data.Collator(None))
+    loader = DataLoader(ds, batch_size, num_workers=num_workers, collate_fn=collate or data.Collator(None))
     samples = frames = got = 0
+    cpu0 = _cpu_seconds()
     waits, t0 = [], time.perf_counter()  # per epoch: workers start and fill a window before batch 1
     for epoch in range(batches):
         ds.set_epoch(epoch)
@@ -618,11 +621,106 @@ def loader_benchmark(url, batch_size=100, num_workers=4, batches=50, storage_opt
         if got == batches:
             break
     dt = time.perf_counter() - t0
+    del batch
+    gc.collect()  # the last epoch's workers are joined: their CPU time is counted (RUSAGE_CHILDREN)
+    cpu = _cpu_seconds() - cpu0
     mb = frames * data.N_MELS * 2 / 1e6  # fp16 bytes as stored
     steady = dt - sum(waits)  # without the epoch starts, which a real epoch (~10^5 batches) amortizes
     return {"url": str(url), "batches": got, "samples": samples, "seconds": round(dt, 3), "epochs": len(waits),
             "first_batch_s": round(waits[0], 3), "samples_per_s": round(samples / dt, 1),
-            "mb_per_s": round(mb / dt, 1), "steady_samples_per_s": round(samples * (1 - len(waits) / got) / steady, 1)}
+            "mb_per_s": round(mb / dt, 1), "steady_samples_per_s": round(samples * (1 - len(waits) / got) / steady, 1),
+            "cpu_seconds": round(cpu, 2), "samples_per_cpu_s": round(samples / max(cpu, 1e-9), 1)}
+
+
+def _cpu_seconds():
+    """CPU time of this process and of its children that have ended (DataLoader workers, once joined):
+    samples per CPU second is the loader's cost per core, which other processes on the cores do not change."""
+    import resource
+    return sum(u.ru_utime + u.ru_stime for u in (resource.getrusage(resource.RUSAGE_SELF),
+                                                  resource.getrusage(resource.RUSAGE_CHILDREN)))
+
+
+GPU_SAMPLES_PER_S = 641  # one H200 in the paper's stage-1 step (bf16, batch 100), measured (docs/PERFORMANCE.md)
+
+
+def paper_size_mel(path):
+    """A full 120 s song's log-mel shape (1251 x 128) of seeded noise: the loader report's song_mel."""
+    rng = np.random.default_rng(int(hashlib.sha1(path.encode()).hexdigest()[:8], 16))
+    return rng.standard_normal((data.MAX_FRAMES, data.N_MELS), dtype=np.float32)
+
+
+def _disk_read_mb():
+    """MB the kernel has read from block devices since boot (/proc/vmstat pgpgin, KiB), or None."""
+    try:
+        with open("/proc/vmstat") as f:
+            return next(int(v) for k, v in (line.split() for line in f) if k == "pgpgin") / 1024 * 1.048576
+    except (OSError, StopIteration, ValueError):
+        return None
+
+
+def _report_row(key, what, r, notes):
+    return {"name": "loader/shards", "config": what, "rate": r["samples_per_s"], "unit": "samples/s", "key": key,
+            "mb_per_s": r["mb_per_s"], "vs_gpu": round(r["samples_per_s"] / GPU_SAMPLES_PER_S, 2),
+            "per_core": r["samples_per_cpu_s"],
+            "notes": f"{r['mb_per_s']} MB/s, {r['samples_per_s'] / GPU_SAMPLES_PER_S:.2f}x one H200 "
+                     f"({GPU_SAMPLES_PER_S}/s; goal 1.5x); {r['samples_per_cpu_s']} per CPU second (all its "
+                     f"processes); steady {r['steady_samples_per_s']}/s; first batch {r['first_batch_s']} s; {notes}"}
+
+
+def loader_report(catalog_path, folder, tokenizer=None, batch_size=100, worker_counts=(1, 2), shard_bytes=32 * 10 ** 6):
+    """bench.py's loader/shards rows: one epoch of paper-size samples (1251 frames, fp16) streamed from
+    local shards with a cold page cache (POSIX_FADV_DONTNEED after fsync; the kernel's own count of
+    disk reads says whether it was), warm, and from a local S3 server (moto, if installed), each
+    against one H200's consumption. Texts are tokenized as in training (data.Collator(tokenizer))."""
+    local = os.path.join(folder, "local")
+    with contextlib.redirect_stdout(io.StringIO()):
+        write(catalog_path, local, shard_bytes=shard_bytes, num_workers=2, mel_fn=paper_size_mel)
+    collate, rows = data.Collator(tokenizer, 512), []
+    total = open_index(local)[2]["samples"]
+    for w in worker_counts:
+        epoch = total // (max(w, 1) * batch_size)  # batches of one epoch: all of it is read once
+        for cold in (True, False):
+            before = _disk_read_mb()
+            r = loader_benchmark(local, batch_size, w, epoch * max(w, 1), cold=cold, collate=collate)
+            disk = None if before is None else round(_disk_read_mb() - before)
+            rows.append(_report_row(f"loader_shards_{'cold' if cold else 'warm'}_w{w}",
+                                    f"local shards, {'cold' if cold else 'warm'} page cache, workers {w}", r,
+                                    f"{total} songs; {disk} MB read from disk meanwhile"))
+    w = max(worker_counts)  # where the time goes: the same, warm, without tokenizing the 512-token texts
+    r = loader_benchmark(local, batch_size, w, total // (max(w, 1) * batch_size) * max(w, 1))
+    rows.append(_report_row(f"loader_shards_notext_w{w}", f"local shards, warm, workers {w}, texts not tokenized",
+                            r, "the ceiling if shards held token ids"))
+    try:
+        from moto.server import ThreadedMotoServer
+    except ImportError:
+        return rows
+    rows.append(_s3_row(ThreadedMotoServer, catalog_path, shard_bytes, batch_size, max(worker_counts), collate, total))
+    return rows
+
+
+def _s3_row(server_cls, catalog_path, shard_bytes, batch_size, w, collate, total):
+    import logging
+    import socket
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # else a line per request    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server, url = server_cls(ip_address="127.0.0.1", port=port, verbose=False), f"http://127.0.0.1:{port}"
+    saved = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL")}
+    server.start()
+    try:
+        os.environ.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench", AWS_ENDPOINT_URL=url)
+        fs, _ = _fs("s3://bench")
+        fs.mkdir("bench")
+        with contextlib.redirect_stdout(io.StringIO()):
+            write(catalog_path, "s3://bench/mels", shard_bytes=shard_bytes, num_workers=2, mel_fn=paper_size_mel)
+        r = loader_benchmark("s3://bench/mels", batch_size, w, total // (w * batch_size) * w, collate=collate)
+    finally:
+        server.stop()
+        os.environ.update({k: v for k, v in saved.items() if v is not None})
+        for k in (k for k, v in saved.items() if v is None):
+            os.environ.pop(k, None)
+    return _report_row(f"loader_shards_s3_w{w}", f"local S3 server (moto, in this process), workers {w}", r,
+                       f"{total} songs over HTTP from objects in the server's memory")
 
 
 # -----------------------------------------------------------------------------

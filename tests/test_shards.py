@@ -418,6 +418,18 @@ def test_loader_benchmark_local(world):
     warm = shards.loader_benchmark(world["out"], 4, 2, 8)
     for b in (cold, warm):
         assert b["batches"] == 8 and b["samples"] == 32 and b["mb_per_s"] > 0
+        assert b["cpu_seconds"] > 0 and b["samples_per_cpu_s"] == pytest.approx(32 / b["cpu_seconds"], rel=0.01)
+
+
+def test_loader_report_rows(tmp_path):
+    """bench.py's shards rows on a tiny paper-size set: every row, its rates against one H200."""
+    rows = shards.loader_report(make_catalog(tmp_path, 8), str(tmp_path / "r"), batch_size=2, worker_counts=(1,))
+    assert [r["key"] for r in rows] == ["loader_shards_cold_w1", "loader_shards_warm_w1", "loader_shards_notext_w1",
+                                        "loader_shards_s3_w1"]
+    ix = shards.open_index(str(tmp_path / "r" / "local"))[2]
+    assert ix["samples"] == 8 and ix["bytes"] > 8 * 1251 * 128 * 2  # full 120 s songs
+    for r in rows:
+        assert r["vs_gpu"] == pytest.approx(r["rate"] / 641, abs=0.01) and r["per_core"] > 0 and r["mb_per_s"] > 0
 
 
 # -----------------------------------------------------------------------------
