@@ -701,7 +701,8 @@ def loader_report(catalog_path, folder, tokenizer=None, batch_size=100, worker_c
 def _s3_row(server_cls, catalog_path, shard_bytes, batch_size, w, collate, total):
     import logging
     import socket
-    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # else a line per request    with socket.socket() as s:
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # else a line per request
+    with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     server, url = server_cls(ip_address="127.0.0.1", port=port, verbose=False), f"http://127.0.0.1:{port}"

@@ -418,7 +418,7 @@ def test_loader_benchmark_local(world):
     warm = shards.loader_benchmark(world["out"], 4, 2, 8)
     for b in (cold, warm):
         assert b["batches"] == 8 and b["samples"] == 32 and b["mb_per_s"] > 0
-        assert b["cpu_seconds"] > 0 and b["samples_per_cpu_s"] == pytest.approx(32 / b["cpu_seconds"], rel=0.01)
+        assert b["cpu_seconds"] > 0 and b["samples_per_cpu_s"] == pytest.approx(32 / b["cpu_seconds"], rel=0.05)  # cpu_seconds rounded
 
 
 def test_loader_report_rows(tmp_path):
