@@ -130,7 +130,8 @@ def train(cfg, model, tokenizer, loss_fn, train_set, val_set, song_set, stage):
     progress = resume_progress(accelerator, cfg, say)  # where the next batch starts; loads a checkpoint on --resume
     plan = stream_plan(train_set, progress) if streamed else {}  # stored in every checkpoint
 
-    say(f"stage {stage}: {len(train_set)} train / {len(val_set)} val samples, {len(song_set)} held-out songs | "
+    n_train = len(train_set) * world if streamed else len(train_set)  # a stream's len is this rank's share
+    say(f"stage {stage}: {n_train} train / {len(val_set)} val samples, {len(song_set)} held-out songs | "
         f"{world} process(es) x {cfg.batch_per_device} x {accum} accumulation = global batch {cfg.global_batch} | "
         f"{steps_per_epoch} steps/epoch, {total_steps} steps | {sum(p.numel() for p in net.parameters()):,} params")
     log, curves = open_logs(accelerator, cfg, say, stage, cfg.batch_per_device * world, total_steps)

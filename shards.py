@@ -12,9 +12,9 @@ standard library so the bytes are deterministic, read by webdataset's own reader
                                KEY.json     {song_id, row, frames, text (X_t), catalog (the row's
                                             columns as written), mel_hash}
                                KEY.mel.npy  float16 (frames, 128), only the real frames
-  {out}/shard-000012.json    sidecar written after the tar: samples, bytes, failed songs (why)
+  {out}/shard-000012.json    sidecar written after the tar: samples, bytes, failed songs (why) and rows
   {out}/index-part-00000-of-00004.json  one per --shard i/n part; `merge` joins them into
-  {out}/index.json           the shards, sample counts, bytes, layout and the mel-settings hash
+  {out}/index.json           the shards, sample counts, failed rows, bytes, layout, mel-settings hash
   {out}/bad-part-00000-of-00004.csv     song_id,path,reason for audio that failed to decode
 Layout: the catalog rows in a seeded permutation, cut into shards of rows_per_shard rows
 (shard_bytes / a full song's bytes), so shard k always holds the same rows. The permutation is so
@@ -24,6 +24,9 @@ exists is done (tar and sidecar each appear atomically: temp name + rename local
 object storage), so a rerun after kill -9 redoes at most the shards in flight. Songs that failed
 to decode stay out of a finished shard (with ~1% bad files nearly every shard has one, so retrying
 them on every rerun would rewrite everything); delete a shard's sidecar to write it again.
+
+Users: data.py prepare --shards writes, pretrain.py --shards trains on, evaluate.py embed --shards
+(evals/embed_shards.py, ShardSongs: each rank its own shards) embeds from the shards.
 
 Reader (ShardDataset), one stream per (rank, DataLoader worker), G = world_size x num_workers:
   epoch e: the shards in a permutation seeded by (seed, e) are laid end to end; stream g takes
@@ -476,6 +479,8 @@ class ShardDataset(IterableDataset):
     checked). Iterate it with DataLoader(ds, batch_size, num_workers=num_workers), not through
     accelerator.prepare (which would re-shard or dispatch it), and persistent_workers=False, so each
     epoch's workers see set_epoch. len(ds) is samples per rank, so len(loader) is batches per rank.
+    catalog + rows: only those rows of the catalog the shards were written from (pretrain.py: the
+    train split), counted per shard without reading (select_rows); the others are passed over.
     """
 
     def __init__(self, url, batch_size, rank=0, world_size=1, num_workers=0, seed=3407, shuffle_buffer=1000,
