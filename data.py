@@ -618,10 +618,11 @@ class MelCache:
 
 
 class _DecodeRows(Dataset):
-    """prepare's decode jobs, so a DataLoader can run song_mel in worker processes."""
+    """prepare's decode jobs (and shards.write's), so a DataLoader runs song_mel in worker processes
+    -> (row, fp16 (frames, 128) log-mel or None, why not). mel_fn: song_mel; tests pass fakes."""
 
-    def __init__(self, catalog, rows):
-        self.items = [(r, catalog[r].audio) for r in rows]
+    def __init__(self, catalog, rows, mel_fn=None):
+        self.items, self.mel_fn = [(int(r), catalog[int(r)].audio) for r in rows], mel_fn
 
     def __len__(self):
         return len(self.items)
@@ -629,7 +630,11 @@ class _DecodeRows(Dataset):
     def __getitem__(self, k):
         row, path = self.items[k]
         try:
-            return row, song_mel(path).numpy().astype(np.float16), ""
+            mel = (self.mel_fn or song_mel)(path)
+            mel = (mel.numpy() if torch.is_tensor(mel) else np.asarray(mel)).astype(np.float16)
+            if mel.ndim != 2 or mel.shape[1] != N_MELS or not 0 < len(mel) <= MAX_FRAMES:
+                raise ValueError(f"log-mel of shape {mel.shape}, not (1..{MAX_FRAMES}, {N_MELS})")
+            return row, mel, ""
         except Exception as e:  # a bad file is reported and skipped, it does not stop the run
             return row, None, f"{type(e).__name__}: {e}".replace("\n", " ")
 

@@ -71,7 +71,7 @@ import time
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 import data
 
@@ -195,31 +195,6 @@ def _part_name(kind, i, n, ext):
     return f"{kind}-part-{i:05d}-of-{n:05d}.{ext}"
 
 
-class _Decode(Dataset):
-    """The writer's decode jobs, so a DataLoader runs mel_fn in worker processes."""
-
-    def __init__(self, catalog, rows, mel_fn):
-        self.items, self.mel_fn = [(int(r), catalog[int(r)].audio) for r in rows], mel_fn
-
-    def __len__(self):
-        return len(self.items)
-
-    def __getitem__(self, k):
-        row, path = self.items[k]
-        try:
-            mel = self.mel_fn(path)
-            mel = (mel.numpy() if torch.is_tensor(mel) else np.asarray(mel)).astype(np.float16)
-            if mel.ndim != 2 or mel.shape[1] != data.N_MELS or not 0 < len(mel) <= data.MAX_FRAMES:
-                raise ValueError(f"log-mel of shape {mel.shape}, not (1..{data.MAX_FRAMES}, {data.N_MELS})")
-            return row, mel, ""
-        except Exception as e:  # a bad file is reported and skipped, it does not stop the run
-            return row, None, f"{type(e).__name__}: {e}".replace("\n", " ")
-
-
-def _as_is(item):  # module level, not a lambda: spawned workers pickle it
-    return item
-
-
 def _tar_add(tar, name, payload):
     info = tarfile.TarInfo(name)  # fixed metadata: the same songs give the same bytes
     info.size, info.mtime, info.mode = len(payload), 0, 0o444
@@ -298,8 +273,8 @@ def write(catalog_path, out, part=(0, 1), shard_bytes=DEFAULT_SHARD_BYTES, num_w
     threads, t0 = torch.get_num_threads(), time.time()
     torch.set_num_threads(1)  # one song is too small for intra-op threads; workers give parallelism
     rows = [r for k in todo for r in order[k * R:(k + 1) * R]]
-    loader = DataLoader(_Decode(catalog, rows, mel_fn), batch_size=None, num_workers=num_workers,
-                        collate_fn=_as_is, prefetch_factor=4 if num_workers else None)
+    loader = DataLoader(data._DecodeRows(catalog, rows, mel_fn), batch_size=None, num_workers=num_workers,
+                        collate_fn=data._as_is, prefetch_factor=4 if num_workers else None)
     decoded = iter(tqdm(loader, desc=f"write {i}/{n}", unit="song", disable=None))
     try:
         for k in todo:
