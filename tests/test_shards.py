@@ -396,6 +396,11 @@ def test_s3_write_read_resume(world, s3):
     assert again["written"] == 0
     bench = shards.loader_benchmark(out, 4, 2, 10, storage_options=opts)
     assert bench["batches"] == 10 and bench["samples_per_s"] > 0
+    # the user's entry, on object storage: data.py prepare --shards s3://... (real decoding, 4 songs, 2 shards)
+    r = run_prepare("--catalog", make_catalog(world["root"] / "s3cli", 4), "--shards", "s3://bucket/cli",
+                    "--shard_size_mb", 2 * PER_SONG / 1e6)
+    assert r.returncode == 0, r.stderr
+    assert sorted(it["row"] for it in shards.ShardDataset("s3://bucket/cli", 1, storage_options=opts)) == [0, 1, 2, 3]
 
 
 def test_http_read_only(world):
