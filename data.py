@@ -405,6 +405,24 @@ def load_pairs(path, catalog):
     return pairs
 
 
+def drop_held_out_pairs(pairs, catalog, seed=3407, path="pairs"):
+    """Stage-2 pairs whose two songs are both in the train split (split_rows, the catalog's split
+    column or the seeded 90/10) -> (kept pairs, number dropped). A pair touching a val or test song
+    would train on the songs that validation, the probes and HR@100 score; each is dropped, and the
+    count printed. None left is an error."""
+    train = set(split_rows(catalog, "train", seed=seed))
+    kept = [(t, r) for t, r in pairs if t in train and r in train]
+    dropped = len(pairs) - len(kept)
+    if dropped:
+        print(f"{path}: dropped {dropped} of {len(pairs)} pairs touching a song outside the train split "
+              f"(val/test songs are held out for validation and evaluation); {len(kept)} pairs left")
+    if not kept:
+        raise CatalogError(f"{path}: every one of its {len(pairs)} pairs touches a val or test song of "
+                           f"{catalog.path}; stage 2 trains on pairs of train songs only (data.py mine-pairs "
+                           f"--split train)")
+    return kept, dropped
+
+
 def _parse_time(value):
     try:
         t = float(value)  # unix seconds
