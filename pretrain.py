@@ -29,8 +29,8 @@ from tqdm.auto import tqdm
 import data
 import model as htcl
 from evals.metrics import collapse_warning, embedding_health, mean_pairwise_cosine
-from training import (CurvePlotter, IntervalLog, NonFiniteGuard, _flatten_toml, _trackers, parse_config,
-                      resume_progress, save_checkpoint)
+from training import (CurvePlotter, IntervalLog, NonFiniteGuard, _flatten_toml, _trackers, check_out_dir,
+                      parse_config, resume_progress, save_checkpoint)
 
 # -----------------------------------------------------------------------------
 # Config: one dataclass per stage, CLI flags generated from it (training.parse_config).
@@ -62,6 +62,7 @@ class TrainConfig:
     keep_checkpoints: int = 2         # newest checkpoints/step_* kept for --resume (each holds optimizer state)
     max_nonfinite_steps: int = 10     # skip a step whose loss/gradient is NaN/inf; stop after this many in a row
     resume: bool = False              # continue from the last checkpoint in out_dir
+    overwrite: bool = False           # empty a non-empty out_dir first; without it (or --resume) such a folder is refused
     max_steps: int = 0                # > 0: stop after this many optimizer steps (smoke runs)
     report_to: str = "none"           # Accelerate tracker for the curves: none | tensorboard (pip install tensorboard) | wandb | ...
     # Speed switches (none changes the method but tf32; make_fast says why each default is what it is).
@@ -96,6 +97,7 @@ def train(cfg, model, tokenizer, loss_fn, train_set, val_set, song_set, stage):
     """
     from accelerate.utils import set_seed
 
+    check_out_dir(cfg)  # a used out_dir is refused (or emptied: --overwrite), never appended to
     # Setup: gradient accumulation makes up the global batch on fewer devices.
     accelerator, world, accum = make_accelerator(cfg, stage)
     set_seed(cfg.seed)
@@ -444,7 +446,13 @@ def start_health(accelerator, model, song_loader, cfg, stage, progress, say):
             if rows else None
     if progress["step"]:
         return None
+    # A loader iterator draws its base seed from the global RNG: put it back, so that training sees
+    # the random stream it saw before this pass existed (dropout, and the numbers in the README).
+    rng = torch.random.get_rng_state(), torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
     health = embedding_health(embed_songs(accelerator, model, song_loader)[0])
+    torch.random.set_rng_state(rng[0])
+    if rng[1] is not None:
+        torch.cuda.set_rng_state_all(rng[1])
     model.train()
     say(f"held-out audio embeddings at the start ({START_NAMES[stage]}): participation ratio "
         f"{health['participation_ratio']:.2f}, mean pairwise cosine {health['mean_cosine']:.3f}")
@@ -485,6 +493,7 @@ def load_songs(cfg):
 def main(argv=None):
     cfg = parse_config(PretrainConfig, "pretrain", argv,
                        needs="--catalog CATALOG (and --cache CACHE from `data.py prepare`)")
+    check_out_dir(cfg)  # before anything slow
     from transformers import AutoTokenizer
     try:  # before anything slow: a missing text model is one line, in seconds
         cfg.model.text_model = htcl.resolve_text_model(cfg.model.text_model)
