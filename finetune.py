@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import data
 import model as htcl
 from pretrain import TrainConfig, load_songs, train
-from training import check_out_dir, parse_config
+from training import parse_config
 
 
 @dataclass
@@ -49,7 +49,6 @@ class FinetuneConfig(TrainConfig):
 
 def main(argv=None):
     cfg = parse_config(FinetuneConfig, "finetune", argv, needs="--init_from STAGE1_ARTIFACT --catalog CATALOG --pairs PAIRS")
-    check_out_dir(cfg)  # before anything slow
     if cfg.gradient_checkpointing not in ("inherit", "on", "off"):
         raise SystemExit(f"--gradient_checkpointing must be inherit, on or off, not {cfg.gradient_checkpointing!r}")
     if cfg.init_heads not in ("fresh", "artifact"):

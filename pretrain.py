@@ -97,7 +97,6 @@ def train(cfg, model, tokenizer, loss_fn, train_set, val_set, song_set, stage):
     """
     from accelerate.utils import set_seed
 
-    check_out_dir(cfg)  # a used out_dir is refused (or emptied: --overwrite), never appended to
     # Setup: gradient accumulation makes up the global batch on fewer devices.
     accelerator, world, accum = make_accelerator(cfg, stage)
     set_seed(cfg.seed)
@@ -110,6 +109,8 @@ def train(cfg, model, tokenizer, loss_fn, train_set, val_set, song_set, stage):
     # Data, then the optimizer and its schedule, counted in optimizer steps.
     train_loader, val_loader, song_loader = make_loaders(cfg, tokenizer, train_set, val_set, song_set, world,
                                                          pin_memory=accelerator.device.type == "cuda")
+    check_out_dir(cfg, accelerator)  # a used out_dir is refused (or emptied: --overwrite), never appended to
+    start_trackers(accelerator, cfg, stage)  # the first write into out_dir
     optimizer = build_optimizer(model, cfg, accelerator.device.type)
     make_fast(cfg, model, accelerator.device)  # TF32 on CUDA; torch.compile of both towers with --compile
     steps_per_epoch = len(train_loader) // (accum * world)
@@ -213,10 +214,14 @@ def make_accelerator(cfg, stage):
                               # non_blocking: batches go to the GPU from pinned memory (make_loaders) while it computes
                               dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, non_blocking=True),
                               log_with=trackers, project_dir=cfg.out_dir if trackers else None)
-    if trackers:  # e.g. tensorboard --logdir runs/demo/pretrain
+    return accelerator, world, accum
+
+
+def start_trackers(accelerator, cfg, stage):
+    """--report_to's trackers (they write into out_dir: after check_out_dir)."""
+    if accelerator.log_with:  # e.g. tensorboard --logdir runs/demo/pretrain
         accelerator.init_trackers(f"stage{stage}", config={k: v if isinstance(v, (int, float, str, bool)) else str(v)
                                                            for k, v in _flatten_toml(asdict(cfg))})
-    return accelerator, world, accum
 
 
 def make_loaders(cfg, tokenizer, train_set, val_set, song_set, world, pin_memory):
@@ -493,7 +498,6 @@ def load_songs(cfg):
 def main(argv=None):
     cfg = parse_config(PretrainConfig, "pretrain", argv,
                        needs="--catalog CATALOG (and --cache CACHE from `data.py prepare`)")
-    check_out_dir(cfg)  # before anything slow
     from transformers import AutoTokenizer
     try:  # before anything slow: a missing text model is one line, in seconds
         cfg.model.text_model = htcl.resolve_text_model(cfg.model.text_model)

@@ -397,26 +397,29 @@ def save_checkpoint(accelerator, cfg, progress):
     accelerator.wait_for_everyone()
 
 
-def check_out_dir(cfg):
+def check_out_dir(cfg, accelerator=None):
     """A run never appends to another run's folder (its log.jsonl, curves and checkpoints would mix):
     a non-empty out_dir is refused with one line, unless --resume (continue the run in it) or
-    --overwrite (empty it first: done by the main process before any process writes, since
-    every process passes this check before Accelerate's start-up, where they all meet)."""
-    if not os.path.isdir(cfg.out_dir) or not os.listdir(cfg.out_dir):
-        return
+    --overwrite (the main process empties it first). Every process looks before any empties or
+    writes (accelerator: the barriers that make it so)."""
+    used = os.path.isdir(cfg.out_dir) and bool(os.listdir(cfg.out_dir))
+    have = ", ".join(sorted(os.listdir(cfg.out_dir))[:4]) if used else ""
+    if accelerator is not None:
+        accelerator.wait_for_everyone()
     if cfg.resume and cfg.overwrite:
         raise SystemExit("--resume continues the run in out_dir and --overwrite empties it: give one of them")
-    if cfg.resume:
+    if not used or cfg.resume:
         return
     if not cfg.overwrite:
-        have = ", ".join(sorted(os.listdir(cfg.out_dir))[:4])
         raise SystemExit(f"out_dir {cfg.out_dir} is not empty ({have}): --resume continues the run in it, "
                          f"--overwrite empties it first, or give another --out_dir")
-    if int(os.environ.get("RANK", "0")) == 0:
+    if accelerator is None or accelerator.is_main_process:
         for name in os.listdir(cfg.out_dir):
             path = os.path.join(cfg.out_dir, name)
             shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.remove(path)
         print(f"--overwrite: emptied {cfg.out_dir}")
+    if accelerator is not None:
+        accelerator.wait_for_everyone()
 
 
 def resume_progress(accelerator, cfg, say):
