@@ -4,6 +4,7 @@ presets/accelerate.yaml prints no defaults warning.
     python -m pytest -q tests/test_scripts.py
 """
 import os
+import re
 import subprocess
 import sys
 
@@ -24,3 +25,10 @@ def test_accelerate_launch_with_the_shipped_config_prints_no_defaults_warning():
     out = _launch("--config_file", "presets/accelerate.yaml")
     assert WARNING not in out and "usage: pretrain.py" in out
     assert WARNING not in _launch("--config_file", "presets/accelerate.yaml", "--mixed_precision", "bf16")
+
+
+def test_the_own_songs_section_launches_with_the_shipped_config():
+    text = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    section = text[text.index("## Train on your own songs"):text.index("\n## ", text.index("## Train on your own songs") + 3)]
+    launches = re.findall(r"accelerate launch[^\n]*", section)
+    assert launches and all("--config_file presets/accelerate.yaml" in line for line in launches), launches
