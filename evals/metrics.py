@@ -4,8 +4,8 @@ recall_at_k (pretrain.py's held-out retrieval), average_precision_at_k / map_at_
 mAP@K), ndcg_at_k (the artist graph's NDCG@200), auc (HTCL Table 2's CTR / CVR AUC and Figure 2's
 separation), macro_f1 (the probe), cosine_topk (every exact nearest-neighbour search), and the
 small helpers the protocols use to run and report: one_thread, progress_bar, mean_std,
-plus_minus, markdown_table. Each metric is checked in test_smoke.py against a brute-force loop
-or a hand-worked value. No command of its own: every `python evaluate.py <sub-command>` uses it.
+plus_minus, markdown_table. Each metric is checked in tests/test_metrics.py against a brute-force
+loop or a hand-worked value. No command of its own: every `python evaluate.py <sub-command>` uses it.
 """
 import sys
 from contextlib import contextmanager
