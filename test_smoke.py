@@ -3,8 +3,8 @@ Table 2) on the bundled sample data, through the command lines a user types (dat
 pretrain.py -> finetune.py -> evaluate.py report), a stage-1 run resumed mid-epoch from a checkpoint
 that replays the uninterrupted run, and the contracts CI must never lose: the paper's 88,500,511
 audio-encoder parameters, 1,251 frames for 120 s of audio, InfoNCE equal to a brute-force loop, and
-an artifact that round-trips bit for bit. About a minute on 2 cores; the thorough tests, one file a
-module, are in tests/ (run both: python -m pytest -q test_smoke.py tests).
+an artifact that round-trips bit for bit. About 50 s of CPU (it runs two commands side by side on
+2 cores); the thorough tests, one file a module, are in tests/: python -m pytest -q test_smoke.py tests
 
     python -m pytest -q test_smoke.py
 """
