@@ -25,6 +25,7 @@ import data  # noqa: E402
 import model as htcl  # noqa: E402
 from tests.helpers import (PRESET, TINY_BERT, brute_force_infonce, demo_cache_in, read_log, run,  # noqa: E402
                            tiny_model, tone)
+from tests.conftest import one_thread  # noqa: E402,F401  (autouse: one torch thread a test, as in tests/)
 
 # -----------------------------------------------------------------------------
 # The contracts
