@@ -344,6 +344,10 @@ def tokenizer():
     return BertTokenizer(vocab={w: i for i, w in enumerate(words + list("abcdefghijklmnopqrstuvwxyz"))})
 
 
+# Bad audio, each kind through song_mel and through prepare. A case writes its file to `path` (or
+# leaves it missing) and says what must happen:
+#   ("bad", text): song_mel raises, prepare skips the song and reports it with `text` in the reason
+#   ("ok", check): song_mel and prepare both give a finite mel; check(mel, tmp_path) compares it
 def _wav_bytes(tmp_path, x, sr=16000, subtype="PCM_16"):
     sf.write(tmp_path / "src.wav", x, sr, subtype=subtype)
     return (tmp_path / "src.wav").read_bytes()
