@@ -32,6 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 import data  # noqa: E402
 import shards  # noqa: E402
+from tests.helpers import PRESET, read_log, run as run_ok, tiny_model  # noqa: E402
 
 SAMPLE = REPO / "sample_data"
 PER_SONG = shards.SONG_BYTES + shards.SAMPLE_OVERHEAD  # shard_bytes = k * PER_SONG -> k songs a shard
@@ -440,7 +441,6 @@ def test_loader_report_rows(tmp_path):
 # -----------------------------------------------------------------------------
 # Streaming training (pretrain.py --shards) and embedding (evaluate.py embed --shards) on real log-mels
 
-PRESET = REPO / "sample_data" / "preset.toml"
 LAUNCH2 = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
 
@@ -454,12 +454,6 @@ def real(tmp_path_factory):
                     "--num_workers", 2)
     assert r.returncode == 0, r.stderr
     return {"root": root, "catalog": cat, "out": str(root / "shards")}
-
-
-def run_ok(cmd, timeout=300):
-    p = subprocess.run([str(c) for c in cmd], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=timeout)
-    assert p.returncode == 0, f"{' '.join(map(str, cmd))}:\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}"
-    return p.stdout + p.stderr
 
 
 def train_flags(real, out, *more):
@@ -486,8 +480,8 @@ json.dump(seen, open(os.path.join(out, "rows-%s.json" % os.environ.get("RANK", "
 def test_pretrain_two_processes_two_workers_see_every_training_song_once(real, tmp_path):
     script, out = tmp_path / "record.py", tmp_path / "ddp"
     script.write_text(RECORDER.format(repo=str(REPO)))
-    log = run_ok(LAUNCH2 + [script, *train_flags(real, out, "--batch_per_device", 3, "--global_batch", 12,
-                                                   "--epochs", 1, "--checkpoint_every", 0)])
+    log = run_ok(*LAUNCH2, script, *train_flags(real, out, "--batch_per_device", 3, "--global_batch", 12,
+                                                 "--epochs", 1, "--checkpoint_every", 0))
     assert "2 process(es) x 3 x 2 accumulation = global batch 12" in log and "3 steps/epoch" in log
     per_rank = [json.load(open(out / f"rows-{r}.json")) for r in (0, 1)]
     assert [len(b) for b in per_rank] == [6, 6] and all(len(x) == 3 for b in per_rank for x in b)
@@ -499,25 +493,20 @@ def test_pretrain_two_processes_two_workers_see_every_training_song_once(real, t
     assert [r["step"] for r in train] == [1, 2, 3]
 
 
-def read_log(out_dir):
-    rows = [json.loads(line) for line in open(os.path.join(out_dir, "log.jsonl"))]
-    return [r for r in rows if "loss" in r], [r for r in rows if "val_loss" in r]
-
-
 def test_pretrain_resume_after_sigkill_mid_epoch_replays_the_same_losses(real, tmp_path):
     """kill -9 mid-epoch, --resume: the batches after the restart (and so every loss) are those of
     an unkilled run, as test_smoke's test of the memory-mapped cache checks."""
     common = [sys.executable, "pretrain.py", *train_flags(real, "OUT", "--batch_per_device", 3, "--global_batch", 3,
                                                           "--epochs", 2, "--checkpoint_every", 5)]
     at = lambda out: [str(out) if c == "OUT" else c for c in common]  # noqa: E731
-    run_ok(at(tmp_path / "full"))
+    run_ok(*at(tmp_path / "full"))
     p = subprocess.Popen([str(c) for c in at(tmp_path / "cut")], cwd=REPO, env=ENV, stdout=subprocess.DEVNULL,
                          stderr=subprocess.PIPE, text=True)
     ckpt = tmp_path / "cut" / "checkpoints" / "step_000000015"  # 12 steps an epoch: 3 batches into epoch 1
     _kill_after(p, ckpt.exists, timeout=300)
     assert not (tmp_path / "cut" / "final").exists(), "the run finished before the kill"
     shutil.copytree(tmp_path / "cut", tmp_path / "other")
-    out = run_ok(at(tmp_path / "cut") + ["--resume"])
+    out = run_ok(*at(tmp_path / "cut"), "--resume")
     import re
     resumed = re.search(r"resumed from .*step_(\d+): epoch (\d+), step \d+, (\d+) batches into the epoch", out)
     assert resumed and int(resumed.group(3)) % 2 == 1, out[-2000:]  # mid-epoch, at an odd batch: worker 1 next
@@ -538,12 +527,8 @@ def artifact(tmp_path_factory):
     """A small seeded HTCL (random weights: embeddings only have to be the same, not good) saved as pretrain does."""
     import model as htcl
     from transformers import AutoTokenizer
-    torch.manual_seed(0)
-    audio = htcl.AudioConfig(conv_channels=32, hidden=32, layers=2, heads=2, ffn=64)
-    net = htcl.HTCL(htcl.HTCLConfig(audio=audio, text_model=str(SAMPLE / "tiny-bert"), text_pretrained=False,
-                                    proj_dims=(24, 16), fusion_dims=(16, 16)))
     folder = tmp_path_factory.mktemp("artifact") / "final"
-    htcl.save_artifact(net, AutoTokenizer.from_pretrained(str(SAMPLE / "tiny-bert")), str(folder))
+    htcl.save_artifact(tiny_model(0), AutoTokenizer.from_pretrained(str(SAMPLE / "tiny-bert")), str(folder))
     return folder
 
 
@@ -551,8 +536,8 @@ def test_embed_over_shards_two_processes_give_the_embeddings_of_one(real, artifa
     from evals import embeddings
     embed = [REPO / "evaluate.py", "embed", "--artifact", artifact, "--catalog", real["catalog"], "--shards",
              real["out"], "--text", "--fused", "--batch_size", 5]
-    run_ok([sys.executable, *embed, "--out", tmp_path / "one"])
-    log = run_ok(LAUNCH2 + [*embed, "--out", tmp_path / "two"])
+    run_ok(sys.executable, *embed, "--out", tmp_path / "one")
+    log = run_ok(*LAUNCH2, *embed, "--out", tmp_path / "two")
     assert log.count("embed: 48 songs x audio 16-d, text 16-d, fused 16-d") == 1  # rank 0 merges and writes
     catalog = data.load_catalog(real["catalog"])
     for kind in ("audio", "text", "fused"):
