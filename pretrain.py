@@ -528,7 +528,8 @@ def load_songs(cfg):
         raise SystemExit("--catalog is required (or a --preset that sets it)")
     catalog = data.load_catalog(cfg.catalog)
     cache = data.MelCache.open(cfg.cache, catalog) if cfg.cache else None
-    if cache is None and not cfg.shards and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    streamed = getattr(cfg, "shards", "")  # stage 1 only: stage 2 (finetune.py) keeps the random-access cache
+    if cache is None and not streamed and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         # Straight from audio, a song that fails to decode is dropped from its batch; the gathered
         # loss needs equal batches on every process, and the cache drops such songs up front.
         raise SystemExit(f"several processes need the log-mel cache: python data.py prepare "
