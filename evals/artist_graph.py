@@ -443,7 +443,8 @@ def cmd_artist_graph(args):
     print(f"artist-graph: {len(artists)} artists, {graphs['pairs'].shape[1] // 2} train-train edges; message "
           f"passing {'both ways' if cfg.undirected else 'first column -> second'}: "
           f"{graphs[args.eval_split].shape[1]} directed edges in the {args.eval_split} graph; "
-          f"{graphs['truth_' + args.eval_split].shape[1] // 2} hidden {args.eval_split}-{args.eval_split} edges")
+          f"{graphs['truth_' + args.eval_split].shape[1] // 2} hidden {args.eval_split}-{args.eval_split} edges; "
+          f"layer {resolve_layer(cfg.layer)} on {cfg.device}")
     log = (lambda line: print(line, file=sys.stderr)) if args.verbose else None  # noqa: E731
     results = {}
     for name, x in features.items():

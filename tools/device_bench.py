@@ -328,8 +328,7 @@ def run_bench(device, tiny=False, batch=None, rounds=5, burst=3, warmup=2, budge
             torch.cuda.empty_cache()
         if save:
             save(dict(out))
-    if device.type == "cuda":
-        out["peak_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+    out["peak_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     out["seconds"] = time.monotonic() - t0
     return out
 

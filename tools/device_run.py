@@ -4,7 +4,7 @@ before and after, and the artist-graph protocol on the real OLGA graph (Grotschl
 layers x 200 epochs, random features; both NDCG formulas next to the released logs; seconds and an
 analytic FLOP count).
 
-    python tools/device_run.py --out results.json --olga DIR          # on one H200: ~8 min
+    python tools/device_run.py --out results.json --olga DIR          # on one H200: <= ~8.5 min
     python tools/device_run.py --out results.json --tiny              # CPU check of the script: ~1-2 min
 
 Sections run one after another, each in a process of its own with a time limit (--budget_s shares it
@@ -336,7 +336,7 @@ def main(argv=None):
     p.add_argument("--olga", default=None, help="folder with OLGA's edges.csv and split.csv (see the docstring)")
     p.add_argument("--device", default=None, help="default: cuda if there is one, else cpu")
     p.add_argument("--batch", type=int, default=None, help="paper-step batch (default 100; --tiny 4)")
-    p.add_argument("--budget_s", type=float, default=None, help="seconds for all sections (default 480; --tiny 100)")
+    p.add_argument("--budget_s", type=float, default=None, help="seconds for all sections (default 450; --tiny 100)")
     p.add_argument("--max_seeds", type=int, default=3, help="artist sweep: seeds at most (released logs: 3)")
     p.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated, of {', '.join(SECTIONS)}")
     p.add_argument("--_section", help=argparse.SUPPRESS)
@@ -349,7 +349,7 @@ def main(argv=None):
     stand_ins = audio_stand_ins()
     import torch
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    budget = args.budget_s or (100 if args.tiny else 480)
+    budget = args.budget_s or (100 if args.tiny else 450)
     sections = [s for s in args.sections.split(",") if s]
     unknown = [s for s in sections if s not in SECTIONS]
     if unknown:
