@@ -21,6 +21,7 @@ Command (from the repo root, on the bundled synthetic world):
   python evaluate.py artist-graph --catalog sample_data/catalog.csv --emb emb/htcl --features mean \
       --features random --edges sample_data/artist_graph.csv --artist_split sample_data/artist_split.csv
 """
+import argparse
 import dataclasses
 import sys
 import warnings
@@ -35,9 +36,20 @@ from evals.embeddings import (KINDS, add_command, align, embeddings_of, load_emb
 from evals.metrics import as_float_tensor, markdown_table, mean_std, ndcg_at_k, one_thread, plus_minus
 
 
-def _field(default, help):
-    """A config field whose help text the artist-graph CLI shows."""
-    return dataclasses.field(default=default, metadata={"help": help})
+def _field(default, help, choices=None, kind=None):
+    """A config field whose help text (and choices or parse-time check `kind`, if any) the CLI shows."""
+    return dataclasses.field(default=default, metadata={"help": help, "choices": choices, "kind": kind})
+
+
+def check_device(name):
+    """--device NAME -> NAME, if torch knows the device type and, for cuda, has a GPU to run on."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"artist-graph --device {name!r}: not a torch device (cpu, cuda, cuda:1, ...)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"artist-graph --device {name}: this torch ({torch.__version__}) sees no CUDA GPU")
+    return name
 
 
 @dataclasses.dataclass
@@ -55,9 +67,10 @@ class ArtistGraphConfig:
     early_stop: int = _field(0, "ours: stop after this many epochs without a better val loss; 0 = off (released)")
     undirected: bool = _field(False, "ours: symmetrise the edges; released: first column -> second only")
     device: str = _field("cpu", "where the GNN trains and embeds: cpu, cuda, cuda:1, ... (cuda draws its "
-                                "negatives on the GPU: a different random stream from cpu's)")
+                                "negatives on the GPU: a different random stream from cpu's)", kind=check_device)
     layer: str = _field("auto", "GraphSAGE layer: pyg (torch_geometric's SAGEConv, the released layer), "
-                                "builtin (ours, the same computation), auto = pyg when importable")
+                                "builtin (ours, the same computation), auto = pyg when importable",
+                        ("auto", "pyg", "builtin"))
 
 
 def message_passing_graphs(edges, split, undirected=False):
@@ -241,7 +254,7 @@ def train_artist_gnn(features, graphs, split, n_layers, cfg=None, seed=0, log=No
     there too (a CUDA generator seeded with `seed`), so the host never builds them; the validation
     triplets are drawn on the host as on CPU. cfg.layer: resolve_layer's choice."""
     cfg = cfg or ArtistGraphConfig()
-    device, layer = torch.device(cfg.device), resolve_layer(cfg.layer)
+    device, layer = torch.device(check_device(cfg.device)), resolve_layer(cfg.layer)
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
     g_train = g if device.type == "cpu" else torch.Generator(device).manual_seed(seed)
@@ -460,11 +473,27 @@ def cmd_artist_graph(args):
     return {f: {str(n): v for n, v in r.items()} for f, r in results.items()}
 
 
+def _parse_time(check):
+    """A check that raises ValueError -> an argparse type (its message in argparse's one-line error)."""
+    if check is None:
+        return str
+
+    def kind(value):
+        try:
+            return check(value)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    return kind
+
+
 def add_artist_graph_flags(q):
     """One flag per ArtistGraphConfig field (--early_stop, --undirected, ...), default from the dataclass."""
     for f in dataclasses.fields(ArtistGraphConfig):
         if f.type in (bool, "bool"):
             q.add_argument("--" + f.name, action="store_true", help=f.metadata["help"])
+        elif f.type in (str, "str"):  # --device, --layer
+            q.add_argument("--" + f.name, default=f.default, choices=f.metadata["choices"],
+                           type=_parse_time(f.metadata["kind"]), help=f.metadata["help"])
         else:
             q.add_argument("--" + f.name, type=type(f.default), default=f.default, help=f.metadata["help"])
 

@@ -176,3 +176,17 @@ def test_analytic_flops_match_torchs_counter_on_a_dense_adjacency(n_layers, monk
     expect = counter.get_total_flops() - n_layers * (dense_mean - sparse_mean)
     assert artist_graph.artist_gnn_flops(n, E, d_in, n_layers, h, out) == expect
     assert artist_graph.artist_gnn_flops(n, E, d_in, n_layers, h, out, train=False) < expect / 2
+
+
+def test_device_and_layer_flags_are_checked_at_parse_time(capsys):
+    import evaluate as ev
+    base = ["artist-graph", "--edges", "e.csv", "--artist_split", "s.csv", "--features", "random"]
+    for flags, message in ((["--device", "gpu0"], "--device 'gpu0': not a torch device"),
+                           (["--layer", "sage"], "invalid choice: 'sage'")):
+        with pytest.raises(SystemExit):
+            ev.main(base + flags)
+        assert message in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="--device cuda: this torch .* sees no CUDA GPU"):
+            artist_graph.check_device("cuda")
+    assert artist_graph.check_device("cpu") == "cpu"

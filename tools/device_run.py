@@ -48,14 +48,24 @@ class _Missing(types.ModuleType):
 
 
 def audio_stand_ins():
-    """Register stand-ins for soundfile and soxr where they do not import -> the names stood in for."""
+    """Register stand-ins for soundfile and soxr where they do not import -> the names stood in for.
+    transformers' audio helpers are imported first, so that they see soundfile missing, as it is; the
+    stand-ins carry a module spec, since transformers asks importlib.util.find_spec about soundfile."""
+    import importlib.machinery
     missing = []
     for name in ("soundfile", "soxr"):
         try:
             __import__(name)
         except (ImportError, OSError):
-            sys.modules[name] = _Missing(name)
             missing.append(name)
+    if missing:
+        try:
+            import transformers.audio_utils  # noqa: F401
+        except ImportError:
+            pass
+    for name in missing:
+        sys.modules[name] = _Missing(name)
+        sys.modules[name].__spec__ = importlib.machinery.ModuleSpec(name, None)
     return missing
 
 
