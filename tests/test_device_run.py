@@ -7,6 +7,7 @@ import csv
 import json
 import os
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -84,3 +85,24 @@ def test_a_failing_section_is_recorded_and_the_json_still_written(tmp_path):
 def test_unknown_section_is_one_line_error(tmp_path):
     with pytest.raises(SystemExit, match="--sections: unknown"):
         device_run.main(["--out", str(tmp_path / "x.json"), "--sections", "bench,artsit"])
+
+
+def test_a_section_past_its_limit_is_killed_with_its_children(tmp_path):
+    """run_limited: a child that outlives its limit is stopped, and so is what it started."""
+    pid_file = tmp_path / "grandchild.pid"
+    code = ("import subprocess, sys, time; p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']);"
+            f" open({str(pid_file)!r}, 'w').write(str(p.pid)); time.sleep(60)")
+    assert device_run.run_limited([sys.executable, "-c", code], timeout=3) is None
+    grandchild = int(pid_file.read_text())
+    for _ in range(50):  # the kill is asynchronous: wait for the process to be gone (or a zombie, unreaped)
+        try:
+            os.kill(grandchild, 0)
+            with open(f"/proc/{grandchild}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                    break
+        except (ProcessLookupError, FileNotFoundError):
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail("the section's own child survived the time limit")
+    assert device_run.run_limited([sys.executable, "-c", "raise SystemExit(3)"], timeout=30) == 3

@@ -25,6 +25,7 @@ import argparse
 import json
 import os
 import platform
+import signal
 import subprocess
 import sys
 import time
@@ -332,6 +333,18 @@ def run_child(args):
     return 0
 
 
+def run_limited(cmd, timeout):
+    """Run cmd in a session of its own -> its exit status, or None if it ran past `timeout`: then the
+    whole group is killed (Inductor's compile workers too, which would otherwise hold on to the GPU)."""
+    proc = subprocess.Popen(cmd, cwd=ROOT, start_new_session=True)
+    try:
+        return proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        return None
+
+
 def limits(budget_s, tiny):
     """Seconds each section may run: the bench (with its compile) ~55% of the budget, the artist sweep
     the rest."""
@@ -380,11 +393,9 @@ def main(argv=None):
             ["--batch", str(args.batch)] if args.batch else [])
         t = time.monotonic()
         print(f"device_run: {section} (limit {limit:.0f} s)", file=sys.stderr, flush=True)
-        try:
-            rc = subprocess.run(cmd, cwd=ROOT, timeout=limit + 30).returncode  # + the child's start and save
-            why = None if rc == 0 else f"exit {rc}"
-        except subprocess.TimeoutExpired:
-            why = f"timed out after {limit + 30:.0f} s (what it finished is kept)"
+        rc = run_limited(cmd, limit + 30)  # + the child's start and last save
+        why = None if rc == 0 else f"exit {rc}" if rc is not None else \
+            f"timed out after {limit + 30:.0f} s (what it finished is kept)"
         got = {}
         if os.path.exists(part):
             with open(part) as f:
