@@ -155,7 +155,9 @@ def resolve_layer(name):
     if name == "builtin":
         return name
     try:
-        import torch_geometric.nn  # noqa: F401
+        with warnings.catch_warnings():  # its import calls the deprecated torch.jit.script (torch 2.13)
+            warnings.simplefilter("ignore", DeprecationWarning)
+            import torch_geometric.nn  # noqa: F401
         return "pyg"
     except ImportError as e:
         if name == "pyg":

@@ -4,26 +4,13 @@ profiler's top kernels.
 
     OMP_NUM_THREADS=1 python -m pytest -q tests/test_device_bench.py
 """
-import os
-import sys
 import time
 from dataclasses import replace
 
 import pytest
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-
-from tools import device_bench as db  # noqa: E402
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+from tools import device_bench as db
 
 
 def no_dropout(model):

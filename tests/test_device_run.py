@@ -12,10 +12,7 @@ import time
 import numpy as np
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-
-from tools import device_run  # noqa: E402
+from tools import device_run
 
 
 def write_olga(folder, n=60, seed=0, p=0.2):
