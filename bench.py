@@ -7,6 +7,8 @@ What it measures, stage by stage, on synthetic inputs of the paper's sizes (noth
             straightforward librosa pipeline (optional, bench-only dependency), in the same run
   loader    samples/s out of the memory-mapped log-mel cache (built with data.prepare) through a
             DataLoader with data.Collator (tokenization included), demo and paper sizes
+  shards    samples/s and MB/s of stage 1's streaming loader (shards.loader_report): paper-size samples
+            from local tar shards, cold page cache and warm, and from a local S3 server, against one H200
   step      samples/s and peak memory of one stage-1 training step (forward + backward + Adam) at
             the demo preset and at the paper configuration (12 x 768 audio encoder on 1251 frames,
             BERT-base-multilingual-sized text tower on 512 tokens), with variants: fp32 / bf16
@@ -38,6 +40,7 @@ memory, the FLOPs count, the synthetic inputs) is tools/bench_lib.py; the rows a
 import argparse
 import contextlib
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -64,7 +67,7 @@ from tools.released_reference import ReferenceAudioEncoder  # noqa: E402  (the r
 BERT_BASE_MULTILINGUAL = dict(model_type="bert", vocab_size=105879, hidden_size=768, num_hidden_layers=12,
                               num_attention_heads=12, intermediate_size=3072, max_position_embeddings=512)
 
-ALL_ROWS = ("data", "loader", "step", "memory", "embed", "matching", "search", "artist")
+ALL_ROWS = ("data", "loader", "shards", "step", "memory", "embed", "matching", "search", "artist")
 
 
 # -----------------------------------------------------------------------------
@@ -235,6 +238,15 @@ def bench_loader(ctx):
                         f"{len(catalog)} distinct songs sampled with replacement (page cache warm); "
                         f"first batch {first:.2f} s", key=key))
     return rows
+
+
+def bench_shards(ctx):
+    """Stage 1's loader from tar shards (shards.loader_report): local cold / warm, a local S3 server."""
+    import shards
+    rng, path = np.random.default_rng(2), os.path.join(ctx.tmp, "shard_catalog.csv")
+    write_catalog(path, [[f"q{i:05d}", f"q{i:05d}.wav", f"Song {i}", "Synthetic Artist", long_lyrics(rng)]
+                         for i in range(400 if ctx.args.quick else 1600)])  # 128 / 512 MB of shards
+    return [row(**r) for r in shards.loader_report(path, os.path.join(ctx.tmp, "shards"), tokenizer())]
 
 
 # --- training step: one process per variant --------------------------------------------------
@@ -878,6 +890,10 @@ def ratios(rows):
             out.append({"what": what, "value": v, "text": f"{v:.2f}x",
                         "target": None if target is None else f">= {target}x", "verdict": verdict})
 
+    for r in (r for r in rows if r.get("vs_gpu") is not None):  # shards.loader_report: against one H200's 641/s
+        out.append({"what": f"shards loader / one H200: {r['config']}", "value": r["vs_gpu"], "target": ">= 1.5x",
+                    "text": f"{r['vs_gpu']:.2f}x; {r['per_core']:.0f}/CPU-s: {math.ceil(1.5 * 641 / r['per_core'])} "
+                    "cores a GPU", "verdict": "meets" if r["vs_gpu"] >= 1.5 else "MISSES"})
     for fmt in ("wav", "flac"):
         ratio(f"data: ours / librosa songs/s ({fmt})", f"data_ours_{fmt}", f"data_librosa_{fmt}", 2)
         ratio(f"data: ceiling of that ratio, decode alone / librosa ({fmt})", f"data_decode_{fmt}",
@@ -1029,7 +1045,8 @@ def main(argv=None):
     print(" | ".join(f"{k}: {v}" for k, v in header.items()), flush=True)
     t0 = time.time()
     rows = []
-    benches = {"data": bench_data, "loader": bench_loader, "step": bench_step, "memory": bench_memory,
+    benches = {"data": bench_data, "loader": bench_loader, "shards": bench_shards, "step": bench_step,
+               "memory": bench_memory,
                "embed": bench_embed, "matching": bench_matching, "search": bench_search,
                "artist": bench_artist_graph}
     with tempfile.TemporaryDirectory(prefix="htcl-bench-") as tmp:

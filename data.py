@@ -15,6 +15,7 @@ training sample with a random audio crop (CrossMuSimDataset).
 Commands:
   python data.py prepare --catalog sample_data/catalog.csv --cache cache/      # log-mels -> .npy
   python data.py prepare --catalog C --cache DIR --shard 3/8 --num_workers 4   # one shard of 8
+  python data.py prepare --catalog C --shards s3://bucket/mels --shard 3/8     # tar shards (shards.py), part 3 of 8
   python data.py mine-pairs --favourites sample_data/favourites.csv \\
       --catalog sample_data/catalog.csv --out cf_pairs.csv --window 5          # HTCL_w_CF pairs
   python data.py pairs-from-column --catalog C --column album_id --out pairs.csv  # no user log: same album
@@ -661,10 +662,11 @@ class MelCache:
 
 
 class _DecodeRows(Dataset):
-    """prepare's decode jobs, so a DataLoader can run song_mel in worker processes."""
+    """prepare's decode jobs (and shards.write's), so a DataLoader runs song_mel in worker processes
+    -> (row, fp16 (frames, 128) log-mel or None, why not). mel_fn: song_mel; tests pass fakes."""
 
-    def __init__(self, catalog, rows):
-        self.items = [(r, catalog[r].audio) for r in rows]
+    def __init__(self, catalog, rows, mel_fn=None):
+        self.items, self.mel_fn = [(int(r), catalog[int(r)].audio) for r in rows], mel_fn
 
     def __len__(self):
         return len(self.items)
@@ -672,7 +674,11 @@ class _DecodeRows(Dataset):
     def __getitem__(self, k):
         row, path = self.items[k]
         try:
-            return row, song_mel(path).numpy().astype(np.float16), ""
+            mel = (self.mel_fn or song_mel)(path)
+            mel = (mel.numpy() if torch.is_tensor(mel) else np.asarray(mel)).astype(np.float16)
+            if mel.ndim != 2 or mel.shape[1] != N_MELS or not 0 < len(mel) <= MAX_FRAMES:
+                raise ValueError(f"log-mel of shape {mel.shape}, not (1..{MAX_FRAMES}, {N_MELS})")
+            return row, mel, ""
         except Exception as e:  # a bad file is reported and skipped, it does not stop the run
             return row, None, f"{type(e).__name__}: {e}".replace("\n", " ")
 
@@ -1093,8 +1099,14 @@ def main(argv=None):
     q = sub.add_parser("prepare", allow_abbrev=False, help="decode songs into the log-mel cache",
                        description="Compute the log-mel of every song of one shard into --cache (resumable).")
     q.add_argument("--catalog", required=True, help="catalog CSV/JSONL")
-    q.add_argument("--cache", required=True, help="cache folder")
-    q.add_argument("--shard", type=_shard_arg, default=(0, 1), help="i/n: rows [i*N//n, (i+1)*N//n) (default 0/1)")
+    q.add_argument("--cache", help="cache folder (memory-mapped, random access: the demo, stage 2, embed)")
+    q.add_argument("--shards", help="folder or s3:// / gs:// URL: WebDataset tar shards instead (shards.py; "
+                                    "paper-scale stage 1, streamed)")
+    q.add_argument("--shard_size_mb", type=float, default=1000.0,  # shards.DEFAULT_SHARD_BYTES
+                   help="with --shards: the size of a shard of full 120 s songs, MB (default %(default)g)")
+    q.add_argument("--shard", type=_shard_arg, default=(0, 1),
+                   help="i/n: this machine's part of n (default 0/1): rows [i*N//n, (i+1)*N//n) of --cache, "
+                        "shards [i*S//n, (i+1)*S//n) of --shards; the last part to finish writes index.json")
     q.add_argument("--num_workers", type=int, default=0, help="decoding processes (default 0: in-process)")
     q.add_argument("--max_bad", "--max-bad", type=float, default=0.01,
                    help="fail (exit 1) when more than this fraction of songs cannot be decoded (default 0.01)")
@@ -1121,7 +1133,17 @@ def main(argv=None):
     args = p.parse_args(argv)
 
     if args.command == "prepare":
-        prepare(args.catalog, args.cache, args.shard, args.num_workers, args.max_bad)
+        if bool(args.cache) == bool(args.shards):
+            p.error("prepare: give one of --cache DIR (memory-mapped cache) or --shards DIR_OR_URL (tar shards)")
+        if args.cache:
+            prepare(args.catalog, args.cache, args.shard, args.num_workers, args.max_bad)
+        else:  # the same song_mel, written as shards
+            import shards  # here: shards.py imports this module (as `data`: its errors are not __main__'s)
+            try:
+                shards.write(args.catalog, args.shards, args.shard, round(args.shard_size_mb * 1e6),
+                             args.num_workers, args.max_bad)
+            except (shards.data.CatalogError, OSError) as e:
+                raise SystemExit(f"error: {e}".replace("\n", " ")) from None
     elif args.command == "mine-pairs":
         catalog = load_catalog(args.catalog)
         pairs = mine_cooccurrence_pairs(load_favourites(args.favourites, catalog), args.window,
@@ -1147,5 +1169,9 @@ def main(argv=None):
 if __name__ == "__main__":
     try:
         main()
-    except CatalogError as e:  # a data problem: the message says where; a traceback adds nothing
+    except (CatalogError, OSError) as e:  # a data problem: the message says where; a traceback adds nothing
         raise SystemExit(f"error: {e}")
+    except Exception as e:  # --shards on object storage: the client's own errors (missing credentials, ...)
+        if not type(e).__module__.startswith(("botocore", "aiobotocore", "google", "aiohttp")):
+            raise
+        raise SystemExit(f"error: {type(e).__name__}: {e}".replace("\n", " "))

@@ -8,7 +8,7 @@ Where each protocol lives (paper, section -> sub-command: functions):
   HTCL Figure 2, cosine of favoured vs not           -> distance:     pair_cosines, separation, plot_histograms
   HTCL Table 2 and Figure 2 in one go                -> report:       report
   Table 2 as mean ± std over seeds, with targets     -> table2:       table2_over_seeds (sample_data/table2.sh)
-  song embeddings, full song or 10 s chunks          -> embed:        evals.embeddings.embed_catalog
+  song embeddings, full song or 10 s chunks          -> embed:        embed_catalog (--shards: evals/embed_shards.py)
   HR@100 timing, 100k songs x 10k random vectors     -> matching-benchmark: matching_benchmark
 
 The rest lives in evals/; this command line dispatches its sub-commands there:
@@ -51,11 +51,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from data import load_favourites, seconds_to_frames, split_rows
-from evals import artist_graph, crossmusim, search
+from evals import artist_graph, crossmusim, embed_shards, search
 from evals.baselines import BASELINES_HELP, health_lines, with_baselines
-from evals.embeddings import (DEVICE, add_command, catalog_column, embed_catalog, embeddings_of, is_artifact,
-                              load_inputs, read_impressions, read_labelled_pairs, row_names, save_embeddings,
-                              song_embeddings)
+from evals.embeddings import (add_command, catalog_column, embeddings_of, is_artifact, load_inputs, read_impressions,
+                              read_labelled_pairs, row_names, save_embeddings, song_embeddings)
 from evals.metrics import (as_float_tensor, auc, available_cores, macro_f1, markdown_table, mean_std, one_thread,
                            plus_minus, progress_bar)
 from evals.search import build_index, catalog_index, index_path, neighbours, require_faiss
@@ -851,9 +850,11 @@ def cmd_embed(args):
     catalog, cache = load_inputs(args)
     rows = split_rows(catalog, args.split) if args.split != "all" else list(range(len(catalog)))
     kinds = ["audio"] + ["text"] * args.text + ["fused"] * args.fused
-    model, tokenizer = load_artifact(args.artifact, DEVICE, text=kinds != ["audio"])
+    model, tokenizer = load_artifact(args.artifact, embed_shards.device(args.shards), text=kinds != ["audio"])
     mode = args.mode or model.cfg.embed_mode  # an explicit --mode wins over what the artifact was trained for
-    embs = embed_catalog(model, tokenizer, catalog, rows, mode, kinds, cache, args.batch_size)
+    embs = embed_shards.embed_songs(args, model, tokenizer, catalog, rows, mode, kinds, cache)  # embed_catalog here
+    if embs is None:  # --shards under accelerate launch, every rank but 0 (which merges their parts and writes)
+        return {"songs": 0, "kinds": kinds, "out": args.out}
     meta = {"artifact": os.path.abspath(args.artifact), "catalog": os.path.abspath(args.catalog), "mode": mode,
             "split": args.split, "kinds": kinds,
             "chunk_frames": seconds_to_frames(model.cfg.chunk_seconds) if mode == "chunked" else None}
@@ -1050,22 +1051,20 @@ def build_parser():
 
 
 def _add_embed_parser(sub):
-    q = add_command(sub, "embed", cmd_embed, "write song embeddings of a catalog (ids.txt + audio/text/fused .npy)",
-                    source=False)
+    q = add_command(sub, "embed", cmd_embed, "write a catalog's song embeddings (ids.txt + KIND.npy)", source=False)
     q.add_argument("--artifact", required=True, help="folder written by pretrain.py / finetune.py")
     q.add_argument("--catalog", required=True, help="catalog CSV/JSONL (data.py format)")
     q.add_argument("--out", required=True, help="output folder")
-    q.add_argument("--mode", default=None, choices=["full", "chunked"],
-                   help="full: whole song (120 s) at once (HTCL); chunked: mean of 10 s windows (CrossMuSim); "
-                        "default: the mode the artifact was trained for (config.json embed_mode)")
+    q.add_argument("--mode", default=None, choices=["full", "chunked"], help="full: whole song (120 s) at once "
+                   "(HTCL); chunked: mean of 10 s windows (CrossMuSim); default: the artifact's embed_mode")
     q.add_argument("--text", action="store_true", help="also write text.npy (text tower)")
     q.add_argument("--fused", action="store_true", help="also write fused.npy (fusion MLP, stage 2)")
     q.add_argument("--split", default="all", choices=["all", "train", "val", "test"], help="which catalog rows")
     q.add_argument("--cache", help="log-mel cache folder (data.py prepare); without it audio is decoded here")
+    q.add_argument("--shards", help="log-mel shards (data.py prepare --shards); accelerate launch: each rank its own")
     q.add_argument("--batch_size", type=int, default=16, help="songs per forward pass")
-    q.add_argument("--index", default="none", choices=["none", "faiss"],
-                   help="faiss: also save a FAISS index of each kind (KIND.faiss) for `search`/`matching "
-                        "--index faiss`; exact below 1M songs, IVF from 1M on (pip install faiss-cpu)")
+    q.add_argument("--index", default="none", choices=["none", "faiss"], help="faiss: also save a FAISS index of "
+                   "each kind (KIND.faiss) for search/matching --index faiss; exact below 1M songs, IVF above")
 
 
 def _add_probe_parser(sub):

@@ -2,6 +2,8 @@
 
     python data.py prepare --catalog CATALOG --cache CACHE          # once: log-mels into a memory-mapped cache
     accelerate launch pretrain.py --catalog CATALOG --cache CACHE --out_dir runs/pretrain
+    python data.py prepare --catalog CATALOG --shards s3://b/mels   # paper scale: tar shards instead (shards.py)
+    accelerate launch pretrain.py --catalog CATALOG --shards s3://b/mels --out_dir runs/pretrain  # streamed
     accelerate launch pretrain.py --preset sample_data/preset.toml  # the bundled demo
     accelerate launch pretrain.py --preset presets/crossmusim.toml  # the CrossMuSim variant (a crop + one text type a sample)
     python pretrain.py -h                                             # every option, with its default
@@ -17,6 +19,7 @@ checkpoints, resume), its named steps, the optimizer and schedule, the per-epoch
 and stage 1's main. finetune.py imports the loop, so it exists once. The plumbing around the
 loop (dataclass -> CLI and presets, log lines and curves, checkpoint files) is in training.py.
 """
+import itertools
 import json
 import math
 import os
@@ -83,6 +86,10 @@ class PretrainConfig(TrainConfig):
     aspect_column: str = "aspects"    # catalog column of tag keywords (comma separated); absent = no aspect samples
     caption_column: str = "caption"   # catalog column of captions; absent = no caption samples
     max_aspects: int = 5              # CrossMuSim: up to 5 random keywords
+    # Paper scale (50M songs, 16 TB of log-mels): the training songs streamed from tar shards
+    # (data.py prepare --shards) instead of the memory-mapped cache; see shards.py.
+    shards: str = ""                  # folder, s3://, gs:// or http(s):// URL of shards; empty = --cache / audio
+    shuffle_buffer: int = 1000        # with --shards: samples shuffled together per DataLoader worker (x 320 KB each)
 
 
 # -----------------------------------------------------------------------------
@@ -113,18 +120,17 @@ def train(cfg, model, tokenizer, loss_fn, train_set, val_set, song_set, stage):
     start_trackers(accelerator, cfg, stage)  # the first write into out_dir
     optimizer = build_optimizer(model, cfg, accelerator.device.type)
     make_fast(cfg, model, accelerator.device)  # TF32 on CUDA; torch.compile of both towers with --compile
-    steps_per_epoch = len(train_loader) // (accum * world)
-    scheduler, total_steps = build_schedule(optimizer, cfg, steps_per_epoch)
-    model, optimizer, train_loader, val_loader, song_loader = accelerator.prepare(
-        model, optimizer, train_loader, val_loader, song_loader)
+    model, optimizer, train_loader, val_loader, song_loader, scheduler, total_steps, steps_per_epoch = prepare_run(
+        accelerator, cfg, accum, world, model, optimizer, train_loader, val_loader, song_loader)
     # The scheduler is stepped by hand once per optimizer step (not through prepare,
     # which would scale it by the number of processes); registered so save_state keeps it.
     accelerator.register_for_checkpointing(scheduler)
     net = accelerator.unwrap_model(model)
     progress = resume_progress(accelerator, cfg, say)  # where the next batch starts; loads a checkpoint on --resume
+    plan, n_train = stream_plan(train_set, progress, world)  # plan: a stream of shards' data plan, for checkpoints
     start = start_health(accelerator, model, song_loader, cfg, stage, progress, say)  # collapse reference
 
-    say(f"stage {stage}: {len(train_set)} train / {len(val_set)} val samples, {len(song_set)} held-out songs | "
+    say(f"stage {stage}: {n_train} train / {len(val_set)} val samples, {len(song_set)} held-out songs | "
         f"{world} process(es) x {cfg.batch_per_device} x {accum} accumulation = global batch {cfg.global_batch} | "
         f"{steps_per_epoch} steps/epoch, {total_steps} steps | {sum(p.numel() for p in net.parameters()):,} params")
     log, curves = open_logs(accelerator, cfg, say, stage, cfg.batch_per_device * world, total_steps)
@@ -135,7 +141,7 @@ def train(cfg, model, tokenizer, loss_fn, train_set, val_set, song_set, stage):
         if step >= total_steps:
             break
         skip = progress["batches"] if epoch == progress["epoch"] else 0  # resumed mid-epoch: batches already done
-        loader, batches = epoch_loader(accelerator, train_loader, train_set, epoch, skip), skip
+        loader, batches = epoch_loader(accelerator, train_loader, train_set, epoch, skip, steps_per_epoch * accum), skip
         for batch in tqdm(loader, desc=f"epoch {epoch}", initial=skip, total=len(train_loader),
                           disable=None if is_main else True, leave=False):  # None: no bar unless a terminal
             batches += 1
@@ -162,7 +168,7 @@ def train(cfg, model, tokenizer, loss_fn, train_set, val_set, song_set, stage):
                 continue
             log.step(epoch, step, scheduler.get_last_lr()[0], net, force=step % cfg.log_every == 0 or step == total_steps)
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and batches < len(train_loader):
-                save_checkpoint(accelerator, cfg, {"epoch": epoch, "step": step, "batches": batches})
+                save_checkpoint(accelerator, cfg, {"epoch": epoch, "step": step, "batches": batches, **plan})
             if step >= total_steps:
                 break
 
@@ -180,7 +186,7 @@ def train(cfg, model, tokenizer, loss_fn, train_set, val_set, song_set, stage):
         log.write({"stage": stage, "epoch": epoch, "step": step, "skipped_nonfinite": guard.skipped, **metrics})
         if curves:
             curves.request()
-        save_checkpoint(accelerator, cfg, {"epoch": epoch + 1, "step": step, "batches": 0})
+        save_checkpoint(accelerator, cfg, {"epoch": epoch + 1, "step": step, "batches": 0, **plan})
 
     if curves:
         curves.close()
@@ -229,11 +235,18 @@ def make_loaders(cfg, tokenizer, train_set, val_set, song_set, world, pin_memory
     samples and the held-out songs (every one of them)."""
     collate = TrainCollator(data.Collator(tokenizer, cfg.max_text_length, cfg.text_bucket if cfg.compile else 0),
                             cfg.frame_bucket if cfg.compile else 0)
-    # A dataset that draws per epoch (CrossMuSim crops) is told the epoch before each pass; its
-    # workers must then be started afresh each epoch, so they hold the dataset with that epoch.
+    # A dataset that draws per epoch (CrossMuSim crops, shards) is told the epoch before each pass;
+    # its workers must then be started afresh each epoch, so they hold the dataset with that epoch.
+    # Validation keeps every sample: Accelerate's even_batches tops up the last batch from the
+    # start so every process gathers the same size, and gather_for_metrics drops the extras.
     redraws = hasattr(train_set, "set_epoch")
     loader_kw = dict(collate_fn=collate, num_workers=cfg.num_workers, pin_memory=pin_memory,
                      persistent_workers=cfg.num_workers > 0 and not redraws)
+    val_loader = torch.utils.data.DataLoader(val_set, cfg.batch_per_device, **loader_kw)
+    song_loader = torch.utils.data.DataLoader(song_set, cfg.batch_per_device, **loader_kw)
+    if isinstance(train_set, torch.utils.data.IterableDataset):  # shards: the order is the dataset's own
+        return torch.utils.data.DataLoader(train_set, cfg.batch_per_device, generator=torch.Generator().manual_seed(
+            cfg.seed), **loader_kw), val_loader, song_loader
     if len(train_set) < cfg.batch_per_device * world:
         raise SystemExit(f"{len(train_set)} training samples are fewer than one batch "
                          f"(--batch_per_device {cfg.batch_per_device} x {world} processes): lower "
@@ -243,10 +256,6 @@ def make_loaders(cfg, tokenizer, train_set, val_set, song_set, world, pin_memory
     # dropout after a mid-epoch resume sees the same random stream as an uninterrupted run.
     train_loader = torch.utils.data.DataLoader(train_set, cfg.batch_per_device, shuffle=True, drop_last=True,
                                                generator=torch.Generator().manual_seed(cfg.seed), **loader_kw)
-    # Validation keeps every sample: Accelerate's even_batches tops up the last batch from the
-    # start so every process gathers the same size, and gather_for_metrics drops the extras.
-    val_loader = torch.utils.data.DataLoader(val_set, cfg.batch_per_device, **loader_kw)
-    song_loader = torch.utils.data.DataLoader(song_set, cfg.batch_per_device, **loader_kw)
     return train_loader, val_loader, song_loader
 
 
@@ -314,13 +323,49 @@ def open_logs(accelerator, cfg, say, stage, batch_global, total_steps):
     return log, curves
 
 
-def epoch_loader(accelerator, train_loader, train_set, epoch, skip):
-    """The training batches of `epoch`, after the first `skip` (a mid-epoch resume)."""
+def prepare_run(accelerator, cfg, accum, world, model, optimizer, train_loader, val_loader, song_loader):
+    """The optimizer steps of an epoch and of the run, the schedule over them, and accelerator.prepare.
+    A stream of shards (--shards) splits itself over ranks and workers: its loader skips prepare
+    (whose sharding would split it again), and its len is per rank already.
+    -> model, optimizer, the three loaders, scheduler, total steps, steps per epoch."""
+    streamed = isinstance(train_loader.dataset, torch.utils.data.IterableDataset)
+    steps_per_epoch = len(train_loader) // (accum * (1 if streamed else world))
+    scheduler, total_steps = build_schedule(optimizer, cfg, steps_per_epoch)
+    model, optimizer, val_loader, song_loader = accelerator.prepare(model, optimizer, val_loader, song_loader)
+    if not streamed:
+        train_loader = accelerator.prepare(train_loader)
+    return model, optimizer, train_loader, val_loader, song_loader, scheduler, total_steps, steps_per_epoch
+
+
+def epoch_loader(accelerator, train_loader, train_set, epoch, skip, batches):
+    """The training batches of `epoch`, after the first `skip` (a mid-epoch resume). A stream of
+    shards is told the epoch and where to start (shards.ShardDataset.set_epoch) and gives its first
+    `batches` (whole optimizer steps: accumulation never runs over into the next epoch), moved to
+    the device as a prepared loader's are."""
+    if isinstance(train_set, torch.utils.data.IterableDataset):
+        from accelerate.utils import send_to_device
+        train_set.set_epoch(epoch, start_batch=skip)
+        return (send_to_device(b, accelerator.device, non_blocking=True)
+                for b in itertools.islice(train_loader, max(batches - skip, 0)))
     loader = accelerator.skip_first_batches(train_loader, skip) if skip else train_loader
     loader.set_epoch(epoch)  # the same shuffle as an uninterrupted run, also for the skipping loader
     if hasattr(train_set, "set_epoch"):
         train_set.set_epoch(epoch)  # the same crops and texts as an uninterrupted run
     return loader
+
+
+def stream_plan(train_set, progress, world):
+    """-> (what the checkpoints store of the data, the training samples of an epoch). A stream of
+    shards stores its data plan (shards.ShardDataset.plan), which a mid-epoch resume must find the
+    same (other streams would not give the unkilled run's batches); its len is this rank's share."""
+    if not isinstance(train_set, torch.utils.data.IterableDataset):
+        return {}, len(train_set)
+    if progress["batches"]:
+        try:
+            train_set.check_plan(progress.get("data_plan", {}))
+        except data.CatalogError as e:
+            raise SystemExit(f"Error: --resume: {e}") from None
+    return {"data_plan": train_set.plan()}, len(train_set) * world
 
 
 def settle_due(cfg, step, total_steps):
@@ -483,7 +528,8 @@ def load_songs(cfg):
         raise SystemExit("--catalog is required (or a --preset that sets it)")
     catalog = data.load_catalog(cfg.catalog)
     cache = data.MelCache.open(cfg.cache, catalog) if cfg.cache else None
-    if cache is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    streamed = getattr(cfg, "shards", "")  # stage 1 only: stage 2 (finetune.py) keeps the random-access cache
+    if cache is None and not streamed and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         # Straight from audio, a song that fails to decode is dropped from its batch; the gathered
         # loss needs equal batches on every process, and the cache drops such songs up front.
         raise SystemExit(f"several processes need the log-mel cache: python data.py prepare "
@@ -507,7 +553,9 @@ def main(argv=None):
     song_set = data.SongDataset(catalog, val_rows, cache)
     # Straight from audio (no cache), a training song that fails to decode is skipped with a
     # warning; held-out songs must all be there, so they raise.
-    if cfg.samples == "song":
+    if cfg.shards:  # held-out songs: from --cache if given, else decoded here (at most max_val_songs)
+        train_set, val_set = shard_train_set(cfg, catalog, train_rows), song_set
+    elif cfg.samples == "song":
         train_set, val_set = data.SongDataset(catalog, train_rows, cache, on_error="skip"), song_set
     else:
         train_set, val_set = crossmusim_sets(cfg, catalog, cache, train_rows, val_rows)
@@ -516,6 +564,22 @@ def main(argv=None):
     model = htcl.HTCL(cfg.model)
     model.freeze_unused(stage=1)
     train(cfg, model, tokenizer, stage1_loss, train_set, val_set, song_set, stage=1)
+
+
+def shard_train_set(cfg, catalog, train_rows):
+    """The training songs streamed from --shards: this process's streams (one per DataLoader worker)
+    of the train rows, reshuffled each epoch, exact to the batch on a mid-epoch resume (shards.py)."""
+    import shards
+    from accelerate import PartialState
+    if cfg.samples != "song":
+        raise SystemExit("--shards streams whole songs with their text X_t (--samples song); the CrossMuSim "
+                         "variant draws crops at random: give it --cache")
+    state = PartialState(cpu=not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1)
+    try:
+        return shards.ShardDataset(cfg.shards, cfg.batch_per_device, state.process_index, state.num_processes,
+                                   cfg.num_workers, cfg.seed, cfg.shuffle_buffer, catalog=catalog, rows=train_rows)
+    except data.CatalogError as e:
+        raise SystemExit(f"Error: --shards: {e}") from None
 
 
 def crossmusim_sets(cfg, catalog, cache, train_rows, val_rows):

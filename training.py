@@ -69,11 +69,11 @@ def _flatten_toml(d, prefix=""):
 # Fields holding a path. In a preset a relative path is read from the preset file's folder, so a
 # preset works from any working directory; on the command line it stays relative to the cwd.
 # text_model may also be a hub name: it is resolved only when that folder exists.
-PATH_FIELDS = ("catalog", "cache", "out_dir", "init_from", "pairs", "model.text_model")
+PATH_FIELDS = ("catalog", "cache", "shards", "out_dir", "init_from", "pairs", "model.text_model")
 
 
 def _preset_path(preset, name, value):
-    if name not in PATH_FIELDS or not isinstance(value, str) or not value or os.path.isabs(value):
+    if name not in PATH_FIELDS or not isinstance(value, str) or not value or os.path.isabs(value) or "://" in value:
         return value
     path = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(preset)), value))
     return value if name == "model.text_model" and not os.path.isdir(path) else path

@@ -54,20 +54,27 @@ def embed_catalog(model, tokenizer, catalog, rows=None, mode=None, kinds=("audio
     L2 normalization, so the fusion MLP receives the same kind of input as in training.
     """
     rows = list(range(len(catalog))) if rows is None else list(rows)
-    mode = mode or model.cfg.embed_mode
-    chunk_frames = chunk_frames or seconds_to_frames(model.cfg.chunk_seconds)
     dataset = SongDataset(catalog, rows, cache)
     if len(dataset) != len(rows):  # songs whose audio failed in prepare: no embedding, so say which
         lost = sorted(set(rows) - set(dataset.rows))
         raise ValueError(f"{catalog.path}: {len(lost)} songs have no log-mel in the cache (failed to decode), "
                          f"e.g. {[catalog[r].song_id for r in lost[:5]]}; fix or remove them from the catalog")
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=Collator(tokenizer))
+    return embed_batches(model, loader, len(rows), mode, kinds, batch_size, chunk_frames)
+
+
+@torch.no_grad()
+def embed_batches(model, batches, total, mode=None, kinds=("audio",), batch_size=16, chunk_frames=None):
+    """embed_catalog's loop over any batches of data.Collator (evals/embed_shards.py streams them
+    from shards) -> {kind: (songs, D) float32 numpy} in the order of the batches."""
+    mode = mode or model.cfg.embed_mode
+    chunk_frames = chunk_frames or seconds_to_frames(model.cfg.chunk_seconds)
     model.eval()
     device = next(model.parameters()).device
     want_text = "text" in kinds or "fused" in kinds
     out = {k: [] for k in kinds}
-    bar = progress_bar(len(rows), f"embed ({mode})")
-    for batch in loader:
+    bar = progress_bar(total, f"embed ({mode})")
+    for batch in batches:
         mel, mask = batch["mel"].to(device), batch["padding_mask"].to(device)
         audio = _encode_audio(model, mel, mask, mode, batch_size, chunk_frames)  # (B, D)
         text = model.encode_text({k: v.to(device) for k, v in batch["tokens"].items()}, normalize=False) \
