@@ -15,8 +15,10 @@ training sample with a random audio crop (CrossMuSimDataset).
 Commands:
   python data.py prepare --catalog sample_data/catalog.csv --cache cache/      # log-mels -> .npy
   python data.py prepare --catalog C --cache DIR --shard 3/8 --num_workers 4   # one shard of 8
+  python data.py prepare --catalog C --shards s3://bucket/mels --shard 3/8     # tar shards (shards.py), part 3 of 8
   python data.py mine-pairs --favourites sample_data/favourites.csv \\
       --catalog sample_data/catalog.csv --out cf_pairs.csv --window 5          # HTCL_w_CF pairs
+  python data.py pairs-from-column --catalog C --column album_id --out pairs.csv  # no user log: same album
 
 Read top to bottom: audio -> catalog -> behaviour files -> cache -> datasets -> CLI.
 """
@@ -405,6 +407,24 @@ def load_pairs(path, catalog):
     return pairs
 
 
+def drop_held_out_pairs(pairs, catalog, seed=3407, path="pairs"):
+    """Stage-2 pairs whose two songs are both in the train split (split_rows, the catalog's split
+    column or the seeded 90/10) -> (kept pairs, number dropped). A pair touching a val or test song
+    would train on the songs that validation, the probes and HR@100 score; each is dropped, and the
+    count printed. None left is an error."""
+    train = set(split_rows(catalog, "train", seed=seed))
+    kept = [(t, r) for t, r in pairs if t in train and r in train]
+    dropped = len(pairs) - len(kept)
+    if dropped:
+        print(f"{path}: dropped {dropped} of {len(pairs)} pairs touching a song outside the train split "
+              f"(val/test songs are held out for validation and evaluation); {len(kept)} pairs left")
+    if not kept:
+        raise CatalogError(f"{path}: every one of its {len(pairs)} pairs touches a val or test song of "
+                           f"{catalog.path}; stage 2 trains on pairs of train songs only (data.py mine-pairs "
+                           f"--split train)")
+    return kept, dropped
+
+
 def _parse_time(value):
     try:
         t = float(value)  # unix seconds
@@ -439,6 +459,31 @@ def load_favourites(path, catalog):
                            f"not in {catalog.path}); do the song ids match the catalog?")
     favs.sort(key=lambda f: (f[0], f[2]))  # stable: equal timestamps keep file order
     return favs
+
+
+def column_pairs(catalog, column, rows=None, max_pairs_per_group=None, seed=3407):
+    """Stage-2 pairs without a user log: songs that share a value of `column` (same work, same album)
+    -> [(trigger_row, rec_row)]. Each unordered pair of a group once, in a seeded random order of the
+    two (the stage-2 loss reads the recommended song's text); empty values form no group. rows: the
+    songs allowed (e.g. the train split), default all; max_pairs_per_group: a seeded sample of each
+    group's pairs, so one big album does not dominate. NOTE(paper): HTCL's pairs are favoured
+    recommendations; shared metadata is a stand-in where there is no log."""
+    if column not in catalog.columns:
+        raise CatalogError(f"{catalog.path}: no column '{column}' (columns: {', '.join(catalog.columns)})")
+    rng = np.random.default_rng(seed)
+    groups = {}
+    for r in (range(len(catalog)) if rows is None else sorted(rows)):
+        value = catalog.label(r, column).strip()
+        if value:
+            groups.setdefault(value, []).append(r)
+    out = []
+    for value in sorted(groups):
+        members = groups[value]
+        pairs = [(a, b) for i, a in enumerate(members) for b in members[i + 1:]]
+        if max_pairs_per_group and len(pairs) > max_pairs_per_group:
+            pairs = [pairs[k] for k in sorted(rng.choice(len(pairs), max_pairs_per_group, replace=False))]
+        out += [(b, a) if rng.random() < 0.5 else (a, b) for a, b in pairs]
+    return out
 
 
 def mine_cooccurrence_pairs(favourites, window=5, max_pairs_per_user=None, seed=3407):
@@ -617,10 +662,11 @@ class MelCache:
 
 
 class _DecodeRows(Dataset):
-    """prepare's decode jobs, so a DataLoader can run song_mel in worker processes."""
+    """prepare's decode jobs (and shards.write's), so a DataLoader runs song_mel in worker processes
+    -> (row, fp16 (frames, 128) log-mel or None, why not). mel_fn: song_mel; tests pass fakes."""
 
-    def __init__(self, catalog, rows):
-        self.items = [(r, catalog[r].audio) for r in rows]
+    def __init__(self, catalog, rows, mel_fn=None):
+        self.items, self.mel_fn = [(int(r), catalog[int(r)].audio) for r in rows], mel_fn
 
     def __len__(self):
         return len(self.items)
@@ -628,7 +674,11 @@ class _DecodeRows(Dataset):
     def __getitem__(self, k):
         row, path = self.items[k]
         try:
-            return row, song_mel(path).numpy().astype(np.float16), ""
+            mel = (self.mel_fn or song_mel)(path)
+            mel = (mel.numpy() if torch.is_tensor(mel) else np.asarray(mel)).astype(np.float16)
+            if mel.ndim != 2 or mel.shape[1] != N_MELS or not 0 < len(mel) <= MAX_FRAMES:
+                raise ValueError(f"log-mel of shape {mel.shape}, not (1..{MAX_FRAMES}, {N_MELS})")
+            return row, mel, ""
         except Exception as e:  # a bad file is reported and skipped, it does not stop the run
             return row, None, f"{type(e).__name__}: {e}".replace("\n", " ")
 
@@ -1049,8 +1099,14 @@ def main(argv=None):
     q = sub.add_parser("prepare", allow_abbrev=False, help="decode songs into the log-mel cache",
                        description="Compute the log-mel of every song of one shard into --cache (resumable).")
     q.add_argument("--catalog", required=True, help="catalog CSV/JSONL")
-    q.add_argument("--cache", required=True, help="cache folder")
-    q.add_argument("--shard", type=_shard_arg, default=(0, 1), help="i/n: rows [i*N//n, (i+1)*N//n) (default 0/1)")
+    q.add_argument("--cache", help="cache folder (memory-mapped, random access: the demo, stage 2, embed)")
+    q.add_argument("--shards", help="folder or s3:// / gs:// URL: WebDataset tar shards instead (shards.py; "
+                                    "paper-scale stage 1, streamed)")
+    q.add_argument("--shard_size_mb", type=float, default=1000.0,  # shards.DEFAULT_SHARD_BYTES
+                   help="with --shards: the size of a shard of full 120 s songs, MB (default %(default)g)")
+    q.add_argument("--shard", type=_shard_arg, default=(0, 1),
+                   help="i/n: this machine's part of n (default 0/1): rows [i*N//n, (i+1)*N//n) of --cache, "
+                        "shards [i*S//n, (i+1)*S//n) of --shards; the last part to finish writes index.json")
     q.add_argument("--num_workers", type=int, default=0, help="decoding processes (default 0: in-process)")
     q.add_argument("--max_bad", "--max-bad", type=float, default=0.01,
                    help="fail (exit 1) when more than this fraction of songs cannot be decoded (default 0.01)")
@@ -1064,10 +1120,30 @@ def main(argv=None):
                    help="keep pairs whose two songs are in this split (default train, like pairs.csv)")
     q.add_argument("--max_pairs_per_user", type=int, default=None, help="subsample heavy users (default: no cap)")
     q.add_argument("--seed", type=int, default=3407)
+    q = sub.add_parser("pairs-from-column", allow_abbrev=False, help="stage-2 pairs of songs sharing a column",
+                       description="Stage-2 pairs without a user log: songs with the same value of --column "
+                                   "(a work or album id), of the train split by default.")
+    q.add_argument("--catalog", required=True, help="catalog CSV/JSONL")
+    q.add_argument("--column", required=True, help="catalog column whose equal values make pairs, e.g. album_id")
+    q.add_argument("--out", required=True, help="output pairs CSV: trigger_song_id,rec_song_id")
+    q.add_argument("--split", default="train", choices=["train", "val", "test", "all"],
+                   help="keep pairs whose two songs are in this split (default train: what stage 2 trains on)")
+    q.add_argument("--max_pairs_per_group", type=int, default=None, help="seeded sample per value (default: all)")
+    q.add_argument("--seed", type=int, default=3407)
     args = p.parse_args(argv)
 
     if args.command == "prepare":
-        prepare(args.catalog, args.cache, args.shard, args.num_workers, args.max_bad)
+        if bool(args.cache) == bool(args.shards):
+            p.error("prepare: give one of --cache DIR (memory-mapped cache) or --shards DIR_OR_URL (tar shards)")
+        if args.cache:
+            prepare(args.catalog, args.cache, args.shard, args.num_workers, args.max_bad)
+        else:  # the same song_mel, written as shards
+            import shards  # here: shards.py imports this module (as `data`: its errors are not __main__'s)
+            try:
+                shards.write(args.catalog, args.shards, args.shard, round(args.shard_size_mb * 1e6),
+                             args.num_workers, args.max_bad)
+            except (shards.data.CatalogError, OSError) as e:
+                raise SystemExit(f"error: {e}".replace("\n", " ")) from None
     elif args.command == "mine-pairs":
         catalog = load_catalog(args.catalog)
         pairs = mine_cooccurrence_pairs(load_favourites(args.favourites, catalog), args.window,
@@ -1078,10 +1154,24 @@ def main(argv=None):
         write_csv(args.out, ["trigger_song_id", "rec_song_id"],
                   [[catalog[a].song_id, catalog[b].song_id] for a, b in pairs])
         print(f"mine-pairs: {len(pairs)} pairs (window {args.window}, split {args.split}) -> {args.out}")
+    elif args.command == "pairs-from-column":
+        catalog = load_catalog(args.catalog)
+        rows = None if args.split == "all" else split_rows(catalog, args.split, seed=args.seed)
+        pairs = column_pairs(catalog, args.column, rows, args.max_pairs_per_group, args.seed)
+        if not pairs:
+            raise CatalogError(f"{args.catalog}: no two songs of split {args.split} share a value of '{args.column}'")
+        write_csv(args.out, ["trigger_song_id", "rec_song_id"],
+                  [[catalog[a].song_id, catalog[b].song_id] for a, b in pairs])
+        print(f"pairs-from-column: {len(pairs)} pairs of songs sharing '{args.column}' (split {args.split}) "
+              f"-> {args.out}")
 
 
 if __name__ == "__main__":
     try:
         main()
-    except CatalogError as e:  # a data problem: the message says where; a traceback adds nothing
+    except (CatalogError, OSError) as e:  # a data problem: the message says where; a traceback adds nothing
         raise SystemExit(f"error: {e}")
+    except Exception as e:  # --shards on object storage: the client's own errors (missing credentials, ...)
+        if not type(e).__module__.startswith(("botocore", "aiobotocore", "google", "aiohttp")):
+            raise
+        raise SystemExit(f"error: {type(e).__name__}: {e}".replace("\n", " "))

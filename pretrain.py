@@ -2,6 +2,8 @@
 
     python data.py prepare --catalog CATALOG --cache CACHE          # once: log-mels into a memory-mapped cache
     accelerate launch pretrain.py --catalog CATALOG --cache CACHE --out_dir runs/pretrain
+    python data.py prepare --catalog CATALOG --shards s3://b/mels   # paper scale: tar shards instead (shards.py)
+    accelerate launch pretrain.py --catalog CATALOG --shards s3://b/mels --out_dir runs/pretrain  # streamed
     accelerate launch pretrain.py --preset sample_data/preset.toml  # the bundled demo
     accelerate launch pretrain.py --preset presets/crossmusim.toml  # the CrossMuSim variant (a crop + one text type a sample)
     python pretrain.py -h                                             # every option, with its default
@@ -17,6 +19,8 @@ checkpoints, resume), its named steps, the optimizer and schedule, the per-epoch
 and stage 1's main. finetune.py imports the loop, so it exists once. The plumbing around the
 loop (dataclass -> CLI and presets, log lines and curves, checkpoint files) is in training.py.
 """
+import itertools
+import json
 import math
 import os
 import random
@@ -27,8 +31,9 @@ from tqdm.auto import tqdm
 
 import data
 import model as htcl
-from training import (CurvePlotter, IntervalLog, NonFiniteGuard, _flatten_toml, _trackers, parse_config,
-                      resume_progress, save_checkpoint)
+from evals.metrics import collapse_warning, embedding_health, mean_pairwise_cosine
+from training import (CurvePlotter, IntervalLog, NonFiniteGuard, _flatten_toml, _trackers, check_out_dir,
+                      parse_config, resume_progress, save_checkpoint)
 
 # -----------------------------------------------------------------------------
 # Config: one dataclass per stage, CLI flags generated from it (training.parse_config).
@@ -61,6 +66,7 @@ class TrainConfig:
     keep_checkpoints: int = 2         # newest checkpoints/step_* kept for --resume (each holds optimizer state)
     max_nonfinite_steps: int = 10     # skip a step whose loss/gradient is NaN/inf; stop after this many in a row
     resume: bool = False              # continue from the last checkpoint in out_dir
+    overwrite: bool = False           # empty a non-empty out_dir first; without it (or --resume) such a folder is refused
     max_steps: int = 0                # > 0: stop after this many optimizer steps (smoke runs)
     report_to: str = "none"           # Accelerate tracker for the curves: none | tensorboard (pip install tensorboard) | wandb | ...
     # Speed switches (none changes the method but tf32; make_fast says why each default is what it is).
@@ -81,6 +87,10 @@ class PretrainConfig(TrainConfig):
     aspect_column: str = "aspects"    # catalog column of tag keywords (comma separated); absent = no aspect samples
     caption_column: str = "caption"   # catalog column of captions; absent = no caption samples
     max_aspects: int = 5              # CrossMuSim: up to 5 random keywords
+    # Paper scale (50M songs, 16 TB of log-mels): the training songs streamed from tar shards
+    # (data.py prepare --shards) instead of the memory-mapped cache; see shards.py.
+    shards: str = ""                  # folder, s3://, gs:// or http(s):// URL of shards; empty = --cache / audio
+    shuffle_buffer: int = 1000        # with --shards: samples shuffled together per DataLoader worker (x 320 KB each)
 
 
 # -----------------------------------------------------------------------------
@@ -107,19 +117,21 @@ def train(cfg, model, tokenizer, loss_fn, train_set, val_set, song_set, stage):
     # Data, then the optimizer and its schedule, counted in optimizer steps.
     train_loader, val_loader, song_loader = make_loaders(cfg, tokenizer, train_set, val_set, song_set, world,
                                                          pin_memory=accelerator.device.type == "cuda")
+    check_out_dir(cfg, accelerator)  # a used out_dir is refused (or emptied: --overwrite), never appended to
+    start_trackers(accelerator, cfg, stage)  # the first write into out_dir
     optimizer = build_optimizer(model, cfg, accelerator.device.type)
     make_fast(cfg, model, accelerator.device)  # TF32 on CUDA; torch.compile of both towers with --compile
-    steps_per_epoch = len(train_loader) // (accum * world)
-    scheduler, total_steps = build_schedule(optimizer, cfg, steps_per_epoch)
-    model, optimizer, train_loader, val_loader, song_loader = accelerator.prepare(
-        model, optimizer, train_loader, val_loader, song_loader)
+    model, optimizer, train_loader, val_loader, song_loader, scheduler, total_steps, steps_per_epoch = prepare_run(
+        accelerator, cfg, accum, world, model, optimizer, train_loader, val_loader, song_loader)
     # The scheduler is stepped by hand once per optimizer step (not through prepare,
     # which would scale it by the number of processes); registered so save_state keeps it.
     accelerator.register_for_checkpointing(scheduler)
     net = accelerator.unwrap_model(model)
     progress = resume_progress(accelerator, cfg, say)  # where the next batch starts; loads a checkpoint on --resume
+    plan, n_train = stream_plan(train_set, progress, world)  # plan: a stream of shards' data plan, for checkpoints
+    start = start_health(accelerator, model, song_loader, cfg, stage, progress, say)  # collapse reference
 
-    say(f"stage {stage}: {len(train_set)} train / {len(val_set)} val samples, {len(song_set)} held-out songs | "
+    say(f"stage {stage}: {n_train} train / {len(val_set)} val samples, {len(song_set)} held-out songs | "
         f"{world} process(es) x {cfg.batch_per_device} x {accum} accumulation = global batch {cfg.global_batch} | "
         f"{steps_per_epoch} steps/epoch, {total_steps} steps | {sum(p.numel() for p in net.parameters()):,} params")
     log, curves = open_logs(accelerator, cfg, say, stage, cfg.batch_per_device * world, total_steps)
@@ -130,7 +142,7 @@ def train(cfg, model, tokenizer, loss_fn, train_set, val_set, song_set, stage):
         if step >= total_steps:
             break
         skip = progress["batches"] if epoch == progress["epoch"] else 0  # resumed mid-epoch: batches already done
-        loader, batches = epoch_loader(accelerator, train_loader, train_set, epoch, skip), skip
+        loader, batches = epoch_loader(accelerator, train_loader, train_set, epoch, skip, steps_per_epoch * accum), skip
         for batch in tqdm(loader, desc=f"epoch {epoch}", initial=skip, total=len(train_loader),
                           disable=None if is_main else True, leave=False):  # None: no bar unless a terminal
             batches += 1
@@ -157,7 +169,7 @@ def train(cfg, model, tokenizer, loss_fn, train_set, val_set, song_set, stage):
                 continue
             log.step(epoch, step, scheduler.get_last_lr()[0], net, force=step % cfg.log_every == 0 or step == total_steps)
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and batches < len(train_loader):
-                save_checkpoint(accelerator, cfg, {"epoch": epoch, "step": step, "batches": batches})
+                save_checkpoint(accelerator, cfg, {"epoch": epoch, "step": step, "batches": batches, **plan})
             if step >= total_steps:
                 break
 
@@ -165,11 +177,17 @@ def train(cfg, model, tokenizer, loss_fn, train_set, val_set, song_set, stage):
         step, _ = guard.settle(step, scheduler)
         metrics = validate(accelerator, model, loss_fn, val_loader, song_loader)
         say(f"epoch {epoch} | " + " | ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
-                                              for k, v in metrics.items()))
+                                              for k, v in metrics.items())
+            + (f" | at the start: audio_pr {start['participation_ratio']:.4f} audio_mean_cos "
+               f"{start['mean_cosine']:.4f}" if start else ""))
+        warning = collapse_warning({"participation_ratio": metrics["audio_pr"], "mean_cosine": metrics["audio_mean_cos"]},
+                                   start, "held-out audio embeddings", START_NAMES[stage])
+        if warning:
+            say(f"epoch {epoch}: {warning}")
         log.write({"stage": stage, "epoch": epoch, "step": step, "skipped_nonfinite": guard.skipped, **metrics})
         if curves:
             curves.request()
-        save_checkpoint(accelerator, cfg, {"epoch": epoch + 1, "step": step, "batches": 0})
+        save_checkpoint(accelerator, cfg, {"epoch": epoch + 1, "step": step, "batches": 0, **plan})
 
     if curves:
         curves.close()
@@ -203,10 +221,14 @@ def make_accelerator(cfg, stage):
                               # non_blocking: batches go to the GPU from pinned memory (make_loaders) while it computes
                               dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, non_blocking=True),
                               log_with=trackers, project_dir=cfg.out_dir if trackers else None)
-    if trackers:  # e.g. tensorboard --logdir runs/demo/pretrain
+    return accelerator, world, accum
+
+
+def start_trackers(accelerator, cfg, stage):
+    """--report_to's trackers (they write into out_dir: after check_out_dir)."""
+    if accelerator.log_with:  # e.g. tensorboard --logdir runs/demo/pretrain
         accelerator.init_trackers(f"stage{stage}", config={k: v if isinstance(v, (int, float, str, bool)) else str(v)
                                                            for k, v in _flatten_toml(asdict(cfg))})
-    return accelerator, world, accum
 
 
 def make_loaders(cfg, tokenizer, train_set, val_set, song_set, world, pin_memory):
@@ -214,11 +236,18 @@ def make_loaders(cfg, tokenizer, train_set, val_set, song_set, world, pin_memory
     samples and the held-out songs (every one of them)."""
     collate = TrainCollator(data.Collator(tokenizer, cfg.max_text_length, cfg.text_bucket if cfg.compile else 0),
                             cfg.frame_bucket if cfg.compile else 0)
-    # A dataset that draws per epoch (CrossMuSim crops) is told the epoch before each pass; its
-    # workers must then be started afresh each epoch, so they hold the dataset with that epoch.
+    # A dataset that draws per epoch (CrossMuSim crops, shards) is told the epoch before each pass;
+    # its workers must then be started afresh each epoch, so they hold the dataset with that epoch.
+    # Validation keeps every sample: Accelerate's even_batches tops up the last batch from the
+    # start so every process gathers the same size, and gather_for_metrics drops the extras.
     redraws = hasattr(train_set, "set_epoch")
     loader_kw = dict(collate_fn=collate, num_workers=cfg.num_workers, pin_memory=pin_memory,
                      persistent_workers=cfg.num_workers > 0 and not redraws)
+    val_loader = torch.utils.data.DataLoader(val_set, cfg.batch_per_device, **loader_kw)
+    song_loader = torch.utils.data.DataLoader(song_set, cfg.batch_per_device, **loader_kw)
+    if isinstance(train_set, torch.utils.data.IterableDataset):  # shards: the order is the dataset's own
+        return torch.utils.data.DataLoader(train_set, cfg.batch_per_device, generator=torch.Generator().manual_seed(
+            cfg.seed), **loader_kw), val_loader, song_loader
     if len(train_set) < cfg.batch_per_device * world:
         raise SystemExit(f"{len(train_set)} training samples are fewer than one batch "
                          f"(--batch_per_device {cfg.batch_per_device} x {world} processes): lower "
@@ -228,10 +257,6 @@ def make_loaders(cfg, tokenizer, train_set, val_set, song_set, world, pin_memory
     # dropout after a mid-epoch resume sees the same random stream as an uninterrupted run.
     train_loader = torch.utils.data.DataLoader(train_set, cfg.batch_per_device, shuffle=True, drop_last=True,
                                                generator=torch.Generator().manual_seed(cfg.seed), **loader_kw)
-    # Validation keeps every sample: Accelerate's even_batches tops up the last batch from the
-    # start so every process gathers the same size, and gather_for_metrics drops the extras.
-    val_loader = torch.utils.data.DataLoader(val_set, cfg.batch_per_device, **loader_kw)
-    song_loader = torch.utils.data.DataLoader(song_set, cfg.batch_per_device, **loader_kw)
     return train_loader, val_loader, song_loader
 
 
@@ -270,7 +295,7 @@ def make_fast(cfg, model, device):
     matmuls are bf16 already). --no-tf32 for IEEE fp32 throughout.
     compile (default off, on every device): both towers are compiled in place (parameter names, and
     so checkpoints and artifacts, stay as they are); validation runs them eagerly. Off until a GPU
-    measurement says it pays (bench.py step_fast_* rows): a cold compile of both towers costs
+    measurement says it pays (tools/device_bench.py's compile row): a cold compile of both towers costs
     minutes, which a short run never earns back, and Inductor's dynamic shapes fail on the conv
     stem's length arithmetic (torch 2.13, reproduced on CPU), so shapes are static and the batches
     go to bucket lengths (text_bucket, frame_bucket): a compile per bucket, and padded compute.
@@ -299,13 +324,49 @@ def open_logs(accelerator, cfg, say, stage, batch_global, total_steps):
     return log, curves
 
 
-def epoch_loader(accelerator, train_loader, train_set, epoch, skip):
-    """The training batches of `epoch`, after the first `skip` (a mid-epoch resume)."""
+def prepare_run(accelerator, cfg, accum, world, model, optimizer, train_loader, val_loader, song_loader):
+    """The optimizer steps of an epoch and of the run, the schedule over them, and accelerator.prepare.
+    A stream of shards (--shards) splits itself over ranks and workers: its loader skips prepare
+    (whose sharding would split it again), and its len is per rank already.
+    -> model, optimizer, the three loaders, scheduler, total steps, steps per epoch."""
+    streamed = isinstance(train_loader.dataset, torch.utils.data.IterableDataset)
+    steps_per_epoch = len(train_loader) // (accum * (1 if streamed else world))
+    scheduler, total_steps = build_schedule(optimizer, cfg, steps_per_epoch)
+    model, optimizer, val_loader, song_loader = accelerator.prepare(model, optimizer, val_loader, song_loader)
+    if not streamed:
+        train_loader = accelerator.prepare(train_loader)
+    return model, optimizer, train_loader, val_loader, song_loader, scheduler, total_steps, steps_per_epoch
+
+
+def epoch_loader(accelerator, train_loader, train_set, epoch, skip, batches):
+    """The training batches of `epoch`, after the first `skip` (a mid-epoch resume). A stream of
+    shards is told the epoch and where to start (shards.ShardDataset.set_epoch) and gives its first
+    `batches` (whole optimizer steps: accumulation never runs over into the next epoch), moved to
+    the device as a prepared loader's are."""
+    if isinstance(train_set, torch.utils.data.IterableDataset):
+        from accelerate.utils import send_to_device
+        train_set.set_epoch(epoch, start_batch=skip)
+        return (send_to_device(b, accelerator.device, non_blocking=True)
+                for b in itertools.islice(train_loader, max(batches - skip, 0)))
     loader = accelerator.skip_first_batches(train_loader, skip) if skip else train_loader
     loader.set_epoch(epoch)  # the same shuffle as an uninterrupted run, also for the skipping loader
     if hasattr(train_set, "set_epoch"):
         train_set.set_epoch(epoch)  # the same crops and texts as an uninterrupted run
     return loader
+
+
+def stream_plan(train_set, progress, world):
+    """-> (what the checkpoints store of the data, the training samples of an epoch). A stream of
+    shards stores its data plan (shards.ShardDataset.plan), which a mid-epoch resume must find the
+    same (other streams would not give the unkilled run's batches); its len is this rank's share."""
+    if not isinstance(train_set, torch.utils.data.IterableDataset):
+        return {}, len(train_set)
+    if progress["batches"]:
+        try:
+            train_set.check_plan(progress.get("data_plan", {}))
+        except data.CatalogError as e:
+            raise SystemExit(f"Error: --resume: {e}") from None
+    return {"data_plan": train_set.plan()}, len(train_set) * world
 
 
 def settle_due(cfg, step, total_steps):
@@ -403,7 +464,8 @@ def embed_songs(accelerator, model, loader):
 @torch.no_grad()
 @torch.compiler.set_stance("force_eager")  # --compile: eager here, no graphs for eval mode and odd batch sizes
 def validate(accelerator, model, loss_fn, val_loader, song_loader):
-    """Mean validation loss and audio->text / text->audio R@1, R@10 (chance: k / N)."""
+    """Mean validation loss, audio->text / text->audio R@1, R@10 (chance: k / N), and the collapse
+    measures: the audio embeddings' participation ratio and mean pairwise cosine, the text's mean cosine."""
     from evals.metrics import recall_at_k
     model.eval()
     losses = []
@@ -419,8 +481,48 @@ def validate(accelerator, model, loss_fn, val_loader, song_loader):
         metrics[f"t2a_R@{k}"] = recall_at_k(text_emb, audio_emb, k)
     metrics["chance_R@10"] = min(1.0, 10 / max(n, 1))
     metrics["val_songs"] = n
+    # collapse measures (evals.metrics.collapse_warning reads the audio pair)
+    health = embedding_health(audio_emb)
+    metrics["audio_pr"], metrics["audio_mean_cos"] = health["participation_ratio"], health["mean_cosine"]
+    metrics["text_mean_cos"] = mean_pairwise_cosine(text_emb)
     model.train()
     return metrics
+
+
+START_NAMES = {1: "untrained encoder", 2: "stage-1 encoder"}  # what each stage starts from
+
+
+@torch.no_grad()
+@torch.compiler.set_stance("force_eager")
+def start_health(accelerator, model, song_loader, cfg, stage, progress, say):
+    """embedding_health of the held-out songs' audio embeddings at the stage's starting weights
+    (stage 1: the seeded, untrained encoder; stage 2: stage 1's): the reference each validation's
+    collapse measures are printed beside. One pass over the held-out songs, logged in log.jsonl
+    and read back from there on --resume (the checkpoint holds trained weights, not the start)."""
+    path = os.path.join(cfg.out_dir, "log.jsonl")
+    if progress["step"] and os.path.exists(path):
+        with open(path) as f:
+            rows = [json.loads(line) for line in f if '"start_audio_pr"' in line]
+        return {"participation_ratio": rows[-1]["start_audio_pr"], "mean_cosine": rows[-1]["start_audio_mean_cos"]} \
+            if rows else None
+    if progress["step"]:
+        return None
+    # A loader iterator draws its base seed from the global RNG: put it back, so that training sees
+    # the random stream it saw before this pass existed (dropout, and the numbers in the README).
+    rng = torch.random.get_rng_state(), torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    health = embedding_health(embed_songs(accelerator, model, song_loader)[0])
+    torch.random.set_rng_state(rng[0])
+    if rng[1] is not None:
+        torch.cuda.set_rng_state_all(rng[1])
+    model.train()
+    say(f"held-out audio embeddings at the start ({START_NAMES[stage]}): participation ratio "
+        f"{health['participation_ratio']:.2f}, mean pairwise cosine {health['mean_cosine']:.3f}")
+    if accelerator.is_main_process:
+        os.makedirs(cfg.out_dir, exist_ok=True)
+        with open(path, "a") as f:
+            f.write(json.dumps({"stage": stage, "step": 0, "start_audio_pr": health["participation_ratio"],
+                                "start_audio_mean_cos": health["mean_cosine"]}) + "\n")
+    return health
 
 
 # -----------------------------------------------------------------------------
@@ -437,7 +539,8 @@ def load_songs(cfg):
         raise SystemExit("--catalog is required (or a --preset that sets it)")
     catalog = data.load_catalog(cfg.catalog)
     cache = data.MelCache.open(cfg.cache, catalog) if cfg.cache else None
-    if cache is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    streamed = getattr(cfg, "shards", "")  # stage 1 only: stage 2 (finetune.py) keeps the random-access cache
+    if cache is None and not streamed and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         # Straight from audio, a song that fails to decode is dropped from its batch; the gathered
         # loss needs equal batches on every process, and the cache drops such songs up front.
         raise SystemExit(f"several processes need the log-mel cache: python data.py prepare "
@@ -461,7 +564,9 @@ def main(argv=None):
     song_set = data.SongDataset(catalog, val_rows, cache)
     # Straight from audio (no cache), a training song that fails to decode is skipped with a
     # warning; held-out songs must all be there, so they raise.
-    if cfg.samples == "song":
+    if cfg.shards:  # held-out songs: from --cache if given, else decoded here (at most max_val_songs)
+        train_set, val_set = shard_train_set(cfg, catalog, train_rows), song_set
+    elif cfg.samples == "song":
         train_set, val_set = data.SongDataset(catalog, train_rows, cache, on_error="skip"), song_set
     else:
         train_set, val_set = crossmusim_sets(cfg, catalog, cache, train_rows, val_rows)
@@ -470,6 +575,22 @@ def main(argv=None):
     model = htcl.HTCL(cfg.model)
     model.freeze_unused(stage=1)
     train(cfg, model, tokenizer, stage1_loss, train_set, val_set, song_set, stage=1)
+
+
+def shard_train_set(cfg, catalog, train_rows):
+    """The training songs streamed from --shards: this process's streams (one per DataLoader worker)
+    of the train rows, reshuffled each epoch, exact to the batch on a mid-epoch resume (shards.py)."""
+    import shards
+    from accelerate import PartialState
+    if cfg.samples != "song":
+        raise SystemExit("--shards streams whole songs with their text X_t (--samples song); the CrossMuSim "
+                         "variant draws crops at random: give it --cache")
+    state = PartialState(cpu=not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1)
+    try:
+        return shards.ShardDataset(cfg.shards, cfg.batch_per_device, state.process_index, state.num_processes,
+                                   cfg.num_workers, cfg.seed, cfg.shuffle_buffer, catalog=catalog, rows=train_rows)
+    except data.CatalogError as e:
+        raise SystemExit(f"Error: --shards: {e}") from None
 
 
 def crossmusim_sets(cfg, catalog, cache, train_rows, val_rows):

@@ -12,9 +12,9 @@ standard library so the bytes are deterministic, read by webdataset's own reader
                                KEY.json     {song_id, row, frames, text (X_t), catalog (the row's
                                             columns as written), mel_hash}
                                KEY.mel.npy  float16 (frames, 128), only the real frames
-  {out}/shard-000012.json    sidecar written after the tar: samples, bytes, failed songs (why)
-  {out}/index-part-00000-of-00004.json  one per --part; `merge` joins them into
-  {out}/index.json           the shards, sample counts, bytes, layout and the mel-settings hash
+  {out}/shard-000012.json    sidecar written after the tar: samples, bytes, failed songs (why) and rows
+  {out}/index-part-00000-of-00004.json  one per --shard i/n part; `merge` joins them into
+  {out}/index.json           the shards, sample counts, failed rows, bytes, layout, mel-settings hash
   {out}/bad-part-00000-of-00004.csv     song_id,path,reason for audio that failed to decode
 Layout: the catalog rows in a seeded permutation, cut into shards of rows_per_shard rows
 (shard_bytes / a full song's bytes), so shard k always holds the same rows. The permutation is so
@@ -24,6 +24,9 @@ exists is done (tar and sidecar each appear atomically: temp name + rename local
 object storage), so a rerun after kill -9 redoes at most the shards in flight. Songs that failed
 to decode stay out of a finished shard (with ~1% bad files nearly every shard has one, so retrying
 them on every rerun would rewrite everything); delete a shard's sidecar to write it again.
+
+Users: data.py prepare --shards writes, pretrain.py --shards trains on, evaluate.py embed --shards
+(evals/embed_shards.py, ShardSongs: each rank its own shards) embeds from the shards.
 
 Reader (ShardDataset), one stream per (rank, DataLoader worker), G = world_size x num_workers:
   epoch e: the shards in a permutation seeded by (seed, e) are laid end to end; stream g takes
@@ -42,9 +45,10 @@ Reader (ShardDataset), one stream per (rank, DataLoader worker), G = world_size 
 Local folders, s3:// (s3fs; endpoint from AWS_ENDPOINT_URL or storage_options), gs:// (gcsfs) and
 http(s):// (read only) all go through fsspec.
 
-Commands:
-  python shards.py write --catalog C --out DIR_OR_URL [--part i/n] [--shard_bytes N] [--num_workers K]
-  python shards.py merge --out DIR_OR_URL      # after every --part i/n of n has been written
+Commands (writing goes through data.py prepare, the one entry for decoding songs; it calls write()
+with data.song_mel, the one decode -> log-mel path):
+  python data.py prepare --catalog C --shards DIR_OR_URL [--shard i/n] [--shard_size_mb MB] [--num_workers K]
+  python shards.py merge --out DIR_OR_URL      # by hand; the last --shard i/n to finish merges itself
   python shards.py info URL
   python shards.py bench URL --batch_size 100 --num_workers 4 --batches 50 [--cold]
 """
@@ -52,6 +56,7 @@ Commands:
 import argparse
 import contextlib
 import csv
+import gc
 import glob
 import hashlib
 import io
@@ -66,7 +71,7 @@ import time
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 import data
 
@@ -173,7 +178,7 @@ def drop_page_cache(path):
 def plan_layout(catalog, shard_bytes=DEFAULT_SHARD_BYTES, seed=3407):
     """-> (layout dict, write order). Shard k holds order[k*R:(k+1)*R], R = rows_per_shard."""
     if shard_bytes < 1:
-        raise ShardError(f"--shard_bytes must be positive, got {shard_bytes}")
+        raise ShardError(f"--shard_size_mb must be positive, got shard_bytes {shard_bytes}")
     rows = max(1, int(shard_bytes) // (SONG_BYTES + SAMPLE_OVERHEAD))
     layout = {"format": FORMAT, "format_version": FORMAT_VERSION, "mel_settings": mel_settings(),
               "mel_hash": mel_hash(), "catalog_rows": len(catalog),
@@ -188,31 +193,6 @@ def _shard_name(k, ext="tar"):
 
 def _part_name(kind, i, n, ext):
     return f"{kind}-part-{i:05d}-of-{n:05d}.{ext}"
-
-
-class _Decode(Dataset):
-    """The writer's decode jobs, so a DataLoader runs mel_fn in worker processes."""
-
-    def __init__(self, catalog, rows, mel_fn):
-        self.items, self.mel_fn = [(int(r), catalog[int(r)].audio) for r in rows], mel_fn
-
-    def __len__(self):
-        return len(self.items)
-
-    def __getitem__(self, k):
-        row, path = self.items[k]
-        try:
-            mel = self.mel_fn(path)
-            mel = (mel.numpy() if torch.is_tensor(mel) else np.asarray(mel)).astype(np.float16)
-            if mel.ndim != 2 or mel.shape[1] != data.N_MELS or not 0 < len(mel) <= data.MAX_FRAMES:
-                raise ValueError(f"log-mel of shape {mel.shape}, not (1..{data.MAX_FRAMES}, {data.N_MELS})")
-            return row, mel, ""
-        except Exception as e:  # a bad file is reported and skipped, it does not stop the run
-            return row, None, f"{type(e).__name__}: {e}".replace("\n", " ")
-
-
-def _as_is(item):  # module level, not a lambda: spawned workers pickle it
-    return item
 
 
 def _tar_add(tar, name, payload):
@@ -230,12 +210,13 @@ def _sample_json(catalog, row, frames):
 
 def _write_shard(fs, root, k, catalog, decoded, layout_hash):
     """Stream decoded (row, mel, reason) items into shard k; then its sidecar. -> the sidecar."""
-    samples, failed = 0, []
+    samples, failed, failed_rows = 0, [], []
     with _atomic(fs, root, _shard_name(k)) as f:
         with tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar:
             for row, mel, reason in decoded:
                 if mel is None:
                     failed.append([catalog[row].song_id, catalog[row].audio, reason])
+                    failed_rows.append(row)
                     continue
                 buf = io.BytesIO()
                 np.save(buf, mel, allow_pickle=False)
@@ -245,18 +226,9 @@ def _write_shard(fs, root, k, catalog, decoded, layout_hash):
                 samples += 1
         nbytes = f.tell()
     side = {"shard": k, "name": _shard_name(k), "samples": samples, "bytes": nbytes, "failed": failed,
-            "layout_hash": layout_hash}
+            "failed_rows": failed_rows, "layout_hash": layout_hash}
     _put_json(fs, root, _shard_name(k, "json"), side)
     return side
-
-
-def _parse_part(s):
-    try:
-        i, n = (int(v) for v in s.split("/"))
-        assert n >= 1 and 0 <= i < n
-    except (ValueError, AssertionError):
-        raise argparse.ArgumentTypeError(f"--part wants i/n with 0 <= i < n, like 0/4; got {s!r}") from None
-    return i, n
 
 
 def _done_shards(fs, root, ks, layout_hash):
@@ -267,8 +239,8 @@ def _done_shards(fs, root, ks, layout_hash):
         side = _get_json(fs, path)
         if side is not None:
             if side.get("layout_hash") != layout_hash:
-                raise ShardError(f"{path}: written for another catalog, --shard_bytes, seed or mel "
-                                 f"settings than this run; use another --out or delete it")
+                raise ShardError(f"{path}: written for another catalog, --shard_size_mb, seed or mel "
+                                 f"settings than this run; use another --shards or delete it")
             done[k] = side
     return done
 
@@ -290,7 +262,7 @@ def write(catalog_path, out, part=(0, 1), shard_bytes=DEFAULT_SHARD_BYTES, num_w
     others = [p for p in fs.glob(f"{root}/index-part-*-of-*.json") if not p.endswith(f"-of-{n:05d}.json")]
     if others:
         raise ShardError(f"{out}: holds parts of a run with another part count ({os.path.basename(others[0])}); "
-                         f"use the same n or another --out")
+                         f"use the same n or another --shards")
     ks = range(i * S // n, (i + 1) * S // n)
     if _is_local(fs):  # temp files of this part's shards that a killed run left behind
         for tmp in glob.glob(os.path.join(root, ".shard-*.tmp-*")):
@@ -301,8 +273,8 @@ def write(catalog_path, out, part=(0, 1), shard_bytes=DEFAULT_SHARD_BYTES, num_w
     threads, t0 = torch.get_num_threads(), time.time()
     torch.set_num_threads(1)  # one song is too small for intra-op threads; workers give parallelism
     rows = [r for k in todo for r in order[k * R:(k + 1) * R]]
-    loader = DataLoader(_Decode(catalog, rows, mel_fn), batch_size=None, num_workers=num_workers,
-                        collate_fn=_as_is, prefetch_factor=4 if num_workers else None)
+    loader = DataLoader(data._DecodeRows(catalog, rows, mel_fn), batch_size=None, num_workers=num_workers,
+                        collate_fn=data._as_is, prefetch_factor=4 if num_workers else None)
     decoded = iter(tqdm(loader, desc=f"write {i}/{n}", unit="song", disable=None))
     try:
         for k in todo:
@@ -328,8 +300,9 @@ def _finish_part(fs, root, out, layout, sides, part, written, seconds, max_bad):
             f.write(buf.getvalue().encode())
     elif fs.exists(f"{root}/{bad_name}"):
         fs.rm(f"{root}/{bad_name}")  # every earlier failure decoded this time
-    entries = [{k: s[k] for k in ("shard", "name", "samples", "bytes")} | {"failed": len(s["failed"])}
-               for s in sides]
+    # failed_rows: a reader of a subset of the rows (the train split) counts each shard's samples from them
+    entries = [{k: s[k] for k in ("shard", "name", "samples", "bytes")}
+               | {"failed": len(s["failed"]), "failed_rows": s.get("failed_rows")} for s in sides]
     _put_json(fs, root, _part_name("index", i, n, "json"), {**layout, "part": [i, n], "shards": entries})
     rows = sum(s["samples"] + len(s["failed"]) for s in sides)
     counts = {"shards": len(sides), "written": written, "kept": len(sides) - written,
@@ -339,13 +312,13 @@ def _finish_part(fs, root, out, layout, sides, part, written, seconds, max_bad):
     print(f"write part {i}/{n}: {len(sides)} shards ({written} written, {counts['kept']} kept from an earlier "
           f"run), {counts['samples']} songs, {counts['bytes'] / 1e6:.1f} MB, {len(failed)} failed"
           + (f" (see {counts['report']})" if failed else "") + f"; {seconds:.1f} s")
-    if n == 1:
-        merge(out, fs=(fs, root))
+    if n == 1 or len(fs.glob(f"{root}/index-part-*-of-{n:05d}.json")) == n:
+        merge(out, fs=(fs, root))  # the last part to finish merges (twice at once is harmless: atomic puts)
     if counts["bad_fraction"] > max_bad:
         raise TooManyBadFiles(f"{counts['report']}: {len(failed)} of {rows} songs ({counts['bad_fraction']:.1%}) "
                               f"failed to decode, more than --max_bad {max_bad:.1%}; that file lists each one and "
                               f"why. The other songs are in the shards; to retry, fix the files, delete the "
-                              f"sidecars (shard-*.json) of the shards that file names and write again")
+                              f"sidecars (shard-*.json) of the shards that file names and prepare again")
     return counts
 
 
@@ -354,7 +327,7 @@ def merge(out, storage_options=None, fs=None):
     fs, root = fs or _fs(out, storage_options, write=True)
     paths = sorted(fs.glob(f"{root}/index-part-*-of-*.json"))
     if not paths:
-        raise ShardError(f"{out}: no part indexes (index-part-*.json); run: python shards.py write --out {out} ...")
+        raise ShardError(f"{out}: no part indexes (index-part-*.json); run: python data.py prepare --shards {out} ...")
     found = {tuple(int(v) for v in re.findall(r"(\d+)-of-(\d+)", p)[-1]): p for p in paths}
     counts = sorted({n for _, n in found})
     if len(counts) > 1:
@@ -362,15 +335,15 @@ def merge(out, storage_options=None, fs=None):
     n = counts[0]
     missing = [f"{i}/{n}" for i in range(n) if (i, n) not in found]
     if missing:
-        raise ShardError(f"{out}: parts {', '.join(missing)} not written yet; run: python shards.py write "
-                         f"--catalog C --out {out} --part {missing[0]} (for each), then merge")
+        raise ShardError(f"{out}: parts {', '.join(missing)} not written yet; run: python data.py prepare "
+                         f"--catalog C --shards {out} --shard {missing[0]} (for each), then merge")
     parts = [_get_json(fs, found[(i, n)]) for i in range(n)]
     layout = {k: v for k, v in parts[0].items() if k not in ("part", "shards")}
     shards, owner = {}, {}
     for p in parts:
         if {k: v for k, v in p.items() if k not in ("part", "shards")} != layout:
             raise ShardError(f"{found[tuple(p['part'])]}: another layout than part 0/{n} (catalog, "
-                             f"--shard_bytes, seed or mel settings differ); rewrite that part")
+                             f"--shard_size_mb, seed or mel settings differ); rewrite that part")
         for s in p["shards"]:
             if s["shard"] in owner:
                 raise ShardError(f"{out}: shard {s['shard']} is in parts {owner[s['shard']]}/{n} and "
@@ -391,8 +364,8 @@ def open_index(url, storage_options=None):
     """-> (fs, root, index) of merged shards, with their mel settings checked against this code's."""
     fs, root = _fs(url, storage_options)
     path = f"{root}/index.json"
-    index = _get_json(fs, path, f"{url}: no index.json; write the shards (python shards.py write) and, "
-                                f"with --part, merge them (python shards.py merge --out {url})")
+    index = _get_json(fs, path, f"{url}: no index.json; write the shards (python data.py prepare --shards "
+                                f"{url}) and, with --shard i/n, merge them (python shards.py merge --out {url})")
     if index.get("format") != FORMAT or index.get("format_version") != FORMAT_VERSION:
         raise ShardError(f"{path}: not an index of {FORMAT} version {FORMAT_VERSION} "
                          f"(format {index.get('format')!r}, version {index.get('format_version')!r})")
@@ -415,9 +388,11 @@ def info(url, storage_options=None):
 # -----------------------------------------------------------------------------
 # Reading: the streaming dataset
 
-def _tar_samples(fs, path, skip):
-    """Raw samples (json bytes, npy bytes) of one shard in order, the first `skip` not kept."""
-    key, cur, seen = None, {}, 0
+def _tar_samples(fs, path, skip, keep=None):
+    """Raw samples (json bytes, npy bytes) of one shard in order, the first `skip` not kept.
+    keep: a boolean mask over catalog rows; samples of other rows are passed over unread and
+    uncounted (the key is the row, so no payload is read to decide)."""
+    key, cur, seen, wanted = None, {}, 0, False
     try:
         with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|") as tar:
             for m in tar:
@@ -425,8 +400,10 @@ def _tar_samples(fs, path, skip):
                 if k != key:
                     if cur:
                         yield cur
-                    key, cur, seen = k, {}, seen + 1
-                if seen > skip and m.isfile():
+                    key, cur = k, {}
+                    wanted = keep is None or bool(keep[int(k)])
+                    seen += wanted
+                if wanted and seen > skip and m.isfile():
                     cur[ext] = tar.extractfile(m).read()
             if cur:
                 yield cur
@@ -446,6 +423,28 @@ def _decode(raw, path):
     return {"mel": torch.from_numpy(mel.astype(np.float32)), "text": meta["text"], "row": meta["row"]}
 
 
+def select_rows(url, index, catalog=None, rows=None):
+    """-> (keep, samples per shard): keep None (every sample) or a boolean mask over the catalog's
+    rows (`rows` of `catalog`, e.g. the train split). The shards' rows are known without reading
+    them: the layout's seeded permutation cut into rows_per_shard, less each shard's failed rows."""
+    counts = np.array([s["samples"] for s in index["shards"]], dtype=np.int64)
+    if rows is None:
+        return None, counts
+    if catalog is None or catalog.fingerprint() != index["catalog_fingerprint"]:
+        raise ShardError(f"{url}: written from another catalog ({index['catalog_rows']} rows, fingerprint "
+                         f"{index['catalog_fingerprint'][:12]}) than "
+                         f"{getattr(catalog, 'path', None)} (song_id/audio differ); write the shards of this one")
+    if any(s["failed"] and s.get("failed_rows") is None for s in index["shards"]):
+        raise ShardError(f"{url}: index.json names no failed rows (written by an older shards.py); write it again")
+    keep = np.zeros(index["catalog_rows"], dtype=bool)
+    keep[np.asarray(list(rows), dtype=np.int64)] = True
+    present = keep.copy()
+    present[[r for s in index["shards"] for r in (s.get("failed_rows") or [])]] = False
+    order = np.random.default_rng(index["seed"]).permutation(index["catalog_rows"])
+    R = index["rows_per_shard"]
+    return keep, np.add.reduceat(present[order].astype(np.int64), np.arange(0, len(order), R))
+
+
 class ShardDataset(IterableDataset):
     """Stage-1 songs from shards -> {"mel": (T, 128) float32, "text": X_t, "row"}, as
     data.SongDataset's items (data.Collator batches them). See the module docstring for the plan.
@@ -455,10 +454,12 @@ class ShardDataset(IterableDataset):
     checked). Iterate it with DataLoader(ds, batch_size, num_workers=num_workers), not through
     accelerator.prepare (which would re-shard or dispatch it), and persistent_workers=False, so each
     epoch's workers see set_epoch. len(ds) is samples per rank, so len(loader) is batches per rank.
+    catalog + rows: only those rows of the catalog the shards were written from (pretrain.py: the
+    train split), counted per shard without reading (select_rows); the others are passed over.
     """
 
     def __init__(self, url, batch_size, rank=0, world_size=1, num_workers=0, seed=3407, shuffle_buffer=1000,
-                 storage_options=None):
+                 storage_options=None, catalog=None, rows=None):
         if not 0 <= rank < world_size or batch_size < 1 or num_workers < 0 or shuffle_buffer < 1:
             raise ShardError(f"need 0 <= rank < world_size, batch_size >= 1, num_workers >= 0, shuffle_buffer "
                              f">= 1; got rank {rank}, world_size {world_size}, batch_size {batch_size}, "
@@ -466,7 +467,7 @@ class ShardDataset(IterableDataset):
         _, _, index = open_index(url, storage_options)
         self.url, self.storage_options = url, storage_options
         self.names = [s["name"] for s in index["shards"]]
-        self.counts = np.array([s["samples"] for s in index["shards"]], dtype=np.int64)
+        self.keep, self.counts = select_rows(url, index, catalog, rows)
         self.batch_size, self.rank, self.world_size, self.seed = batch_size, rank, world_size, seed
         self.workers, self.num_workers, self.window = max(num_workers, 1), num_workers, shuffle_buffer
         self.streams = world_size * self.workers
@@ -477,6 +478,8 @@ class ShardDataset(IterableDataset):
                              f"{world_size} process(es) x {self.workers} worker(s); lower batch_size or num_workers")
         self.dropped = total - self.streams * self.stream_batches * batch_size  # per epoch, all ranks
         self.index_hash = _hash(index["shards"]) + _hash({k: v for k, v in index.items() if k != "shards"})
+        if self.keep is not None:
+            self.index_hash += hashlib.sha1(np.packbits(self.keep).tobytes()).hexdigest()[:16]
         self.epoch, self.start_batch = 0, 0
 
     def __len__(self):
@@ -507,7 +510,7 @@ class ShardDataset(IterableDataset):
         pos = start
         while pos < stop:
             path, begin = f"{root}/{self.names[shard_order[j]]}", int(ends[j] - counts[j])
-            for raw in _tar_samples(fs, path, pos - begin):
+            for raw in _tar_samples(fs, path, pos - begin, self.keep):
                 yield raw, path
                 pos += 1
                 if pos >= stop:
@@ -540,13 +543,40 @@ class ShardDataset(IterableDataset):
                 yield _decode(*items[perm[t]])
 
 
+class ShardSongs(IterableDataset):
+    """Every song of this rank's shards, once, in no particular order (items as ShardDataset's): for
+    embedding a catalog under `accelerate launch` (evaluate.py embed --shards). Rank r of n reads
+    shards r, r + n, r + 2n, ...; DataLoader worker w of W every W-th of those. Each item carries its
+    catalog row, so the outputs of all ranks are put back into catalog order when merged."""
+
+    def __init__(self, url, rank=0, world_size=1, storage_options=None, catalog=None, rows=None):
+        _, _, index = open_index(url, storage_options)
+        self.url, self.storage_options, self.names = url, storage_options, [s["name"] for s in index["shards"]]
+        self.keep, counts = select_rows(url, index, catalog, rows)
+        self.mine = list(range(rank, len(self.names), world_size))
+        self.samples = int(counts[self.mine].sum())
+
+    def __len__(self):
+        return self.samples
+
+    def __iter__(self):
+        wi = get_worker_info()
+        w, W = (0, 1) if wi is None else (wi.id, wi.num_workers)
+        fs, root = _fs(self.url, self.storage_options)
+        for k in self.mine[w::W]:
+            path = f"{root}/{self.names[k]}"
+            for raw in _tar_samples(fs, path, 0, self.keep):
+                yield _decode(raw, path)
+
+
 # -----------------------------------------------------------------------------
 # Loader benchmark (bench.py calls loader_benchmark)
 
 def loader_benchmark(url, batch_size=100, num_workers=4, batches=50, storage_options=None, cold=False,
-                     shuffle_buffer=1000):
-    """Stream `batches` batches (epochs repeat as needed) through data.Collator(None) -> rates.
-    cold=True (local folders): the shards' pages are evicted from the page cache first."""
+                     shuffle_buffer=1000, collate=None):
+    """Stream `batches` batches (epochs repeat as needed) through collate (default data.Collator(None),
+    no tokenization) -> rates. cold=True (local folders): the shards' pages are evicted from the
+    page cache first."""
     if cold:
         fs, root = _fs(url, storage_options)
         if not _is_local(fs):
@@ -554,8 +584,9 @@ def loader_benchmark(url, batch_size=100, num_workers=4, batches=50, storage_opt
         drop_page_cache(root)
     ds = ShardDataset(url, batch_size, num_workers=num_workers, storage_options=storage_options,
                       shuffle_buffer=shuffle_buffer)
-    loader = DataLoader(ds, batch_size, num_workers=num_workers, collate_fn=data.Collator(None))
+    loader = DataLoader(ds, batch_size, num_workers=num_workers, collate_fn=collate or data.Collator(None))
     samples = frames = got = 0
+    cpu0 = _cpu_seconds()
     waits, t0 = [], time.perf_counter()  # per epoch: workers start and fill a window before batch 1
     for epoch in range(batches):
         ds.set_epoch(epoch)
@@ -570,11 +601,107 @@ def loader_benchmark(url, batch_size=100, num_workers=4, batches=50, storage_opt
         if got == batches:
             break
     dt = time.perf_counter() - t0
+    del batch
+    gc.collect()  # the last epoch's workers are joined: their CPU time is counted (RUSAGE_CHILDREN)
+    cpu = _cpu_seconds() - cpu0
     mb = frames * data.N_MELS * 2 / 1e6  # fp16 bytes as stored
     steady = dt - sum(waits)  # without the epoch starts, which a real epoch (~10^5 batches) amortizes
     return {"url": str(url), "batches": got, "samples": samples, "seconds": round(dt, 3), "epochs": len(waits),
             "first_batch_s": round(waits[0], 3), "samples_per_s": round(samples / dt, 1),
-            "mb_per_s": round(mb / dt, 1), "steady_samples_per_s": round(samples * (1 - len(waits) / got) / steady, 1)}
+            "mb_per_s": round(mb / dt, 1), "steady_samples_per_s": round(samples * (1 - len(waits) / got) / steady, 1),
+            "cpu_seconds": round(cpu, 2), "samples_per_cpu_s": round(samples / max(cpu, 1e-9), 1)}
+
+
+def _cpu_seconds():
+    """CPU time of this process and of its children that have ended (DataLoader workers, once joined):
+    samples per CPU second is the loader's cost per core, which other processes on the cores do not change."""
+    import resource
+    return sum(u.ru_utime + u.ru_stime for u in (resource.getrusage(resource.RUSAGE_SELF),
+                                                  resource.getrusage(resource.RUSAGE_CHILDREN)))
+
+
+GPU_SAMPLES_PER_S = 641  # one H200 in the paper's stage-1 step (bf16, batch 100), measured (docs/PERFORMANCE.md)
+
+
+def paper_size_mel(path):
+    """A full 120 s song's log-mel shape (1251 x 128) of seeded noise: the loader report's song_mel."""
+    rng = np.random.default_rng(int(hashlib.sha1(path.encode()).hexdigest()[:8], 16))
+    return rng.standard_normal((data.MAX_FRAMES, data.N_MELS), dtype=np.float32)
+
+
+def _disk_read_mb():
+    """MB the kernel has read from block devices since boot (/proc/vmstat pgpgin, KiB), or None."""
+    try:
+        with open("/proc/vmstat") as f:
+            return next(int(v) for k, v in (line.split() for line in f) if k == "pgpgin") / 1024 * 1.048576
+    except (OSError, StopIteration, ValueError):
+        return None
+
+
+def _report_row(key, what, r, notes):
+    return {"name": "loader/shards", "config": what, "rate": r["samples_per_s"], "unit": "samples/s", "key": key,
+            "mb_per_s": r["mb_per_s"], "vs_gpu": round(r["samples_per_s"] / GPU_SAMPLES_PER_S, 2),
+            "per_core": r["samples_per_cpu_s"],
+            "notes": f"{r['mb_per_s']} MB/s, {r['samples_per_s'] / GPU_SAMPLES_PER_S:.2f}x one H200 "
+                     f"({GPU_SAMPLES_PER_S}/s; goal 1.5x); {r['samples_per_cpu_s']} per CPU second (all its "
+                     f"processes); steady {r['steady_samples_per_s']}/s; first batch {r['first_batch_s']} s; {notes}"}
+
+
+def loader_report(catalog_path, folder, tokenizer=None, batch_size=100, worker_counts=(1, 2), shard_bytes=32 * 10 ** 6):
+    """bench.py's loader/shards rows: one epoch of paper-size samples (1251 frames, fp16) streamed from
+    local shards with a cold page cache (POSIX_FADV_DONTNEED after fsync; the kernel's own count of
+    disk reads says whether it was), warm, and from a local S3 server (moto, if installed), each
+    against one H200's consumption. Texts are tokenized as in training (data.Collator(tokenizer))."""
+    local = os.path.join(folder, "local")
+    with contextlib.redirect_stdout(io.StringIO()):
+        write(catalog_path, local, shard_bytes=shard_bytes, num_workers=2, mel_fn=paper_size_mel)
+    collate, rows = data.Collator(tokenizer, 512), []
+    total = open_index(local)[2]["samples"]
+    for w in worker_counts:
+        epoch = total // (max(w, 1) * batch_size)  # batches of one epoch: all of it is read once
+        for cold in (True, False):
+            before = _disk_read_mb()
+            r = loader_benchmark(local, batch_size, w, epoch * max(w, 1), cold=cold, collate=collate)
+            disk = None if before is None else round(_disk_read_mb() - before)
+            rows.append(_report_row(f"loader_shards_{'cold' if cold else 'warm'}_w{w}",
+                                    f"local shards, {'cold' if cold else 'warm'} page cache, workers {w}", r,
+                                    f"{total} songs; {disk} MB read from disk meanwhile"))
+    w = max(worker_counts)  # where the time goes: the same, warm, without tokenizing the 512-token texts
+    r = loader_benchmark(local, batch_size, w, total // (max(w, 1) * batch_size) * max(w, 1))
+    rows.append(_report_row(f"loader_shards_notext_w{w}", f"local shards, warm, workers {w}, texts not tokenized",
+                            r, "the ceiling if shards held token ids"))
+    try:
+        from moto.server import ThreadedMotoServer
+    except ImportError:
+        return rows
+    rows.append(_s3_row(ThreadedMotoServer, catalog_path, shard_bytes, batch_size, max(worker_counts), collate, total))
+    return rows
+
+
+def _s3_row(server_cls, catalog_path, shard_bytes, batch_size, w, collate, total):
+    import logging
+    import socket
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # else a line per request
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server, url = server_cls(ip_address="127.0.0.1", port=port, verbose=False), f"http://127.0.0.1:{port}"
+    saved = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL")}
+    server.start()
+    try:
+        os.environ.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench", AWS_ENDPOINT_URL=url)
+        fs, _ = _fs("s3://bench")
+        fs.mkdir("bench")
+        with contextlib.redirect_stdout(io.StringIO()):
+            write(catalog_path, "s3://bench/mels", shard_bytes=shard_bytes, num_workers=2, mel_fn=paper_size_mel)
+        r = loader_benchmark("s3://bench/mels", batch_size, w, total // (w * batch_size) * w, collate=collate)
+    finally:
+        server.stop()
+        os.environ.update({k: v for k, v in saved.items() if v is not None})
+        for k in (k for k, v in saved.items() if v is None):
+            os.environ.pop(k, None)
+    return _report_row(f"loader_shards_s3_w{w}", f"local S3 server (moto, in this process), workers {w}", r,
+                       f"{total} songs over HTTP from objects in the server's memory")
 
 
 # -----------------------------------------------------------------------------
@@ -587,17 +714,9 @@ class _Parser(argparse.ArgumentParser):
 
 def main(argv=None):
     fmt = argparse.ArgumentDefaultsHelpFormatter
-    p = _Parser(description="HTCL log-mel shards: write, merge, inspect, benchmark.", allow_abbrev=False)
+    p = _Parser(description="HTCL log-mel shards: merge, inspect, benchmark (written by data.py prepare --shards).",
+                allow_abbrev=False)
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    q = sub.add_parser("write", formatter_class=fmt, allow_abbrev=False,
-                       help="decode a catalog's songs into tar shards (resumable)")
-    q.add_argument("--catalog", required=True, help="catalog CSV/JSONL")
-    q.add_argument("--out", required=True, help="folder or s3:// / gs:// URL")
-    q.add_argument("--part", type=_parse_part, default=(0, 1), help="i/n: this machine's part of n")
-    q.add_argument("--shard_bytes", type=int, default=DEFAULT_SHARD_BYTES, help="target shard size at full-song size")
-    q.add_argument("--num_workers", type=int, default=0, help="decoding processes (0: in-process)")
-    q.add_argument("--max_bad", type=float, default=0.01, help="fail when more than this fraction fails to decode")
-    q.add_argument("--seed", type=int, default=3407, help="seed of the rows' permutation over the shards")
     q = sub.add_parser("merge", formatter_class=fmt, allow_abbrev=False, help="join part indexes into index.json")
     q.add_argument("--out", required=True, help="folder or URL the parts were written to")
     q = sub.add_parser("info", formatter_class=fmt, allow_abbrev=False, help="summarize a shard index")
@@ -609,9 +728,7 @@ def main(argv=None):
     q.add_argument("--batches", type=int, default=50)
     q.add_argument("--cold", action="store_true", help="evict the local shards from the page cache first")
     args = p.parse_args(argv)
-    if args.command == "write":
-        write(args.catalog, args.out, args.part, args.shard_bytes, args.num_workers, args.max_bad, args.seed)
-    elif args.command == "merge":
+    if args.command == "merge":
         ix = merge(args.out)
         print(f"merge: {len(ix['shards'])} shards, {ix['samples']} songs from {ix['parts']} parts -> {args.out}/index.json")
     elif args.command == "info":

@@ -6,6 +6,7 @@ the steps of one iteration (pretrain.train; finetune.py runs the same loop):
     logging                        IntervalLog (one line per interval + log.jsonl), CurvePlotter / plot_curves
     non-finite steps               NonFiniteGuard (skipped on the device; the host reads the counts at log steps)
     checkpoints                    save_checkpoint (atomic, pruned), resume_progress (--resume)
+    out_dir                        check_out_dir (a used folder: refused, or --overwrite empties it)
 
 None of it is part of the method (HTCL Sec. 2.1 / 2.2): it is how a run is configured, watched
 and continued. It runs through the stage scripts, e.g.
@@ -68,11 +69,11 @@ def _flatten_toml(d, prefix=""):
 # Fields holding a path. In a preset a relative path is read from the preset file's folder, so a
 # preset works from any working directory; on the command line it stays relative to the cwd.
 # text_model may also be a hub name: it is resolved only when that folder exists.
-PATH_FIELDS = ("catalog", "cache", "out_dir", "init_from", "pairs", "model.text_model")
+PATH_FIELDS = ("catalog", "cache", "shards", "out_dir", "init_from", "pairs", "model.text_model")
 
 
 def _preset_path(preset, name, value):
-    if name not in PATH_FIELDS or not isinstance(value, str) or not value or os.path.isabs(value):
+    if name not in PATH_FIELDS or not isinstance(value, str) or not value or os.path.isabs(value) or "://" in value:
         return value
     path = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(preset)), value))
     return value if name == "model.text_model" and not os.path.isdir(path) else path
@@ -394,6 +395,31 @@ def save_checkpoint(accelerator, cfg, progress):
         for old in _checkpoints(cfg.out_dir)[:-cfg.keep_checkpoints]:
             shutil.rmtree(old)
     accelerator.wait_for_everyone()
+
+
+def check_out_dir(cfg, accelerator=None):
+    """A run never appends to another run's folder (its log.jsonl, curves and checkpoints would mix):
+    a non-empty out_dir is refused with one line, unless --resume (continue the run in it) or
+    --overwrite (the main process empties it first). Every process looks before any empties or
+    writes (accelerator: the barriers that make it so)."""
+    used = os.path.isdir(cfg.out_dir) and bool(os.listdir(cfg.out_dir))
+    have = ", ".join(sorted(os.listdir(cfg.out_dir))[:4]) if used else ""
+    if accelerator is not None:
+        accelerator.wait_for_everyone()
+    if cfg.resume and cfg.overwrite:
+        raise SystemExit("--resume continues the run in out_dir and --overwrite empties it: give one of them")
+    if not used or cfg.resume:
+        return
+    if not cfg.overwrite:
+        raise SystemExit(f"out_dir {cfg.out_dir} is not empty ({have}): --resume continues the run in it, "
+                         f"--overwrite empties it first, or give another --out_dir")
+    if accelerator is None or accelerator.is_main_process:
+        for name in os.listdir(cfg.out_dir):
+            path = os.path.join(cfg.out_dir, name)
+            shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.remove(path)
+        print(f"--overwrite: emptied {cfg.out_dir}")
+    if accelerator is not None:
+        accelerator.wait_for_everyone()
 
 
 def resume_progress(accelerator, cfg, say):

@@ -11,6 +11,7 @@ Every sub-command takes `--emb SPEC` (repeat it to compare models), SPEC one of
                           row order: how any other model (a baseline) is evaluated
   an artifact folder      pretrain.py / finetune.py output (config.json): embedded on the fly
   random[:D]              seeded Gaussian vectors, D = 100 by default: the chance baseline
+  untrained:ARTIFACT, melstats   the untrained encoder and log-mel mean + std (evals/baselines.py)
 Rows are matched to the catalog by song_id; a catalog song without an embedding is an error.
 Also here, as the other inputs every protocol reads: the readers of the evaluation logs
 (read_records, read_impressions for ranking and Figure 2, read_labelled_pairs for Figure 2), and
@@ -53,20 +54,27 @@ def embed_catalog(model, tokenizer, catalog, rows=None, mode=None, kinds=("audio
     L2 normalization, so the fusion MLP receives the same kind of input as in training.
     """
     rows = list(range(len(catalog))) if rows is None else list(rows)
-    mode = mode or model.cfg.embed_mode
-    chunk_frames = chunk_frames or seconds_to_frames(model.cfg.chunk_seconds)
     dataset = SongDataset(catalog, rows, cache)
     if len(dataset) != len(rows):  # songs whose audio failed in prepare: no embedding, so say which
         lost = sorted(set(rows) - set(dataset.rows))
         raise ValueError(f"{catalog.path}: {len(lost)} songs have no log-mel in the cache (failed to decode), "
                          f"e.g. {[catalog[r].song_id for r in lost[:5]]}; fix or remove them from the catalog")
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=Collator(tokenizer))
+    return embed_batches(model, loader, len(rows), mode, kinds, batch_size, chunk_frames)
+
+
+@torch.no_grad()
+def embed_batches(model, batches, total, mode=None, kinds=("audio",), batch_size=16, chunk_frames=None):
+    """embed_catalog's loop over any batches of data.Collator (evals/embed_shards.py streams them
+    from shards) -> {kind: (songs, D) float32 numpy} in the order of the batches."""
+    mode = mode or model.cfg.embed_mode
+    chunk_frames = chunk_frames or seconds_to_frames(model.cfg.chunk_seconds)
     model.eval()
     device = next(model.parameters()).device
     want_text = "text" in kinds or "fused" in kinds
     out = {k: [] for k in kinds}
-    bar = progress_bar(len(rows), f"embed ({mode})")
-    for batch in loader:
+    bar = progress_bar(total, f"embed ({mode})")
+    for batch in batches:
         mel, mask = batch["mel"].to(device), batch["padding_mask"].to(device)
         audio = _encode_audio(model, mel, mask, mode, batch_size, chunk_frames)  # (B, D)
         text = model.encode_text({k: v.to(device) for k, v in batch["tokens"].items()}, normalize=False) \
@@ -226,6 +234,9 @@ def song_embeddings(spec, catalog, kind="audio", mode=None, cache=None, batch_si
         if not dim.isdigit() or int(dim) < 1:
             raise ValueError(f"--emb {spec}: expected random or random:D with D a positive integer")
         return random_embeddings(len(catalog), int(dim))
+    from evals.baselines import baseline_embeddings, is_baseline
+    if is_baseline(spec):
+        return baseline_embeddings(spec, catalog, mode, cache, batch_size)
     if is_artifact(spec):
         model, tokenizer = load_artifact(spec, DEVICE, text=kind != "audio")
         print(f"{spec}: embedding {len(catalog)} songs ({kind}, {mode or model.cfg.embed_mode}); "
@@ -346,6 +357,9 @@ def read_labelled_pairs(path, catalog, seed=0):
 def row_name(spec):
     """Row name of an --emb: the file or folder name; an artifact's final/ folder is named after
     its run (runs/demo/pretrain/final -> pretrain), so stage-1 and stage-2 rows differ."""
+    from evals.baselines import baseline_name, is_baseline
+    if is_baseline(spec):
+        return baseline_name(spec)
     path = os.path.normpath(spec)
     base = os.path.basename(path)
     if base == "final" and os.path.dirname(path):

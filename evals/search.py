@@ -37,14 +37,14 @@ import torch.nn.functional as F
 
 from data import Collator, song_mel
 from evals.embeddings import (DEVICE, _encode_audio, add_command, embed_catalog, is_artifact, load_embeddings,
-                              load_inputs, read_ids)
+                              load_inputs, read_ids, row_name)
 from evals.metrics import as_float_tensor, cosine_topk, markdown_table
 from model import load_artifact
 
 # Below this many songs the index is exact (IndexFlatIP); from it on, approximate:
 # IVF (inverted lists of k-means cells, sqrt(N) cells) scanning FAISS_NPROBE cells a
-# query, with exact cosines for the songs scanned. Chosen by measuring (README
-# Performance): of the candidates tried on 2 busy cores it was the one that built in
+# query, with exact cosines for the songs scanned. Chosen by measuring
+# (docs/PERFORMANCE.md): of the candidates tried on 2 busy cores it was the one that built in
 # minutes (IVF-PQ did not), and unlike PQ it returns true cosine scores; it keeps
 # all vectors (400 MB at 1M x 100-d).
 FAISS_APPROX_FROM = 1_000_000
@@ -231,6 +231,14 @@ def _search_keys(args, catalog, cache, model):
     return [s.song_id for s in catalog.songs], x, None, {}
 
 
+def score_digits(scores, least=4, most=7):
+    """Decimals that tell apart the printed scores: `least`, more when two distinct scores would
+    round alike (a collapsed model's are all 0.9997-1.0000), up to `most` (float32 keeps ~7)."""
+    v = np.unique(np.asarray(scores, dtype=np.float64))
+    gap = np.diff(v).min() if len(v) > 1 else 1.0
+    return int(min(most, max(least, np.ceil(-np.log10(gap) - 1e-6))))  # d decimals part scores >= 10^-d apart
+
+
 def cmd_search(args):
     if not args.model and not args.emb:
         raise ValueError("search: give --model ARTIFACT (embeds catalog and queries) or --emb SAVED (from "
@@ -265,6 +273,9 @@ def cmd_search(args):
                   + (f" (save it with `embed --index faiss`: no {saved_index})" if saved_index else ""))
             index = build_index(keys, nprobe=args.nprobe)
     scores, rows = search(query_emb, keys, args.k, exclude, index)
+    artifact = args.model or meta.get("artifact")  # the model's name: its run folder (row_name)
+    print(f"search: model {row_name(artifact)} ({artifact})" if artifact else f"search: embeddings {args.emb}")
+    digits = score_digits(scores[rows >= 0])
     records = []
     for (kind, q), s, r in zip(queries, scores, rows):
         table = []
@@ -272,7 +283,7 @@ def cmd_search(args):
             song = catalog[catalog.index[ids[row]]]
             records.append({"query": q, "rank": rank, "song_id": song.song_id, "score": round(float(score), 6),
                             "title": song.title, "artists": song.artists})
-            table.append([rank, f"{score:.4f}", song.song_id, song.title, song.artists])
+            table.append([rank, f"{score:.{digits}f}", song.song_id, song.title, song.artists])
         print(f"\nsearch: {q} ({'audio file' if kind == 'file' else 'song id, itself left out'})")
         print(markdown_table(["rank", "score", "song_id", "title", "artists"], table))
     if args.out:
