@@ -52,12 +52,12 @@ import torch.nn.functional as F
 
 from data import load_favourites, seconds_to_frames, split_rows
 from evals import artist_graph, crossmusim, search
-from evals.embeddings import (DEVICE, add_command, catalog_column, embed_catalog, embeddings_of, is_artifact,
-                              load_inputs, read_impressions, read_labelled_pairs, row_names, save_embeddings,
-                              song_embeddings)
+from evals.embeddings import (DEVICE, add_command, catalog_column, embed_catalog, embedding_provenance, embeddings_of,
+                              is_artifact, load_inputs, read_impressions, read_labelled_pairs, row_names,
+                              save_embeddings, song_embeddings)
 from evals.metrics import (as_float_tensor, auc, macro_f1, markdown_table, mean_std, one_thread, plus_minus,
                            progress_bar)
-from evals.search import build_index, catalog_index, index_path, neighbours, require_faiss
+from evals.search import catalog_index, neighbours, require_faiss
 from model import load_artifact
 
 
@@ -859,17 +859,13 @@ def cmd_embed(args):
     model, tokenizer = load_artifact(args.artifact, DEVICE, text=kinds != ["audio"])
     mode = args.mode or model.cfg.embed_mode  # an explicit --mode wins over what the artifact was trained for
     embs = embed_catalog(model, tokenizer, catalog, rows, mode, kinds, cache, args.batch_size)
+    prov = embedding_provenance(args.artifact, model, mode)  # what search/matching/report/retrieval check
     meta = {"artifact": os.path.abspath(args.artifact), "catalog": os.path.abspath(args.catalog), "mode": mode,
             "split": args.split, "kinds": kinds,
-            "chunk_frames": seconds_to_frames(model.cfg.chunk_seconds) if mode == "chunked" else None}
-    save_embeddings(args.out, [catalog[r].song_id for r in rows], embs, meta)
+            "chunk_frames": seconds_to_frames(prov["chunk_seconds"]) if prov["chunk_seconds"] else None}
+    save_embeddings(args.out, [catalog[r].song_id for r in rows], embs, meta, prov)
     for kind, x in embs.items():  # an index of embeddings written before would now be stale
-        path = index_path(args.out, kind)
-        if args.index == "faiss":
-            require_faiss().write_index(build_index(x), path)
-            print(f"embed: FAISS index of {kind} -> {path}")
-        elif os.path.exists(path):
-            os.remove(path)
+        search.save_or_drop_index(args.out, kind, x, prov if args.index == "faiss" else None)
     print(f"embed: {len(rows)} songs x {', '.join(f'{k} {v.shape[1]}-d' for k, v in embs.items())} -> {args.out}")
     return {"songs": len(rows), "kinds": kinds, "out": args.out}
 
