@@ -25,8 +25,9 @@ import numpy as np
 import torch
 
 from data import split_rows
-from evals.embeddings import (DEVICE, add_command, align, catalog_column, embed_texts, embeddings_of, is_artifact,
-                              load_embeddings, load_inputs)
+from evals.embeddings import (DEVICE, add_command, align, artifact_digest, catalog_column, check_provenance,
+                              embed_texts, embeddings_of, is_artifact, load_embeddings, load_inputs, positive_int,
+                              song_embeddings_provenance)
 from evals.metrics import as_float_tensor, cosine_topk, map_at_k, markdown_table
 from model import load_artifact
 
@@ -120,6 +121,11 @@ def cmd_retrieval(args):
     own = [_own_artifact(s) for s in args.emb]
     fallback = next((a for a in own if a), None)
     towers = {name: args.artifact or a or fallback for name, a in zip(embs, own)}
+    for spec, name in zip(args.emb, embs):  # T2M text and songs must come from the same weights
+        prov = song_embeddings_provenance(spec) if not is_artifact(spec) else None
+        if prov and towers[name] and "artifact_sha256" in prov:
+            check_provenance(prov, {"artifact": towers[name], "artifact_sha256": artifact_digest(towers[name])},
+                             f"--emb {spec}", f"the T2M text tower {towers[name]}", keys=("artifact_sha256",))
     loaded = {}
     text_tower = any(towers.values())
     # songs searched (and searching): the whole catalog, or one split of it
@@ -173,7 +179,7 @@ def add_parser(subparsers):
                     "CrossMuSim: M2M mAP@K, T2M R@1/R@5/mAP@10, same-artist leakage")
     q.add_argument("--tag", action="append", required=True,
                    help="tag column; repeat for several, e.g. genre (coarse), subgenre (fine)")
-    q.add_argument("--k", type=int, default=100, help="K of M2M mAP@K and of the same-artist top K")
+    q.add_argument("--k", type=positive_int, default=100, help="K of M2M mAP@K and of the same-artist top K")
     q.add_argument("--split", default="all", choices=["all", "train", "val", "test"],
                    help="search within these catalog rows only")
     q.add_argument("--artist_column", default=None,

@@ -214,6 +214,8 @@ def write_json(path, value):
 
 def read_provenance(spec):
     """provenance.json of an `embed` folder (or NAME.provenance.json beside NAME.npy) -> dict or None."""
+    if not os.path.isdir(spec) and not spec.endswith(".npy"):
+        return None  # random[:D]: made here, from no artifact
     path = os.path.join(spec, PROVENANCE) if os.path.isdir(spec) else spec[:-len(".npy")] + ".provenance.json"
     return read_json(path, "an embedding provenance record") if os.path.exists(path) else None
 
