@@ -492,6 +492,9 @@ def positive_float(text):
     return value
 
 
+non_negative_float = _bounded(float, 0.0, "a number >= 0")
+
+
 def fraction(text):
     value = positive_float(text)
     if value >= 1:
