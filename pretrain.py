@@ -435,6 +435,13 @@ def load_songs(cfg):
                          f"--catalog {cfg.catalog} --cache DIR, then --cache DIR")
     train_rows = data.split_rows(catalog, "train", seed=cfg.seed)
     val_rows = data.split_rows(catalog, "val", seed=cfg.seed)
+    for name, rows in (("train", train_rows), ("val", val_rows)):  # before training, not in validation's torch.cat
+        if not rows:
+            values = sorted({catalog.label(r, "split") for r in range(len(catalog))}) if "split" in catalog.columns \
+                else []
+            raise SystemExit(f"{catalog.path}: no '{name}' songs (split column values: {', '.join(values) or 'none'}"
+                             f"; {len(catalog)} songs); training needs train and val rows: mark some '{name}', or "
+                             f"drop the split column for the seeded 90/10 split")
     if len(val_rows) > cfg.max_val_songs:
         val_rows = sorted(random.Random(cfg.seed).sample(val_rows, cfg.max_val_songs))
     return catalog, cache, train_rows, val_rows
