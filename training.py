@@ -107,6 +107,28 @@ def exit_with_usage(script, needs):
 
 
 SECTIONS = ("pretrain", "finetune")  # the tables a preset may hold: one per stage's dataclass
+# The range of every number a stage reads: > 0 (counts, sizes, learning rates, lengths), unless
+# listed here. A list field's elements are checked one by one.
+NON_NEGATIVE = ("audio_lr", "warmup_epochs", "max_grad_norm", "seed", "num_workers", "checkpoint_every", "max_steps",
+                "weight_aa", "weight_af", "weight_at")  # 0 = off, or the default it names
+FRACTIONS = ("warmup_ratio", "val_pairs_fraction", "model.audio.dropout")  # 0 <= x < 1
+ANY_NUMBER = ("model.logit_scale_init",)  # a log logit scale: any finite number
+NOT_FINITE_OK = ("model.logit_scale_max",)  # inf: no clamp (presets/released.toml)
+
+
+def value_error(name, v):
+    """What is wrong with number v for field `name`, or None."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return None
+    if not math.isfinite(v):
+        return None if name in NOT_FINITE_OK and v > 0 else f"expected a finite number, got {v!r}"
+    if name in ANY_NUMBER:
+        return None
+    if name in FRACTIONS:
+        return None if 0 <= v < 1 else f"expected a fraction, 0 <= x < 1, got {v!r}"
+    if name in NON_NEGATIVE:
+        return None if v >= 0 else f"expected a number >= 0, got {v!r}"
+    return None if v > 0 else f"expected a positive number, got {v!r}"
 
 
 def parse_config(cls, section, argv=None, needs=None):
@@ -144,7 +166,12 @@ def parse_config(cls, section, argv=None, needs=None):
     path = args.pop("preset")
     if path:
         values = _read_preset(path, section, flat)
-    values.update({k: (tuple(v) if isinstance(v, list) else v) for k, v in args.items() if v is not None})
+    for name, v in args.items():
+        if v is not None:
+            wrong = [e for e in map(lambda x: value_error(name, x), v if isinstance(v, list) else [v]) if e]
+            if wrong:
+                p.error(f"argument --{name}: {wrong[0]}")
+            values[name] = tuple(v) if isinstance(v, list) else v
 
     cfg = cls()
     for name, v in values.items():
@@ -183,20 +210,22 @@ def _read_preset(path, section, flat):
         if isinstance(default, tuple):
             if not isinstance(v, list) or not v:
                 raise SystemExit(f"{where}: expected a non-empty list of {type(default[0]).__name__}, got {v!r}")
-            v = tuple(_preset_value(where, x, default[0], choices) for x in v)
+            v = tuple(_preset_value(where, x, default[0], choices, name) for x in v)
         else:
-            v = _preset_path(path, name, _preset_value(where, v, default, choices))
+            v = _preset_path(path, name, _preset_value(where, v, default, choices, name))
         values[name] = v
     return values
 
 
-def _preset_value(where, v, default, choices):
+def _preset_value(where, v, default, choices, name):
     if isinstance(default, float) and type(v) is int:
         v = float(v)
     if type(v) is not type(default):
         raise SystemExit(f"{where}: expected {type(default).__name__}, got {type(v).__name__} {v!r}")
     if choices is not None and v not in choices:
         raise SystemExit(f"{where}: {v!r} is not one of {', '.join(map(repr, choices))}")
+    if value_error(name, v):
+        raise SystemExit(f"{where}: {value_error(name, v)}")
     return v
 
 

@@ -86,3 +86,29 @@ def test_report_to_a_tracker_that_is_not_installed_stops_at_parse_time(monkeypat
     with pytest.raises(SystemExit, match=r"--report_to wandb needs the wandb package: pip install wandb"):
         training.parse_config(pretrain.PretrainConfig, "pretrain", ["--report_to", "wandb"])
     assert training.parse_config(pretrain.PretrainConfig, "pretrain", ["--report_to", "none"]).report_to == "none"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--epochs", "-1"], "argument --epochs: expected a positive number, got -1"),
+    (["--global_batch", "0"], "argument --global_batch: expected a positive number, got 0"),
+    (["--lr", "-0.001"], "argument --lr: expected a positive number, got -0.001"),
+    (["--lr", "nan"], "argument --lr: expected a finite number, got nan"),
+    (["--warmup_ratio", "1.5"], "argument --warmup_ratio: expected a fraction, 0 <= x < 1, got 1.5"),
+    (["--num_workers", "-1"], "argument --num_workers: expected a number >= 0, got -1"),
+    (["--model.proj_dims", "100", "0"], "argument --model.proj_dims: expected a positive number, got 0"),
+    (["--model.audio.dropout", "1.0"], "argument --model.audio.dropout: expected a fraction"),
+    (["--model.chunk_seconds", "0"], "argument --model.chunk_seconds: expected a positive number, got 0.0")])
+def test_numbers_of_the_wrong_sign_or_size_are_usage_errors(argv, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        training.parse_config(pretrain.PretrainConfig, "pretrain", argv)
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_preset_numbers_are_checked_as_flags_are(tmp_path):
+    with pytest.raises(SystemExit, match=r"p.toml: \[pretrain\] keep_checkpoints: expected a positive number, got 0"):
+        _parse(tmp_path, "[pretrain]\nkeep_checkpoints = 0\n")
+    with pytest.raises(SystemExit, match=r"p.toml: \[pretrain.model\] fusion_dims: expected a positive number, got -4"):
+        _parse(tmp_path, "[pretrain.model]\nfusion_dims = [8, -4]\n")
+    cfg = _parse(tmp_path, "[pretrain]\nmax_grad_norm = 0\nmax_steps = 0\n[pretrain.model]\nlogit_scale_max = inf\n"
+                           "logit_scale_init = -1.0\n")
+    assert cfg.max_grad_norm == 0 and cfg.model.logit_scale_max == float("inf") and cfg.model.logit_scale_init == -1
