@@ -128,3 +128,27 @@ def test_song_id_query_never_gets_itself_back_even_when_k_covers_the_catalog(k):
     cos = keys @ keys[5] / np.linalg.norm(keys, axis=1) / np.linalg.norm(keys[5])
     want = [r for r in np.argsort(-cos, kind="stable") if r != 5][:k]
     assert list(listed) == want and np.allclose(scores[0][:len(listed)], cos[want], atol=1e-5)
+
+
+def test_faiss_index_records_its_embeddings_and_a_stale_or_foreign_one_is_refused(chunk_world, tmp_path):
+    pytest.importorskip("faiss")  # faiss-cpu is optional: pip install faiss-cpu
+    w = chunk_world
+    emb = str(tmp_path / "emb")
+    ev.main(["embed", "--artifact", w["model"], "--catalog", w["catalog"], "--out", emb, "--index", "faiss"])
+    record = embeddings.read_json(os.path.join(emb, "audio.faiss.json"))
+    prov = embeddings.read_provenance(emb)
+    assert record["kind"] == "audio" and record["artifact_sha256"] == prov["artifact_sha256"]
+    assert record["embed_mode"] == "chunked" and record["chunk_seconds"] == 2.0 and len(record["embeddings_sha256"]) == 64
+    args = ["--catalog", w["catalog"], "--emb", emb, "--model", w["model"], "--query", w["query"], "--k", "2"]
+    assert _search(*args, "--index", "faiss")[0]["song_id"] == "s3"
+    keys = np.load(os.path.join(emb, "audio.npy"))
+    np.save(os.path.join(emb, "audio.npy"), keys[::-1].copy())  # other vectors under the same index
+    with pytest.raises(ValueError, match=r"audio.faiss indexes other vectors than .*audio.npy holds"):
+        _search(*args, "--index", "faiss")
+    np.save(os.path.join(emb, "audio.npy"), keys)
+    record["embed_mode"] = "full"  # an index of full-song embeddings beside chunked ones
+    embeddings.write_json(os.path.join(emb, "audio.faiss.json"), record)
+    with pytest.raises(ValueError, match=r"audio.faiss and its embeddings differ in embed_mode: full .* vs chunked"):
+        _search(*args, "--index", "faiss")
+    ev.main(["embed", "--artifact", w["model"], "--catalog", w["catalog"], "--out", emb])  # no --index: both go
+    assert not os.path.exists(os.path.join(emb, "audio.faiss")) and not os.path.exists(emb + "/audio.faiss.json")
