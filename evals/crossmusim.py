@@ -18,7 +18,6 @@ Command (from the repo root; A = a trained artifact folder, sample_data/crossmus
   python evaluate.py retrieval --catalog sample_data/catalog.csv --emb emb/htcl --tag genre --artifact A \
       [--exclude_same artist_id]
 """
-import json
 import os
 
 import numpy as np
@@ -27,7 +26,7 @@ import torch
 from data import split_rows
 from evals.embeddings import (DEVICE, add_command, align, artifact_digest, catalog_column, check_provenance,
                               embed_texts, embeddings_of, is_artifact, load_embeddings, load_inputs, positive_int,
-                              song_embeddings_provenance)
+                              read_json, read_provenance, song_embeddings_provenance)
 from evals.metrics import as_float_tensor, cosine_topk, map_at_k, markdown_table
 from model import load_artifact
 
@@ -102,15 +101,15 @@ def same_artist_stats(emb, artists, k=100, batch_size=1024, exclude_same=None):
 
 
 def _own_artifact(spec):
-    """The artifact an --emb came from: itself, or the one an `embed` folder's meta.json names."""
+    """The artifact an --emb came from: itself, or the one an `embed` folder's provenance.json (or,
+    written before it existed, meta.json) names."""
     if is_artifact(spec):
         return spec
     meta = os.path.join(spec, "meta.json")
-    if os.path.isdir(spec) and os.path.exists(meta):
-        with open(meta) as f:
-            artifact = json.load(f).get("artifact")
-        return artifact if artifact and is_artifact(artifact) else None
-    return None
+    record = read_provenance(spec) or (read_json(meta, "embed's meta.json") if os.path.isdir(spec) and
+                                       os.path.exists(meta) else {})
+    artifact = record.get("artifact")
+    return artifact if artifact and is_artifact(artifact) else None
 
 
 def cmd_retrieval(args):
