@@ -113,6 +113,11 @@ def _own_artifact(spec):
 
 
 def cmd_retrieval(args):
+    try:  # a bad --template now, not after every model is embedded
+        args.template.format(value="rock", column="genre")
+    except (KeyError, IndexError, ValueError) as e:
+        raise ValueError(f"--template {args.template!r}: {type(e).__name__} {e}; it may use {{value}} and "
+                         f"{{column}} only") from None
     catalog, cache = load_inputs(args)
     embs = embeddings_of(args, catalog, cache)
     # T2M text tower of each --emb: --artifact for all, else the model's own (an artifact, or the artifact

@@ -155,3 +155,10 @@ def test_check_provenance_names_both_sides_and_the_setting():
         embeddings.check_provenance(a, {**a, "chunk_seconds": 2.0}, "left", "right")
     with pytest.raises(ValueError, match=r"^left and right were made by different weights: left by /x \(sha256 a{12}"):
         embeddings.check_provenance(a, {**a, "artifact_sha256": "b" * 64}, "left", "right")
+
+
+@pytest.mark.parametrize("template", ["{genre}", "{0}", "{value"])
+def test_retrieval_refuses_a_template_it_cannot_fill_before_any_work(world, template):
+    with pytest.raises(ValueError, match=r"--template .*: .*; it may use \{value\} and \{column\} only"):
+        ev.main(["retrieval", "--catalog", world["catalog"], "--emb", world["full"], "--tag", "genre",
+                 "--template", template])
