@@ -6,7 +6,9 @@ its 10 s windows. embed_catalog computes either from a trained artifact; `python
 
 Every sub-command takes `--emb SPEC` (repeat it to compare models), SPEC one of
   a folder from `embed`   ids.txt (one song_id a line) + audio.npy, and text.npy / fused.npy
-                          when asked for; --kind picks one (default audio)
+                          when asked for; --kind picks one (default audio); provenance.json
+                          says what made them (see check_provenance): a folder whose artifact
+                          has been retrained since is refused
   NAME.npy                float32 (N, D) with NAME.ids.txt beside it, one song_id a line in
                           row order: how any other model (a baseline) is evaluated
   an artifact folder      pretrain.py / finetune.py output (config.json): embedded on the fly
