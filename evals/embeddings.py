@@ -143,6 +143,9 @@ def save_embeddings(folder, ids, embeddings, meta=None, provenance=None):
         f.write("".join(f"{i}\n" for i in ids))
     for kind, x in embeddings.items():
         np.save(os.path.join(folder, f"{kind}.npy"), np.asarray(x, dtype=np.float32))
+    for kind in set(KINDS) - set(embeddings):  # another kind from an earlier run would not match these ids
+        if os.path.exists(os.path.join(folder, f"{kind}.npy")):
+            os.remove(os.path.join(folder, f"{kind}.npy"))
     if meta is not None:
         with open(os.path.join(folder, "meta.json"), "w") as f:
             json.dump(meta, f, indent=2)
@@ -355,6 +358,9 @@ def song_embeddings(spec, catalog, kind="audio", mode=None, cache=None, batch_si
                              batch_size=batch_size)[kind]
     prov = song_embeddings_provenance(spec)
     if prov:
+        if kind not in prov.get("kinds", [kind]):
+            raise ValueError(f"{spec}: its {PROVENANCE} records kinds {', '.join(prov['kinds'])}, not {kind}; "
+                             f"re-run embed with --{kind}")
         if mode and prov.get("embed_mode") and mode != prov["embed_mode"]:
             raise ValueError(f"--mode {mode} asks for {mode} embeddings, but {spec} holds {prov['embed_mode']} "
                              f"ones ({PROVENANCE}); leave out --mode or re-run embed --mode {mode}")

@@ -162,3 +162,17 @@ def test_retrieval_refuses_a_template_it_cannot_fill_before_any_work(world, temp
     with pytest.raises(ValueError, match=r"--template .*: .*; it may use \{value\} and \{column\} only"):
         ev.main(["retrieval", "--catalog", world["catalog"], "--emb", world["full"], "--tag", "genre",
                  "--template", template])
+
+
+def test_embed_without_a_kind_removes_that_kind_of_an_earlier_run(world, tmp_path):
+    """An earlier run's text.npy beside new audio.npy would be read as the new model's text."""
+    emb = str(tmp_path / "emb")
+    ev.main(["embed", "--artifact", world["full"], "--catalog", world["catalog"], "--out", emb, "--text"])
+    assert os.path.exists(os.path.join(emb, "text.npy"))
+    ev.main(["embed", "--artifact", world["chunked"], "--catalog", world["catalog"], "--out", emb])
+    assert not os.path.exists(os.path.join(emb, "text.npy"))
+    assert embeddings.read_provenance(emb)["kinds"] == ["audio"]
+    np.save(os.path.join(emb, "text.npy"), np.zeros((8, 8), dtype=np.float32))  # put back by hand
+    with pytest.raises(ValueError, match=r"emb: its provenance.json records kinds audio, not text; re-run embed "
+                                         r"with --text"):
+        ev.main(["probe", "--catalog", world["catalog"], "--emb", emb, "--kind", "text", "--seeds", "1"])
