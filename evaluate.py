@@ -467,9 +467,10 @@ def run_ranking(item_emb, impressions, task="ctr", train_days=range(1, 8), test_
     is_test = ex["day"] == test_day
     train = {k: v[is_train] for k, v in ex.items()}
     test = {k: v[is_test] for k, v in ex.items()}
-    if len(train["label"]) == 0 or len(test["label"]) == 0:
+    if len(train["label"]) == 0 or len(test["label"]) == 0 or test_day in train_days:  # the last: a leak
         raise ValueError(f"ranking {task}: {len(train['label'])} training impressions on days {list(train_days)}, "
-                         f"{len(test['label'])} test impressions on day {test_day}; both must be non-empty")
+                         f"{len(test['label'])} test impressions on day {test_day}; both must be non-empty, "
+                         f"and the test day no training day")
     aucs = [train_din(item_emb, train, test, seed=s, **train_kw)[0] for s in seeds]
     return {"auc": mean_std(aucs), "n_train": len(train["label"]), "n_test": len(test["label"]),
             "positive_rate": float(test["label"].mean()), "per_seed_auc": aucs}
@@ -986,8 +987,7 @@ def cmd_table2(args):
     for folder in args.reports:
         path = os.path.join(folder, "table2.json")
         if os.path.realpath(folder) in seen:
-            raise SystemExit(f"table2: {folder} is given twice (as {seen[os.path.realpath(folder)]} too); "
-                             f"each seed's report folder once")
+            raise SystemExit(f"table2: {folder} is given twice (as {seen[os.path.realpath(folder)]} too)")
         seen[os.path.realpath(folder)] = folder
         if not os.path.exists(path):
             raise SystemExit(f"table2: {path} not found (run evaluate.py report --out {folder} first)")

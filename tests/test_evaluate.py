@@ -130,3 +130,11 @@ def test_flag_values_of_the_wrong_sign_or_size_are_usage_errors(argv, flag, caps
     with pytest.raises(SystemExit) as e:
         ev.main([argv[0], "--catalog", "c.csv", "--emb", "random", *argv[1:]])
     assert e.value.code == 2 and f"argument {flag}: " in capsys.readouterr().err
+
+
+def test_ranking_refuses_a_test_day_that_is_also_a_training_day():
+    """The test impressions would be trained on: an AUC returned as if correct."""
+    imp = {"user_id": np.array(["u"] * 4, dtype=object), "row": np.array([0, 1, 2, 3]), "day": np.array([1, 2, 3, 3]),
+           "clicked": np.array([1, 0, 1, 0], dtype=bool), "favoured": np.array([0, 0, 1, 0], dtype=bool)}
+    with pytest.raises(ValueError, match=r"test impressions on day 3; .* and the test day no training day"):
+        ev.run_ranking(np.eye(4, dtype=np.float32), imp, "ctr", train_days=[1, 2, 3], test_day=3)
