@@ -85,7 +85,7 @@ def available_cores():
 # per label, model and seed). At 3x the lr, 300 steps give the same accuracy on the demo's 6
 # (model, label) probes within 0.010 (0.015 with fused AdamW; one of its 66 test songs is 0.015;
 # std over seeds 0.00-0.045), in 0.3 of the time; 200 steps at lr 1e-3 moved genre ACC by -0.043
-# and +0.049 (README, Evaluation).
+# and +0.049 (docs/EXPERIMENTS.md).
 PROBE_LR = 3e-3
 PROBE_MIN_STEPS = 300
 

@@ -46,8 +46,8 @@ from model import load_artifact
 
 # Below this many songs the index is exact (IndexFlatIP); from it on, approximate:
 # IVF (inverted lists of k-means cells, sqrt(N) cells) scanning FAISS_NPROBE cells a
-# query, with exact cosines for the songs scanned. Chosen by measuring (README
-# Performance): of the candidates tried on 2 busy cores it was the one that built in
+# query, with exact cosines for the songs scanned. Chosen by measuring
+# (docs/PERFORMANCE.md): of the candidates tried on 2 busy cores it was the one that built in
 # minutes (IVF-PQ did not), and unlike PQ it returns true cosine scores; it keeps
 # all vectors (400 MB at 1M x 100-d).
 FAISS_APPROX_FROM = 1_000_000
