@@ -17,6 +17,7 @@ Commands:
   python data.py prepare --catalog C --cache DIR --shard 3/8 --num_workers 4   # one shard of 8
   python data.py mine-pairs --favourites sample_data/favourites.csv \\
       --catalog sample_data/catalog.csv --out cf_pairs.csv --window 5          # HTCL_w_CF pairs
+  python data.py pairs-from-column --catalog C --column album_id --out pairs.csv  # no user log: same album
 
 Read top to bottom: audio -> catalog -> behaviour files -> cache -> datasets -> CLI.
 """
@@ -405,6 +406,24 @@ def load_pairs(path, catalog):
     return pairs
 
 
+def drop_held_out_pairs(pairs, catalog, seed=3407, path="pairs"):
+    """Stage-2 pairs whose two songs are both in the train split (split_rows, the catalog's split
+    column or the seeded 90/10) -> (kept pairs, number dropped). A pair touching a val or test song
+    would train on the songs that validation, the probes and HR@100 score; each is dropped, and the
+    count printed. None left is an error."""
+    train = set(split_rows(catalog, "train", seed=seed))
+    kept = [(t, r) for t, r in pairs if t in train and r in train]
+    dropped = len(pairs) - len(kept)
+    if dropped:
+        print(f"{path}: dropped {dropped} of {len(pairs)} pairs touching a song outside the train split "
+              f"(val/test songs are held out for validation and evaluation); {len(kept)} pairs left")
+    if not kept:
+        raise CatalogError(f"{path}: every one of its {len(pairs)} pairs touches a val or test song of "
+                           f"{catalog.path}; stage 2 trains on pairs of train songs only (data.py mine-pairs "
+                           f"--split train)")
+    return kept, dropped
+
+
 def _parse_time(value):
     try:
         t = float(value)  # unix seconds
@@ -439,6 +458,31 @@ def load_favourites(path, catalog):
                            f"not in {catalog.path}); do the song ids match the catalog?")
     favs.sort(key=lambda f: (f[0], f[2]))  # stable: equal timestamps keep file order
     return favs
+
+
+def column_pairs(catalog, column, rows=None, max_pairs_per_group=None, seed=3407):
+    """Stage-2 pairs without a user log: songs that share a value of `column` (same work, same album)
+    -> [(trigger_row, rec_row)]. Each unordered pair of a group once, in a seeded random order of the
+    two (the stage-2 loss reads the recommended song's text); empty values form no group. rows: the
+    songs allowed (e.g. the train split), default all; max_pairs_per_group: a seeded sample of each
+    group's pairs, so one big album does not dominate. NOTE(paper): HTCL's pairs are favoured
+    recommendations; shared metadata is a stand-in where there is no log."""
+    if column not in catalog.columns:
+        raise CatalogError(f"{catalog.path}: no column '{column}' (columns: {', '.join(catalog.columns)})")
+    rng = np.random.default_rng(seed)
+    groups = {}
+    for r in (range(len(catalog)) if rows is None else sorted(rows)):
+        value = catalog.label(r, column).strip()
+        if value:
+            groups.setdefault(value, []).append(r)
+    out = []
+    for value in sorted(groups):
+        members = groups[value]
+        pairs = [(a, b) for i, a in enumerate(members) for b in members[i + 1:]]
+        if max_pairs_per_group and len(pairs) > max_pairs_per_group:
+            pairs = [pairs[k] for k in sorted(rng.choice(len(pairs), max_pairs_per_group, replace=False))]
+        out += [(b, a) if rng.random() < 0.5 else (a, b) for a, b in pairs]
+    return out
 
 
 def mine_cooccurrence_pairs(favourites, window=5, max_pairs_per_user=None, seed=3407):
@@ -1078,6 +1122,16 @@ def main(argv=None):
                    help="keep pairs whose two songs are in this split (default train, like pairs.csv)")
     q.add_argument("--max_pairs_per_user", type=_at_least(1), default=None, help="subsample heavy users (default: no cap)")
     q.add_argument("--seed", type=_at_least(0), default=3407)
+    q = sub.add_parser("pairs-from-column", allow_abbrev=False, help="stage-2 pairs of songs sharing a column",
+                       description="Stage-2 pairs without a user log: songs with the same value of --column "
+                                   "(a work or album id), of the train split by default.")
+    q.add_argument("--catalog", required=True, help="catalog CSV/JSONL")
+    q.add_argument("--column", required=True, help="catalog column whose equal values make pairs, e.g. album_id")
+    q.add_argument("--out", required=True, help="output pairs CSV: trigger_song_id,rec_song_id")
+    q.add_argument("--split", default="train", choices=["train", "val", "test", "all"],
+                   help="keep pairs whose two songs are in this split (default train: what stage 2 trains on)")
+    q.add_argument("--max_pairs_per_group", type=_at_least(1), default=None, help="seeded sample per value (default: all)")
+    q.add_argument("--seed", type=_at_least(0), default=3407)
     args = p.parse_args(argv)
 
     if args.command == "prepare":
@@ -1092,6 +1146,16 @@ def main(argv=None):
         write_csv(args.out, ["trigger_song_id", "rec_song_id"],
                   [[catalog[a].song_id, catalog[b].song_id] for a, b in pairs])
         print(f"mine-pairs: {len(pairs)} pairs (window {args.window}, split {args.split}) -> {args.out}")
+    elif args.command == "pairs-from-column":
+        catalog = load_catalog(args.catalog)
+        rows = None if args.split == "all" else split_rows(catalog, args.split, seed=args.seed)
+        pairs = column_pairs(catalog, args.column, rows, args.max_pairs_per_group, args.seed)
+        if not pairs:
+            raise CatalogError(f"{args.catalog}: no two songs of split {args.split} share a value of '{args.column}'")
+        write_csv(args.out, ["trigger_song_id", "rec_song_id"],
+                  [[catalog[a].song_id, catalog[b].song_id] for a, b in pairs])
+        print(f"pairs-from-column: {len(pairs)} pairs of songs sharing '{args.column}' (split {args.split}) "
+              f"-> {args.out}")
 
 
 if __name__ == "__main__":

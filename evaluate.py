@@ -52,12 +52,13 @@ import torch.nn.functional as F
 
 from data import load_favourites, seconds_to_frames, split_rows
 from evals import artist_graph, crossmusim, search
+from evals.baselines import BASELINES_HELP, health_lines, with_baselines
 from evals.embeddings import (DEVICE, add_command, catalog_column, embed_catalog, embedding_provenance, embeddings_of,
                               fraction, is_artifact, load_inputs, non_negative_int, positive_float, positive_int,
                               read_impressions, read_json, read_labelled_pairs, row_names, save_embeddings,
                               song_embeddings)
-from evals.metrics import (as_float_tensor, auc, macro_f1, markdown_table, mean_std, one_thread, plus_minus,
-                           progress_bar)
+from evals.metrics import (as_float_tensor, auc, available_cores, macro_f1, markdown_table, mean_std, one_thread,
+                           plus_minus, progress_bar)
 from evals.search import catalog_index, neighbours, require_faiss
 from model import load_artifact
 
@@ -66,14 +67,6 @@ from model import load_artifact
 # lock: report() trains probes and DIN models on several threads at once, and a seed is only
 # reproducible if no other thread draws between the seeding and the last initial weight.
 _SEEDED_INIT = threading.Lock()
-
-
-def available_cores():
-    """CPU cores this process may run on (its affinity; os.cpu_count() where that is unknown)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
 
 
 # -----------------------------------------------------------------------------
@@ -178,7 +171,7 @@ def run_probe(emb, labels, split=None, train_split="train", test_split="test", s
     split: N strings; rows equal to train_split train, test_split test. Without it,
     each seed draws its own random split with test_fraction held out.
     Returns {"acc": (mean, std), "macro_f1": (mean, std), "n_train", "n_test", "n_classes",
-    "majority" (share of the commonest training label), ...}.
+    "chance" (the test set's majority share: the commonest test label's, mean over splits), ...}.
     """
     emb = np.asarray(emb, dtype=np.float32)
     labels = np.asarray(labels, dtype=object)
@@ -192,7 +185,7 @@ def run_probe(emb, labels, split=None, train_split="train", test_split="test", s
         for seed in seeds:
             is_test = np.random.default_rng(seed).random(len(labels)) < test_fraction
             groups.append(([seed], has_label & ~is_test, has_label & is_test))
-    accs, f1s = [], []
+    accs, f1s, chance = [], [], []
     for group, train, test in groups:
         if train.sum() == 0 or test.sum() == 0:
             raise ValueError(f"probe needs both splits non-empty: {train.sum()} train rows "
@@ -202,15 +195,15 @@ def run_probe(emb, labels, split=None, train_split="train", test_split="test", s
         # A test label never seen in training cannot be predicted: it stays in the
         # denominator (counted wrong) rather than being dropped.
         y_test = np.array([index.get(c, -1) for c in labels[test]])
+        chance.append(np.unique(labels[test], return_counts=True)[1].max() / test.sum())
         for y_pred in train_probes(emb[train], [index[c] for c in labels[train]], emb[test], len(classes),
                                    seeds=group, **train_kw):
             accs.append(float((y_pred == y_test).mean()))
             f1s.append(macro_f1(y_test, y_pred))
     unseen = int((y_test == -1).sum())
-    counts = np.unique(labels[train], return_counts=True)[1]
     return {"acc": mean_std(accs), "macro_f1": mean_std(f1s), "n_train": int(train.sum()),
             "n_test": int(test.sum()), "n_classes": len(classes), "unseen_test_labels": unseen,
-            "majority": float(counts.max() / counts.sum()), "per_seed_acc": accs}
+            "chance": float(np.mean(chance)), "per_seed_acc": accs}
 
 
 # -----------------------------------------------------------------------------
@@ -575,7 +568,7 @@ def report(sources, catalog, favourites=None, impressions=None, pairs=None, out_
         print(f"report: {name}: {protocol} {dt:.1f} s", flush=True)
         return out
 
-    results, cosines = {name: {} for name in sources}, {}
+    results, cosines, embs = {name: {} for name in sources}, {}, {}
     # The probes and DIN models are most of the time, and independent: they train side by side,
     # one job a thread (each on one intra-op thread; their kernels release the GIL), while this
     # thread embeds the next model. Sources that need no model (random, saved embeddings) go
@@ -597,6 +590,7 @@ def report(sources, catalog, favourites=None, impressions=None, pairs=None, out_
         try:
             for name in order:
                 emb = timed_call(name, "embeddings", song_embeddings, sources[name], catalog, kind, mode, cache)
+                embs[name] = emb
                 emb_digest = _digest(np.asarray(emb, dtype=np.float32)) if reuse else None
                 for key, protocol, fn, args, kw in _report_jobs(emb, inputs, **settings):
                     digest = keys[name, key] = _digest(emb_digest, digests[key]) if reuse else None
@@ -631,6 +625,7 @@ def report(sources, catalog, favourites=None, impressions=None, pairs=None, out_
         os.replace(saved_path + ".tmp", saved_path)
     results = {name: {k: res[k] for k in REPORT_COLUMNS if k in res} for name, res in results.items()}  # not job order
     table = _write_report(out_dir, results, cosines, inputs["skipped"])
+    print("\n".join(health_lines({name: embs[name] for name in sources})[0]))  # collapse measures
     _print_times(times)
     return table
 
@@ -891,15 +886,16 @@ def cmd_probe(args):
     if note:
         print(note)
     results, rows = {}, []
+    args.emb = with_baselines(args.emb) if args.baselines else args.emb
     for name, emb in embeddings_of(args, catalog, cache).items():
         for column in args.label or ["genre", "language"]:
             r = run_probe(emb, catalog_column(catalog, column), split, args.train_split, args.test_split,
                           seeds=range(args.seeds), test_fraction=args.random_split or PROBE_TEST_FRACTION,
                           hidden=args.hidden, epochs=args.epochs, lr=args.lr)
             results[f"{name}/{column}"] = r
-            rows.append([name, column, plus_minus(r["acc"]), plus_minus(r["macro_f1"]), f"{r['majority']:.4f}",
+            rows.append([name, column, plus_minus(r["acc"]), plus_minus(r["macro_f1"]), f"{r['chance']:.4f}",
                          r["n_classes"], f"{r['n_train']}/{r['n_test']}"])
-    print(markdown_table(["emb", "label", "accuracy", "macro-F1", "majority", "classes", "train/test"], rows))
+    print(markdown_table(["emb", "label", "accuracy", "macro-F1", "chance (test majority)", "classes", "train/test"], rows))
     return results
 
 
@@ -973,6 +969,7 @@ def cmd_distance(args):
 
 def cmd_report(args):
     catalog, cache = load_inputs(args)
+    args.emb = with_baselines(args.emb) if args.baselines else args.emb
     sources = dict(zip(row_names(args.emb), args.emb))
     table = report(sources, catalog, args.favourites, args.impressions, args.pairs, args.out, args.kind, args.mode,
                    cache, probe_seeds=range(args.probe_seeds), ranking_seeds=range(args.ranking_seeds),
@@ -1086,6 +1083,7 @@ def _add_probe_parser(sub):
     q.add_argument("--epochs", type=positive_int, default=100,
                    help=f"training epochs (at least {PROBE_MIN_STEPS} steps on small sets)")
     q.add_argument("--lr", type=positive_float, default=PROBE_LR, help="AdamW learning rate")
+    q.add_argument("--baselines", action="store_true", help=BASELINES_HELP)
 
 
 def _add_matching_parsers(sub):
@@ -1149,6 +1147,7 @@ def _add_report_parser(sub):
     q.add_argument("--reuse", action=argparse.BooleanOptionalAction, default=True,
                    help="take a probe or DIN result from OUT/results.json when its embeddings and inputs match "
                         "exactly; --no-reuse retrains every one")
+    q.add_argument("--baselines", action="store_true", help=BASELINES_HELP)
 
 
 def _add_table2_parser(sub):

@@ -10,6 +10,8 @@
 
 Each pair is <trigger song, recommended song>; the recommended song's text comes
 from the catalog, giving the paper's <trig_audio, rec_audio, rec_text> triplets.
+A pair that touches a val or test song (the catalog's split column, else stage 1's seeded 10%
+val) is dropped and counted: those songs are what validation and evaluate.py score.
 The stage-1 artifact (--init_from) supplies the model and tokenizer. As in the
 released code, only its two encoders are kept by default: the projection heads, the
 fusion MLP and the three temperatures start fresh (seeded); --init_heads artifact
@@ -65,7 +67,7 @@ def main(argv=None):
     catalog, cache, _, val_rows = load_songs(cfg)
     if not cfg.pairs:
         raise SystemExit("--pairs is required (or a --preset that sets it)")
-    pairs = data.load_pairs(cfg.pairs, catalog)
+    pairs, _ = data.drop_held_out_pairs(data.load_pairs(cfg.pairs, catalog), catalog, cfg.seed, cfg.pairs)
     random.Random(cfg.seed).shuffle(pairs)
     n_val = int(round(cfg.val_pairs_fraction * len(pairs)))
     val_pairs, train_pairs = pairs[:n_val], pairs[n_val:]

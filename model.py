@@ -25,6 +25,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from text_models import auto_text_pooling, resolve_text_model  # noqa: F401  (htcl.resolve_text_model)
+
 # -----------------------------------------------------------------------------
 # Configs. Every number is the paper's (Sec. 3.1.3) or, where the paper is
 # silent, the authors' released code's.
@@ -53,7 +55,7 @@ class HTCLConfig:
     audio: AudioConfig = field(default_factory=AudioConfig)
     text_model: str = "bert-base-multilingual-uncased"  # Sec. 3.1.3; hub name or local folder
     text_pretrained: bool = True              # False: build the text model from its config (random init)
-    text_pooling: str = "auto"                # auto = pooler_output if the model has a pooler (paper), else cls; or cls / mean
+    text_pooling: str = "auto"                # auto = a sentence-transformers model's own, else pooler_output (paper), else cls; or pooler / cls / mean
     text_gradient_checkpointing: bool = False
     proj_dims: tuple = (384, 192, 100)        # released code: 768 -> 384 -> 192 -> 100, ReLU between
     fusion_dims: tuple = (200, 100, 100)      # released code: concat(100, 100) -> 200 -> 100 -> 100
@@ -256,8 +258,9 @@ class TextEncoder(nn.Module):
     """E_text: a pretrained BERT (paper: bert-base-multilingual-uncased) -> one vector.
 
     tokens: the tokenizer's dict (input_ids (B, L), attention_mask (B, L), ...) -> (B, hidden).
-    Pooling: pooler_output when the model has a pooler (paper), else [CLS]; mean
-    pooling over real tokens on request.
+    Pooling "auto" (text_models.auto_text_pooling, which says what it chose and why): a
+    sentence-transformers checkpoint's own (its 1_Pooling config: mean or [CLS]), else pooler_output
+    when the model has a pooler (paper), else [CLS]; pooler, cls or mean (over real tokens) on request.
     """
 
     def __init__(self, name_or_path, pretrained=True, pooling="auto", model_config=None,
@@ -271,8 +274,9 @@ class TextEncoder(nn.Module):
         else:
             self.model = AutoModel.from_config(AutoConfig.from_pretrained(name_or_path))
         has_pooler = getattr(self.model, "pooler", None) is not None
-        if pooling == "auto":
-            pooling = "pooler" if has_pooler else "cls"
+        if pooling == "auto":  # a sentence-transformers checkpoint's own, else the paper's pooler, else [CLS]
+            pooling, why = auto_text_pooling(name_or_path, has_pooler)
+            print(f"text_pooling auto -> {pooling}: {why}")
         if pooling not in ("pooler", "cls", "mean"):
             raise ValueError(f"text_pooling must be auto, pooler, cls or mean, got {pooling!r}")
         if pooling == "pooler" and not has_pooler:
@@ -416,6 +420,7 @@ class HTCL(nn.Module):
             self.text_encoder = TextEncoder(cfg.text_model, cfg.text_pretrained, cfg.text_pooling,
                                             cfg.text_model_config, cfg.text_gradient_checkpointing)
             cfg.text_model_config = self.text_encoder.model.config.to_dict()  # so an artifact rebuilds offline
+            cfg.text_pooling = self.text_encoder.pooling  # "auto" resolved once: the artifact keeps the choice
             text_hidden = self.text_encoder.hidden
         else:  # audio embeddings only (load_artifact(..., text=False)): no BERT, no transformers import
             if not (cfg.text_model_config or {}).get("hidden_size"):
@@ -549,47 +554,6 @@ def clean_state_dict(state_dict):
             k = k.replace(prefix, "")
         out[k] = v.detach().cpu().contiguous()
     return out
-
-
-def resolve_text_model(name, timeout=4.0):
-    """A text model to load, or one ValueError that says what was looked for and how to fix it.
-
-    Order: a local folder (returned as is); the Hugging Face cache (its snapshot folder, so that
-    nothing later touches the network); else the hub, asked once with a short timeout. A machine
-    without internet otherwise sits through transformers' retries for ~50 s, then a long traceback.
-    """
-    if os.path.isdir(name):
-        return name
-    from huggingface_hub import constants, model_info, snapshot_download
-    try:
-        return snapshot_download(name, local_files_only=True)
-    except Exception:  # not cached (or not a valid repo id): go on to the hub
-        pass
-    fix = (f"Fix: set --model.text_model (text_model in a preset's [pretrain.model]) to a local folder "
-           f"with config.json, weights and tokenizer, e.g. made on a connected machine by "
-           f"`hf download {name} --local-dir DIR` (huggingface_hub's CLI) and copied here; or fill the cache there and "
-           f"copy {constants.HF_HUB_CACHE}, then run with HF_HUB_OFFLINE=1.")
-    looked = f"text model {name!r}: no folder {os.path.abspath(name)}, not in the Hugging Face cache " \
-             f"{constants.HF_HUB_CACHE}"
-    if constants.HF_HUB_OFFLINE:
-        raise ValueError(f"{looked}, and HF_HUB_OFFLINE is set. {fix}")
-    # One request in a daemon thread: a host that hangs (or a DNS lookup that does) cannot hold us.
-    import threading
-    result = {}
-
-    def ask():
-        try:
-            model_info(name, timeout=timeout)
-            result["ok"] = True
-        except Exception as e:
-            result["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
-    thread = threading.Thread(target=ask, daemon=True)
-    thread.start()
-    thread.join(timeout)
-    if result.get("ok"):
-        return name  # reachable: transformers downloads it into the cache
-    reason = result.get("error", f"no answer in {timeout:.0f} s")
-    raise ValueError(f"{looked}, and the hub did not provide it ({reason}). {fix}")
 
 
 def save_artifact(model, tokenizer, folder, extra=None):

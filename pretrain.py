@@ -17,6 +17,7 @@ checkpoints, resume), its named steps, the optimizer and schedule, the per-epoch
 and stage 1's main. finetune.py imports the loop, so it exists once. The plumbing around the
 loop (dataclass -> CLI and presets, log lines and curves, checkpoint files) is in training.py.
 """
+import json
 import math
 import os
 import random
@@ -28,8 +29,9 @@ from tqdm.auto import tqdm
 
 import data
 import model as htcl
+from evals.metrics import collapse_warning, embedding_health, mean_pairwise_cosine
 from training import (CurvePlotter, IntervalLog, NonFiniteGuard, TrackerName, _flatten_toml, _trackers,
-                      allowed_values, parse_config, resume_progress, save_checkpoint)
+                      allowed_values, check_out_dir, parse_config, resume_progress, save_checkpoint)
 
 # -----------------------------------------------------------------------------
 # Config: one dataclass per stage, CLI flags generated from it (training.parse_config).
@@ -61,6 +63,7 @@ class TrainConfig:
     keep_checkpoints: int = 2         # newest checkpoints/step_* kept for --resume (each holds optimizer state)
     max_nonfinite_steps: int = 10     # skip a step whose loss/gradient is NaN/inf; stop after this many in a row
     resume: bool = False              # continue from the last checkpoint in out_dir
+    overwrite: bool = False           # empty a non-empty out_dir first; without it (or --resume) such a folder is refused
     max_steps: int = 0                # > 0: stop after this many optimizer steps (smoke runs)
     report_to: TrackerName = "none"   # Accelerate tracker for the curves: none | tensorboard (pip install tensorboard) | wandb | ...
     # Speed switches (none changes the method but tf32; make_fast says why each default is what it is).
@@ -107,6 +110,8 @@ def train(cfg, model, tokenizer, loss_fn, train_set, val_set, song_set, stage):
     # Data, then the optimizer and its schedule, counted in optimizer steps.
     train_loader, val_loader, song_loader = make_loaders(cfg, tokenizer, train_set, val_set, song_set, world,
                                                          pin_memory=accelerator.device.type == "cuda")
+    check_out_dir(cfg, accelerator)  # a used out_dir is refused (or emptied: --overwrite), never appended to
+    start_trackers(accelerator, cfg, stage)  # the first write into out_dir
     optimizer = build_optimizer(model, cfg, accelerator.device.type)
     make_fast(cfg, model, accelerator.device)  # TF32 on CUDA; torch.compile of both towers with --compile
     steps_per_epoch = len(train_loader) // (accum * world)
@@ -118,6 +123,7 @@ def train(cfg, model, tokenizer, loss_fn, train_set, val_set, song_set, stage):
     accelerator.register_for_checkpointing(scheduler)
     net = accelerator.unwrap_model(model)
     progress = resume_progress(accelerator, cfg, say)  # where the next batch starts; loads a checkpoint on --resume
+    start = start_health(accelerator, model, song_loader, cfg, stage, progress, say)  # collapse reference
 
     say(f"stage {stage}: {len(train_set)} train / {len(val_set)} val samples, {len(song_set)} held-out songs | "
         f"{world} process(es) x {cfg.batch_per_device} x {accum} accumulation = global batch {cfg.global_batch} | "
@@ -165,7 +171,13 @@ def train(cfg, model, tokenizer, loss_fn, train_set, val_set, song_set, stage):
         step, _ = guard.settle(step, scheduler)
         metrics = validate(accelerator, model, loss_fn, val_loader, song_loader)
         say(f"epoch {epoch} | " + " | ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
-                                              for k, v in metrics.items()))
+                                              for k, v in metrics.items())
+            + (f" | at the start: audio_pr {start['participation_ratio']:.4f} audio_mean_cos "
+               f"{start['mean_cosine']:.4f}" if start else ""))
+        warning = collapse_warning({"participation_ratio": metrics["audio_pr"], "mean_cosine": metrics["audio_mean_cos"]},
+                                   start, "held-out audio embeddings", START_NAMES[stage])
+        if warning:
+            say(f"epoch {epoch}: {warning}")
         log.write({"stage": stage, "epoch": epoch, "step": step, "skipped_nonfinite": guard.skipped, **metrics})
         if curves:
             curves.request()
@@ -203,10 +215,14 @@ def make_accelerator(cfg, stage):
                               # non_blocking: batches go to the GPU from pinned memory (make_loaders) while it computes
                               dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, non_blocking=True),
                               log_with=trackers, project_dir=cfg.out_dir if trackers else None)
-    if trackers:  # e.g. tensorboard --logdir runs/demo/pretrain
+    return accelerator, world, accum
+
+
+def start_trackers(accelerator, cfg, stage):
+    """--report_to's trackers (they write into out_dir: after check_out_dir)."""
+    if accelerator.log_with:  # e.g. tensorboard --logdir runs/demo/pretrain
         accelerator.init_trackers(f"stage{stage}", config={k: v if isinstance(v, (int, float, str, bool)) else str(v)
                                                            for k, v in _flatten_toml(asdict(cfg))})
-    return accelerator, world, accum
 
 
 def make_loaders(cfg, tokenizer, train_set, val_set, song_set, world, pin_memory):
@@ -394,7 +410,8 @@ def embed_songs(accelerator, model, loader):
 @torch.no_grad()
 @torch.compiler.set_stance("force_eager")  # --compile: eager here, no graphs for eval mode and odd batch sizes
 def validate(accelerator, model, loss_fn, val_loader, song_loader):
-    """Mean validation loss and audio->text / text->audio R@1, R@10 (chance: k / N)."""
+    """Mean validation loss, audio->text / text->audio R@1, R@10 (chance: k / N), and the collapse
+    measures: the audio embeddings' participation ratio and mean pairwise cosine, the text's mean cosine."""
     from evals.metrics import recall_at_k
     model.eval()
     losses = []
@@ -410,8 +427,48 @@ def validate(accelerator, model, loss_fn, val_loader, song_loader):
         metrics[f"t2a_R@{k}"] = recall_at_k(text_emb, audio_emb, k)
     metrics["chance_R@10"] = min(1.0, 10 / max(n, 1))
     metrics["val_songs"] = n
+    # collapse measures (evals.metrics.collapse_warning reads the audio pair)
+    health = embedding_health(audio_emb)
+    metrics["audio_pr"], metrics["audio_mean_cos"] = health["participation_ratio"], health["mean_cosine"]
+    metrics["text_mean_cos"] = mean_pairwise_cosine(text_emb)
     model.train()
     return metrics
+
+
+START_NAMES = {1: "untrained encoder", 2: "stage-1 encoder"}  # what each stage starts from
+
+
+@torch.no_grad()
+@torch.compiler.set_stance("force_eager")
+def start_health(accelerator, model, song_loader, cfg, stage, progress, say):
+    """embedding_health of the held-out songs' audio embeddings at the stage's starting weights
+    (stage 1: the seeded, untrained encoder; stage 2: stage 1's): the reference each validation's
+    collapse measures are printed beside. One pass over the held-out songs, logged in log.jsonl
+    and read back from there on --resume (the checkpoint holds trained weights, not the start)."""
+    path = os.path.join(cfg.out_dir, "log.jsonl")
+    if progress["step"] and os.path.exists(path):
+        with open(path) as f:
+            rows = [json.loads(line) for line in f if '"start_audio_pr"' in line]
+        return {"participation_ratio": rows[-1]["start_audio_pr"], "mean_cosine": rows[-1]["start_audio_mean_cos"]} \
+            if rows else None
+    if progress["step"]:
+        return None
+    # A loader iterator draws its base seed from the global RNG: put it back, so that training sees
+    # the random stream it saw before this pass existed (dropout, and the numbers in the README).
+    rng = torch.random.get_rng_state(), torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    health = embedding_health(embed_songs(accelerator, model, song_loader)[0])
+    torch.random.set_rng_state(rng[0])
+    if rng[1] is not None:
+        torch.cuda.set_rng_state_all(rng[1])
+    model.train()
+    say(f"held-out audio embeddings at the start ({START_NAMES[stage]}): participation ratio "
+        f"{health['participation_ratio']:.2f}, mean pairwise cosine {health['mean_cosine']:.3f}")
+    if accelerator.is_main_process:
+        os.makedirs(cfg.out_dir, exist_ok=True)
+        with open(path, "a") as f:
+            f.write(json.dumps({"stage": stage, "step": 0, "start_audio_pr": health["participation_ratio"],
+                                "start_audio_mean_cos": health["mean_cosine"]}) + "\n")
+    return health
 
 
 # -----------------------------------------------------------------------------

@@ -6,6 +6,7 @@ the steps of one iteration (pretrain.train; finetune.py runs the same loop):
     logging                        IntervalLog (one line per interval + log.jsonl), CurvePlotter / plot_curves
     non-finite steps               NonFiniteGuard (skipped on the device; the host reads the counts at log steps)
     checkpoints                    save_checkpoint (atomic, pruned), resume_progress (--resume)
+    out_dir                        check_out_dir (a used folder: refused, or --overwrite empties it)
 
 None of it is part of the method (HTCL Sec. 2.1 / 2.2): it is how a run is configured, watched
 and continued. It runs through the stage scripts, e.g.
@@ -109,8 +110,8 @@ def exit_with_usage(script, needs):
 SECTIONS = ("pretrain", "finetune")  # the tables a preset may hold: one per stage's dataclass
 # The range of every number a stage reads: > 0 (counts, sizes, learning rates, lengths), unless
 # listed here. A list field's elements are checked one by one.
-NON_NEGATIVE = ("audio_lr", "warmup_epochs", "max_grad_norm", "seed", "num_workers", "checkpoint_every", "max_steps",
-                "weight_aa", "weight_af", "weight_at")  # 0 = off, or the default it names
+NON_NEGATIVE = ("lr", "text_lr", "audio_lr", "warmup_epochs", "max_grad_norm", "seed", "num_workers",
+                "checkpoint_every", "max_steps", "weight_aa", "weight_af", "weight_at")  # 0 = off (lr 0: frozen)
 FRACTIONS = ("warmup_ratio", "val_pairs_fraction", "model.audio.dropout")  # 0 <= x < 1
 ANY_NUMBER = ("model.logit_scale_init",)  # a log logit scale: any finite number
 NOT_FINITE_OK = ("model.logit_scale_max",)  # inf: no clamp (presets/released.toml)
@@ -485,6 +486,31 @@ def save_checkpoint(accelerator, cfg, progress):
         for old in _checkpoints(cfg.out_dir)[:-cfg.keep_checkpoints]:
             shutil.rmtree(old)
     accelerator.wait_for_everyone()
+
+
+def check_out_dir(cfg, accelerator=None):
+    """A run never appends to another run's folder (its log.jsonl, curves and checkpoints would mix):
+    a non-empty out_dir is refused with one line, unless --resume (continue the run in it) or
+    --overwrite (the main process empties it first). Every process looks before any empties or
+    writes (accelerator: the barriers that make it so)."""
+    used = os.path.isdir(cfg.out_dir) and bool(os.listdir(cfg.out_dir))
+    have = ", ".join(sorted(os.listdir(cfg.out_dir))[:4]) if used else ""
+    if accelerator is not None:
+        accelerator.wait_for_everyone()
+    if cfg.resume and cfg.overwrite:
+        raise SystemExit("--resume continues the run in out_dir and --overwrite empties it: give one of them")
+    if not used or cfg.resume:
+        return
+    if not cfg.overwrite:
+        raise SystemExit(f"out_dir {cfg.out_dir} is not empty ({have}): --resume continues the run in it, "
+                         f"--overwrite empties it first, or give another --out_dir")
+    if accelerator is None or accelerator.is_main_process:
+        for name in os.listdir(cfg.out_dir):
+            path = os.path.join(cfg.out_dir, name)
+            shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.remove(path)
+        print(f"--overwrite: emptied {cfg.out_dir}")
+    if accelerator is not None:
+        accelerator.wait_for_everyone()
 
 
 def resume_progress(accelerator, cfg, say):

@@ -13,6 +13,7 @@ Every sub-command takes `--emb SPEC` (repeat it to compare models), SPEC one of
                           row order: how any other model (a baseline) is evaluated
   an artifact folder      pretrain.py / finetune.py output (config.json): embedded on the fly
   random[:D]              seeded Gaussian vectors, D = 100 by default: the chance baseline
+  untrained:ARTIFACT, melstats   the untrained encoder and log-mel mean + std (evals/baselines.py)
 Rows are matched to the catalog by song_id; a catalog song without an embedding is an error.
 Also here, as the other inputs every protocol reads: the readers of the evaluation logs
 (read_records, read_impressions for ranking and Figure 2, read_labelled_pairs for Figure 2), and
@@ -350,6 +351,9 @@ def song_embeddings(spec, catalog, kind="audio", mode=None, cache=None, batch_si
         if not dim.isdigit() or int(dim) < 1:
             raise ValueError(f"--emb {spec}: expected random or random:D with D a positive integer")
         return random_embeddings(len(catalog), int(dim))
+    from evals.baselines import baseline_embeddings, is_baseline
+    if is_baseline(spec):
+        return baseline_embeddings(spec, catalog, mode, cache, batch_size)
     if is_artifact(spec):
         model, tokenizer = load_artifact(spec, DEVICE, text=kind != "audio")
         print(f"{spec}: embedding {len(catalog)} songs ({kind}, {mode or model.cfg.embed_mode}); "
@@ -517,6 +521,9 @@ def fraction(text):
 def row_name(spec):
     """Row name of an --emb: the file or folder name; an artifact's final/ folder is named after
     its run (runs/demo/pretrain/final -> pretrain), so stage-1 and stage-2 rows differ."""
+    from evals.baselines import baseline_name, is_baseline
+    if is_baseline(spec):
+        return baseline_name(spec)
     path = os.path.normpath(spec)
     base = os.path.basename(path)
     if base == "final" and os.path.dirname(path):

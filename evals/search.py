@@ -40,7 +40,8 @@ import torch.nn.functional as F
 from data import Collator, seconds_to_frames, song_mel
 from evals.embeddings import (DEVICE, _encode_audio, add_command, check_provenance, embed_catalog,
                               embedding_provenance, is_artifact, load_embeddings, load_inputs, positive_int,
-                              read_ids, read_json, read_provenance, song_embeddings_provenance, write_json)
+                              read_ids, read_json, read_provenance, row_name, song_embeddings_provenance,
+                              write_json)
 from evals.metrics import as_float_tensor, cosine_topk, markdown_table
 from model import load_artifact
 
@@ -278,6 +279,14 @@ def _embed_file_queries(args, model, files, keys, prov):
     return embed_audio_files(model[0], files, mine["embed_mode"], args.batch_size, mine["chunk_seconds"])
 
 
+def score_digits(scores, least=4, most=7):
+    """Decimals that tell apart the printed scores: `least`, more when two distinct scores would
+    round alike (a collapsed model's are all 0.9997-1.0000), up to `most` (float32 keeps ~7)."""
+    v = np.unique(np.asarray(scores, dtype=np.float64))
+    gap = np.diff(v).min() if len(v) > 1 else 1.0
+    return int(min(most, max(least, np.ceil(-np.log10(gap) - 1e-6))))  # d decimals part scores >= 10^-d apart
+
+
 def cmd_search(args):
     if not args.model and not args.emb:
         raise ValueError("search: give --model ARTIFACT (embeds catalog and queries) or --emb SAVED (from "
@@ -304,6 +313,9 @@ def cmd_search(args):
                   + (f" (save it with `embed --index faiss`: no {saved_index})" if saved_index else ""))
             index = build_index(keys, nprobe=args.nprobe)
     scores, rows = search(query_emb, keys, args.k, exclude, index)
+    artifact = args.model or (prov or {}).get("artifact")  # the model's name: its run folder (row_name)
+    print(f"search: model {row_name(artifact)} ({artifact})" if artifact else f"search: embeddings {args.emb}")
+    digits = score_digits(scores[rows >= 0])
     records = []
     for (kind, q), s, r in zip(queries, scores, rows):
         table = []
@@ -311,7 +323,7 @@ def cmd_search(args):
             song = catalog[catalog.index[ids[row]]]
             records.append({"query": q, "rank": rank, "song_id": song.song_id, "score": round(float(score), 6),
                             "title": song.title, "artists": song.artists})
-            table.append([rank, f"{score:.4f}", song.song_id, song.title, song.artists])
+            table.append([rank, f"{score:.{digits}f}", song.song_id, song.title, song.artists])
         print(f"\nsearch: {q} ({'audio file' if kind == 'file' else 'song id, itself left out'})")
         print(markdown_table(["rank", "score", "song_id", "title", "artists"], table))
     if args.out:

@@ -3,7 +3,8 @@
 #   prepare the log-mel cache -> stage 1 (pretrain.py) -> stage 2 (finetune.py) -> evaluation.
 # Run from anywhere, inside the environment made by the README's first command:
 #   bash sample_data/demo.sh
-# Everything it writes goes to runs/demo/. Each command is printed before it runs.
+# Everything it writes goes to runs/demo/, and a re-run starts the demo afresh (--overwrite on both
+# stages: the training scripts refuse a non-empty out_dir otherwise). Each command is printed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -22,7 +23,7 @@ run python data.py prepare --catalog sample_data/catalog.csv --cache runs/demo/c
 REPORT="python evaluate.py report --catalog sample_data/catalog.csv --cache runs/demo/cache"
 REPORT+=" --favourites sample_data/favourites.csv --impressions sample_data/impressions.csv --out runs/demo/report"
 
-run python pretrain.py --preset sample_data/preset.toml
+run python pretrain.py --preset sample_data/preset.toml --overwrite
 # Stage 2 trains on one core; the other would idle. Meanwhile, evaluate stage 1 and the random
 # baseline on it: the final report reuses those rows (same embeddings and inputs: results.json).
 mkdir -p runs/demo/report
@@ -30,7 +31,7 @@ echo; echo "+ $REPORT --emb runs/demo/pretrain/final --emb random --workers 1 > 
 $REPORT --emb runs/demo/pretrain/final --emb random --workers 1 > runs/demo/report/stage1.log 2>&1 &
 stage1_report=$!
 trap 'kill $stage1_report 2> /dev/null || true' EXIT  # a failed stage 2 leaves no report running
-run python finetune.py --preset sample_data/preset.toml
+run python finetune.py --preset sample_data/preset.toml --overwrite
 wait $stage1_report || { echo "the stage-1 report failed: see runs/demo/report/stage1.log"; exit 1; }
 run $REPORT --emb runs/demo/pretrain/final --emb runs/demo/finetune/final --emb random
 
