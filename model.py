@@ -337,8 +337,8 @@ def gather_with_grad(x):
 
     (B_local, D) -> (world * B_local, D). The backward pass sums each rank's
     gradient into its own slot (torch.distributed.nn's all_gather), so with DDP's
-    gradient averaging the result equals the single-process gradient on the global
-    batch (test_smoke.py::test_two_processes_match_one).
+    gradient averaging the result equals the single-process gradient on the global batch
+    (tests/test_model.py::test_infonce_over_two_processes_matches_one_process_on_the_whole_batch).
     """
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return x
@@ -369,7 +369,7 @@ def contrastive_loss(x, y, logit_scale, gather=True):
     back, then every rank computes the whole B_global x B_global loss. Each rank's
     gradient then reaches only its own rows, so after DDP's averaging the encoders
     get the full gradient scaled by 1/world_size, while the logit scale (which every
-    rank differentiates in full) gets it unscaled (test_smoke.py::
+    rank differentiates in full) gets it unscaled (tests/test_model.py::
     test_released_no_grad_gather_scales_the_embedding_gradient_by_one_over_world).
     With Adam, which normalises each parameter's step, that scale is nearly harmless.
     """

@@ -6,8 +6,8 @@ separation), macro_f1 (the probe), cosine_topk (every exact nearest-neighbour se
 (participation_ratio, mean_pairwise_cosine, embedding_health, collapse_warning: training's
 validation and `evaluate.py report` print them), and the
 small helpers the protocols use to run and report: one_thread, progress_bar, mean_std,
-plus_minus, markdown_table. Each metric is checked in test_smoke.py against a brute-force loop
-or a hand-worked value. No command of its own: every `python evaluate.py <sub-command>` uses it.
+plus_minus, markdown_table. Each metric is checked in tests/test_metrics.py against a brute-force
+loop or a hand-worked value. No command of its own: every `python evaluate.py <sub-command>` uses it.
 """
 import os
 import sys

@@ -3,16 +3,12 @@ test_training.py, test_finetune.py): WAV tones with a catalog (train / val / tes
 album), its log-mel cache, and a tiny stage-1 run through pretrain.main. Not a test file.
 """
 import os
-import sys
 
 import numpy as np
 import soundfile as sf
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-TINY_BERT = os.path.join(ROOT, "sample_data", "tiny-bert")
-
-import data  # noqa: E402
+import data
+from tests.helpers import TINY_BERT
 
 # Tiny towers for pretrain.main: seconds on one core.
 TINY_FLAGS = ["--model.text_model", TINY_BERT, "--no-model.text_pretrained", "--model.text_pooling", "mean",

@@ -4,15 +4,12 @@ against the run's own initial weights, and `--baselines` on probe and report.
     python -m pytest -q tests/test_baselines.py
 """
 import math
-import os
-import sys
 
 import numpy as np
 import pytest
 from safetensors.torch import load_file
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from own_songs import stage1_argv, write_world  # noqa: E402
+from tests.own_songs import stage1_argv, write_world  # noqa: E402
 
 import data  # noqa: E402
 import evaluate as ev  # noqa: E402

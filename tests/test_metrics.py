@@ -1,20 +1,105 @@
-"""Tests of evals/metrics.py's collapse measures, each against a brute-force or hand-worked value:
+"""Tests of evals/metrics.py: Recall@K, mAP@K, NDCG@K, AUC and macro-F1 against brute-force loops
+and hand-worked cases, and the score blocks that bound retrieval's memory.
 
-    python -m pytest -q tests/test_metrics.py
+    OMP_NUM_THREADS=1 python -m pytest -q tests/test_metrics.py
 """
-import os
-import sys
+import math
 
 import numpy as np
 import pytest
+import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from evals import metrics  # noqa: E402
-from evals.metrics import macro_f1  # noqa: E402
+from evals import metrics
+from evals.metrics import macro_f1
+
+from tests.helpers import _unit
 
 
-def _unit(x):
-    return x / np.linalg.norm(x, axis=1, keepdims=True)
+def test_recall_at_k_matches_brute_force():
+    rng = np.random.default_rng(0)
+    q, k = rng.standard_normal((57, 8)), rng.standard_normal((57, 8))
+    k[:20] = q[:20] + 0.3 * rng.standard_normal((20, 8))  # some queries find their positive
+    sims = _unit(q) @ _unit(k).T
+    for K in (1, 5, 10):
+        brute = np.mean([i in np.argsort(-sims[i], kind="stable")[:K] for i in range(57)])
+        assert metrics.recall_at_k(q, k, K, batch_size=16) == pytest.approx(brute)
+        assert metrics.recall_at_k(torch.tensor(q), torch.tensor(k), K) == pytest.approx(brute)  # torch input too
+
+
+def test_score_blocks_follow_the_memory_budget(monkeypatch):
+    """With a budget of 5 rows of scores, retrieval runs in blocks of 5 and finds the same neighbours."""
+    rng = np.random.default_rng(1)
+    q, keys = rng.standard_normal((23, 8)), rng.standard_normal((57, 8))
+    full_s, full_i = metrics.cosine_topk(q, keys, 7)
+    rec = metrics.recall_at_k(q, keys[:23], 3)
+    monkeypatch.setattr(metrics, "SCORE_BLOCK_BYTES", 4 * 57 * 5)
+    assert metrics._rows_per_block(57, 1024) == 5 and metrics._rows_per_block(57, 2) == 2
+    assert metrics._rows_per_block(10**9, 1024) == 1  # never 0 rows
+    s, i = metrics.cosine_topk(q, keys, 7)
+    brute = np.argsort(-(_unit(q) @ _unit(keys).T), axis=1, kind="stable")[:, :7]
+    assert torch.equal(i, full_i) and torch.allclose(s, full_s, atol=1e-6) and (i.numpy() == brute).all()
+    assert metrics.recall_at_k(q, keys[:23], 3) == rec
+
+
+def test_recall_at_k_of_a_collapsed_model_is_zero():
+    same = np.ones((10, 4))
+    assert metrics.recall_at_k(same, same, 1) == 0.0  # ties count against the query
+
+
+def test_map_at_k_hand_worked():
+    # ranked list: hit, miss, hit, miss; 3 relevant in total; k = 4
+    # AP = (P@1 + P@3) / min(4, 3) = (1 + 2/3) / 3
+    assert metrics.map_at_k([[1, 0, 1, 0]], [3], 4) == pytest.approx((1 + 2 / 3) / 3)
+    # a perfect list with fewer relevant than k scores 1; a query with none is left out
+    assert metrics.map_at_k([[1, 1, 0, 0], [0, 0, 0, 0]], [2, 0], 4) == pytest.approx(1.0)
+    # only the first k positions count
+    assert metrics.map_at_k([[0, 1, 1]], [2], 2) == pytest.approx(0.5 / 2)
+
+
+def test_map_at_k_matches_loop():
+    rng = np.random.default_rng(1)
+    rel = rng.random((30, 12)) < 0.3
+    n_rel = rel.sum(1) + rng.integers(0, 4, 30)
+    loop = []
+    for r, n in zip(rel, n_rel):
+        if n == 0:
+            continue
+        hits, total = 0, 0.0
+        for i in range(10):
+            if r[i]:
+                hits += 1
+                total += hits / (i + 1)
+        loop.append(total / min(10, n))
+    assert metrics.map_at_k(rel, n_rel, 10) == pytest.approx(np.mean(loop))
+
+
+def test_ndcg_at_k_hand_worked():
+    # relevant at ranks 2 and 3, two relevant in total: DCG = 1/log2(3) + 1/log2(4), IDCG = 1 + 1/log2(3)
+    dcg, idcg = 1 / math.log2(3) + 0.5, 1 + 1 / math.log2(3)
+    assert metrics.ndcg_at_k([[0, 1, 1]], [2], 3)[0] == pytest.approx(dcg / idcg)
+    # a relevant item below the cut-off adds nothing to DCG but still counts in the ideal
+    assert metrics.ndcg_at_k([[1, 0, 0]], [5], 3)[0] == pytest.approx(1 / (1 + 1 / math.log2(3) + 0.5))
+    assert np.isnan(metrics.ndcg_at_k([[0, 0]], [0], 2)[0])
+
+
+def test_auc_matches_pairwise_count_with_ties():
+    rng = np.random.default_rng(2)
+    for _ in range(5):
+        scores = rng.integers(0, 6, 80).astype(float)  # many ties
+        labels = rng.random(80) < 0.4
+        pos, neg = scores[labels], scores[~labels]
+        pairwise = np.mean([(p > n) + 0.5 * (p == n) for p in pos for n in neg])
+        assert metrics.auc(scores, labels) == pytest.approx(pairwise)
+    assert metrics.auc([0.1, 0.9, 0.4], [0, 1, 0]) == 1.0
+    assert np.isnan(metrics.auc([0.1, 0.2], [1, 1]))
+
+
+def test_macro_f1_hand_worked():
+    y_true, y_pred = [0, 0, 1, 1, 2], [0, 2, 1, 0, 0]
+    # class 0: tp 1 (i0), fp 2 (i3, i4), fn 1 (i1) -> 2/(2+2+1); class 1: tp 1, fp 0, fn 1 (i3) -> 2/3
+    # class 2: tp 0 -> 0
+    expected = np.mean([2 / 5, 2 / 3, 0.0])
+    assert metrics.macro_f1(y_true, y_pred) == pytest.approx(expected)
 
 
 def test_participation_ratio_matches_the_covariance_eigenvalues_and_a_hand_worked_case():

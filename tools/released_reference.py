@@ -8,8 +8,8 @@ with no mask on songs padded to 1251 frames, then the wrapper's mean over all to
 released order of random draws, so under one seed it starts from the weights model.AudioEncoder does.
 
 It is the independent reference that model.py is checked against, not a model to train:
-test_smoke.py converts a checkpoint of it with tools/convert_released.py and compares embeddings,
-and bench.py times it against model.AudioEncoder (`python bench.py --rows step`).
+tests/test_convert_released.py converts a checkpoint of it with tools/convert_released.py and
+compares embeddings, and bench.py times it against model.AudioEncoder (`python bench.py --rows step`).
 """
 import sys
 from pathlib import Path

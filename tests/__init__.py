@@ -1,0 +1,1 @@
+"""The thorough tests, one file a module: OMP_NUM_THREADS=1 python -m pytest -q tests/"""
