@@ -286,7 +286,7 @@ def make_fast(cfg, model, device):
     matmuls are bf16 already). --no-tf32 for IEEE fp32 throughout.
     compile (default off, on every device): both towers are compiled in place (parameter names, and
     so checkpoints and artifacts, stay as they are); validation runs them eagerly. Off until a GPU
-    measurement says it pays (bench.py step_fast_* rows): a cold compile of both towers costs
+    measurement says it pays (tools/device_bench.py's compile row): a cold compile of both towers costs
     minutes, which a short run never earns back, and Inductor's dynamic shapes fail on the conv
     stem's length arithmetic (torch 2.13, reproduced on CPU), so shapes are static and the batches
     go to bucket lengths (text_bucket, frame_bucket): a compile per bucket, and padded compute.

@@ -21,6 +21,7 @@ Command (from the repo root, on the bundled synthetic world):
   python evaluate.py artist-graph --catalog sample_data/catalog.csv --emb emb/htcl --features mean \
       --features random --edges sample_data/artist_graph.csv --artist_split sample_data/artist_split.csv
 """
+import argparse
 import dataclasses
 import sys
 import warnings
@@ -35,9 +36,20 @@ from evals.embeddings import (KINDS, add_command, align, embeddings_of, load_emb
 from evals.metrics import as_float_tensor, markdown_table, mean_std, ndcg_at_k, one_thread, plus_minus
 
 
-def _field(default, help):
-    """A config field whose help text the artist-graph CLI shows."""
-    return dataclasses.field(default=default, metadata={"help": help})
+def _field(default, help, choices=None, kind=None):
+    """A config field whose help text (and choices or parse-time check `kind`, if any) the CLI shows."""
+    return dataclasses.field(default=default, metadata={"help": help, "choices": choices, "kind": kind})
+
+
+def check_device(name):
+    """--device NAME -> NAME, if torch knows the device type and, for cuda, has a GPU to run on."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"artist-graph --device {name!r}: not a torch device (cpu, cuda, cuda:1, ...)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"artist-graph --device {name}: this torch ({torch.__version__}) sees no CUDA GPU")
+    return name
 
 
 @dataclasses.dataclass
@@ -54,6 +66,11 @@ class ArtistGraphConfig:
     min_lr: float = _field(1e-5, "ReduceLROnPlateau floor on the lr (released)")
     early_stop: int = _field(0, "ours: stop after this many epochs without a better val loss; 0 = off (released)")
     undirected: bool = _field(False, "ours: symmetrise the edges; released: first column -> second only")
+    device: str = _field("cpu", "where the GNN trains and embeds: cpu, cuda, cuda:1, ... (cuda draws its "
+                                "negatives on the GPU: a different random stream from cpu's)", kind=check_device)
+    layer: str = _field("auto", "GraphSAGE layer: pyg (torch_geometric's SAGEConv, the released layer), "
+                                "builtin (ours, the same computation), auto = pyg when importable",
+                        ("auto", "pyg", "builtin"))
 
 
 def message_passing_graphs(edges, split, undirected=False):
@@ -92,19 +109,22 @@ def receptive_nodes(edge_index, targets, n_layers, n_nodes):
     return torch.nonzero(keep).squeeze(1)
 
 
-def local_graph(edge_index, nodes, n_nodes):
+def local_graph(edge_index, nodes, n_nodes, mean=True):
     """The subgraph on `nodes` -> (mean-aggregation CSR matrix (n, n), global -> local index).
 
     Row v holds 1 / in-degree(v) at each source u of an edge u -> v: A @ h is the mean over
     v's in-neighbours (zero for a node with none). Every edge between two kept nodes is kept,
-    so with `nodes` from receptive_nodes the targets' outputs are exact."""
+    so with `nodes` from receptive_nodes the targets' outputs are exact. mean=False: 1 at each
+    edge instead, PyG's adj_t, whose SAGEConv divides by the in-degree itself (the two agree for
+    edges without repeats, as message_passing_graphs hands them)."""
     local = torch.full((n_nodes,), -1, dtype=torch.long)
     local[nodes] = torch.arange(len(nodes))
     src, dst = local[edge_index[0]], local[edge_index[1]]
     ok = (src >= 0) & (dst >= 0)
     src, dst, n = src[ok], dst[ok], len(nodes)
     in_degree = torch.zeros(n).index_add_(0, dst, torch.ones(len(dst)))
-    adj = torch.sparse_coo_tensor(torch.stack([dst, src]), 1.0 / in_degree[dst], (n, n),
+    values = 1.0 / in_degree[dst] if mean else torch.ones(len(dst))
+    adj = torch.sparse_coo_tensor(torch.stack([dst, src]), values, (n, n),
                                   check_invariants=True).coalesce()
     # CSR sparse @ dense was 1.4-1.6x faster than index_add_ over the edge list (measured)
     with warnings.catch_warnings():  # torch's one-time "CSR support is in beta" notice
@@ -128,15 +148,47 @@ class SAGEConv(nn.Module):
         return F.normalize(self.lin_l(mean) + self.lin_r(h), dim=1)
 
 
+def resolve_layer(name):
+    """--layer -> "pyg" or "builtin". auto: pyg when torch_geometric imports, else builtin, with a note."""
+    if name not in ("auto", "pyg", "builtin"):
+        raise ValueError(f"artist-graph --layer: {name!r} is not one of auto, pyg, builtin")
+    if name == "builtin":
+        return name
+    try:
+        with warnings.catch_warnings():  # its import calls the deprecated torch.jit.script (torch 2.13)
+            warnings.simplefilter("ignore", DeprecationWarning)
+            import torch_geometric.nn  # noqa: F401
+        return "pyg"
+    except ImportError as e:
+        if name == "pyg":
+            raise ValueError(f"artist-graph --layer pyg: torch_geometric does not import ({e}); "
+                             f"pip install torch-geometric, or --layer builtin") from None
+        print("NOTE artist-graph: torch_geometric is not installed; --layer builtin (the same computation as "
+              "its SAGEConv(project=True), tested against it)", file=sys.stderr)
+        return "builtin"
+
+
+def sage_layer(d, layer):
+    """One GraphSAGE layer of width d: the released PyG SAGEConv(d, d, project=True, normalize=True)
+    with mean aggregation, or our SAGEConv; both take (h, adjacency CSR) (adjacency: local_graph's,
+    mean=True for builtin, mean=False for pyg, whose sparse mean divides by the degree itself)."""
+    if layer == "pyg":
+        from torch_geometric.nn import SAGEConv as PyGSAGEConv
+        return PyGSAGEConv(d, d, aggr="mean", normalize=True, project=True)
+    return SAGEConv(d)
+
+
 class ArtistGNN(nn.Module):
     """features -> Linear(d, 256) + BatchNorm1d -> n_layers x (SAGEConv, ELU) -> head 256-256-100 -> L2.
 
-    n_layers = 0 is the paper's "no graph" model: encoder + head, the graph is never read."""
+    n_layers = 0 is the paper's "no graph" model: encoder + head, the graph is never read.
+    layer: "builtin" or "pyg" (sage_layer); self.mean_adjacency says which adjacency it takes."""
 
-    def __init__(self, d_in, n_layers, hidden=256, out_dim=100):
+    def __init__(self, d_in, n_layers, hidden=256, out_dim=100, layer="builtin"):
         super().__init__()
+        self.layer, self.mean_adjacency = layer, layer == "builtin"
         self.encoder = nn.Sequential(nn.Linear(d_in, hidden), nn.BatchNorm1d(hidden))
-        self.layers = nn.ModuleList(SAGEConv(hidden) for _ in range(n_layers))
+        self.layers = nn.ModuleList(sage_layer(hidden, layer) for _ in range(n_layers))
         self.head = nn.Sequential(nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, hidden),
                                   nn.Linear(hidden, out_dim))
 
@@ -147,26 +199,48 @@ class ArtistGNN(nn.Module):
         return F.normalize(self.head(h), dim=1)
 
 
-def sample_negatives(anchors, pairs, candidates, n_nodes, generator):
+def artist_gnn_flops(n_nodes, n_edges, d_in, n_layers, hidden=256, out_dim=100, train=True):
+    """Analytic FLOPs of one full-graph ArtistGNN step over n_nodes nodes and n_edges message-passing
+    edges (2 per multiply-add; BatchNorm, ELU, L2 and the triplet loss left out, all O(n * hidden)).
+    Forward: encoder 2 n d_in h; a layer 3 x 2 n h^2 (project, lin_l, lin_r) + 2 E h (the sparse
+    mean); head 2 n (2 h^2 + h out). train: the dense products x3 (backward = input and weight
+    gradients), less the encoder's input gradient, which the features do not need; the sparse mean
+    x2 (the fixed adjacency needs no gradient)."""
+    encoder = 2 * n_nodes * d_in * hidden
+    dense = encoder + n_layers * 3 * 2 * n_nodes * hidden * hidden + 2 * n_nodes * (2 * hidden * hidden
+                                                                                    + hidden * out_dim)
+    sparse = n_layers * 2 * n_edges * hidden
+    return 3 * dense - encoder + 2 * sparse if train else dense + sparse
+
+
+def forbidden_keys(pairs, candidates, n_nodes):
+    """Sorted anchor * n_nodes + node keys that sample_negatives never returns: the `pairs` (2, *) and
+    each candidate with itself. The same every step of a run: computed once."""
+    return torch.unique(torch.cat([pairs[0] * n_nodes + pairs[1], candidates * n_nodes + candidates]))
+
+
+def sample_negatives(anchors, pairs, candidates, n_nodes, generator, forbidden=None):
     """One negative per anchor, uniform among `candidates` that are neither the anchor nor one of its
     neighbours in `pairs` (2, *) (as PyG's structured_negative_sampling, which the released code uses):
-    draw, then redraw the rejected ones until none is left."""
-    forbidden = pairs[0] * n_nodes + pairs[1]
-    forbidden = torch.unique(torch.cat([forbidden, candidates * n_nodes + candidates]))
+    draw, then redraw the rejected ones until none is left. forbidden: forbidden_keys(pairs, candidates,
+    n_nodes), if the caller has it. The draws come from `generator`, on its device (the tensors' device)."""
+    if forbidden is None:
+        forbidden = forbidden_keys(pairs, candidates, n_nodes)
     neg = torch.empty_like(anchors)
-    todo = torch.arange(len(anchors))
+    todo = torch.arange(len(anchors), device=anchors.device)
     for _ in range(1000):  # each round keeps a draw with probability >= 1 / len(candidates)
         if not len(todo):
             return neg
-        neg[todo] = candidates[torch.randint(len(candidates), (len(todo),), generator=generator)]
+        neg[todo] = candidates[torch.randint(len(candidates), (len(todo),), generator=generator,
+                                             device=candidates.device)]
         todo = todo[torch.isin(anchors[todo] * n_nodes + neg[todo], forbidden)]
     raise ValueError(f"artist graph: node {int(anchors[todo[0]])} is linked to every candidate negative")
 
 
-def _split_view(graph, targets, n_layers, n_nodes):
+def _split_view(graph, targets, n_layers, n_nodes, mean=True):
     """The part of `graph` the targets' outputs need -> (nodes, adjacency, global -> local)."""
     nodes = receptive_nodes(graph, targets, n_layers, n_nodes)
-    adj, local = local_graph(graph, nodes, n_nodes)
+    adj, local = local_graph(graph, nodes, n_nodes, mean)
     return nodes, adj, local
 
 
@@ -177,27 +251,36 @@ def train_artist_gnn(features, graphs, split, n_layers, cfg=None, seed=0, log=No
     history: {"val_loss": [...], "lr": [...], "epochs": epochs run}. The validation triplets are
     drawn once (val-val edges both ways, negatives among the val artists), as the released data
     file stores them; without val-val edges the plateau schedule and early stopping are off.
-    on_epoch(epoch, model), if given, runs after each epoch (bench.py scores the test set with it)."""
+    on_epoch(epoch, model), if given, runs after each epoch (bench.py scores the test set with it).
+    cfg.device: the graph, features and model go there; on CUDA the training negatives are drawn
+    there too (a CUDA generator seeded with `seed`), so the host never builds them; the validation
+    triplets are drawn on the host as on CPU. cfg.layer: resolve_layer's choice."""
     cfg = cfg or ArtistGraphConfig()
+    device, layer = torch.device(check_device(cfg.device)), resolve_layer(cfg.layer)
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
+    g_train = g if device.type == "cpu" else torch.Generator(device).manual_seed(seed)
     x = as_float_tensor(features)
     n = x.shape[0]
     split = np.asarray(split, dtype=object)
     train_nodes = torch.as_tensor(np.flatnonzero(split == "train"))
     val_nodes = torch.as_tensor(np.flatnonzero(split == "val"))
-    adj_train, local_train = local_graph(graphs["train"], train_nodes, n)
+    mean = layer == "builtin"
+    adj_train, local_train = local_graph(graphs["train"], train_nodes, n, mean)
     x_train = x[train_nodes]
     anchors, positives = local_train[graphs["pairs"][0]], local_train[graphs["pairs"][1]]
     local_pairs = torch.stack([anchors, positives])
     candidates = torch.arange(len(train_nodes))
+    forbidden = forbidden_keys(local_pairs, candidates, len(train_nodes))
+    x_train, adj_train, anchors, positives, local_pairs, candidates, forbidden = (
+        t.to(device) for t in (x_train, adj_train, anchors, positives, local_pairs, candidates, forbidden))
     val = None
     if graphs["truth_val"].shape[1]:
         va, vp = graphs["truth_val"]
         vn = sample_negatives(va, graphs["truth_val"], val_nodes, n, g)
-        nodes, adj_val, local_val = _split_view(graphs["val"], val_nodes, n_layers, n)
-        val = (x[nodes], adj_val, local_val[va], local_val[vp], local_val[vn])
-    model = ArtistGNN(x.shape[1], n_layers, cfg.hidden, cfg.out_dim)
+        nodes, adj_val, local_val = _split_view(graphs["val"], val_nodes, n_layers, n, mean)
+        val = tuple(t.to(device) for t in (x[nodes], adj_val, local_val[va], local_val[vp], local_val[vn]))
+    model = ArtistGNN(x.shape[1], n_layers, cfg.hidden, cfg.out_dim, layer).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="min", factor=cfg.plateau_factor,
                                                          patience=cfg.plateau_patience, min_lr=cfg.min_lr)
@@ -207,7 +290,7 @@ def train_artist_gnn(features, graphs, split, n_layers, cfg=None, seed=0, log=No
         model.train()
         for _ in range(cfg.steps_per_epoch):
             z = model(x_train, adj_train)  # (n_train, out_dim): every train artist, every step
-            negatives = sample_negatives(anchors, local_pairs, candidates, len(train_nodes), g)
+            negatives = sample_negatives(anchors, local_pairs, candidates, len(train_nodes), g_train, forbidden)
             loss = F.triplet_margin_loss(z[anchors], z[positives], z[negatives], margin=cfg.margin)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -237,10 +320,13 @@ def train_artist_gnn(features, graphs, split, n_layers, cfg=None, seed=0, log=No
 
 @torch.no_grad()
 def embed_artists(model, features, graph, targets, n_layers):
-    """Embeddings of `targets` (global ids) through `graph`, computed over their receptive field only."""
+    """Embeddings of `targets` (global ids) through `graph`, computed over their receptive field only,
+    on the model's device -> (len(targets), out_dim) on the CPU."""
     x = as_float_tensor(features)
-    nodes, adj, local = _split_view(graph, targets, n_layers, x.shape[0])
-    return model.eval()(x[nodes], adj)[local[torch.as_tensor(targets, dtype=torch.long)]]
+    device = next(model.parameters()).device
+    nodes, adj, local = _split_view(graph, targets, n_layers, x.shape[0], getattr(model, "mean_adjacency", True))
+    z = model.eval()(x[nodes].to(device), adj.to(device))
+    return z[local[torch.as_tensor(targets, dtype=torch.long)].to(device)].cpu()
 
 
 def released_ndcg_at_k(relevant, n_relevant, k):
@@ -385,7 +471,8 @@ def cmd_artist_graph(args):
     print(f"artist-graph: {len(artists)} artists, {graphs['pairs'].shape[1] // 2} train-train edges; message "
           f"passing {'both ways' if cfg.undirected else 'first column -> second'}: "
           f"{graphs[args.eval_split].shape[1]} directed edges in the {args.eval_split} graph; "
-          f"{graphs['truth_' + args.eval_split].shape[1] // 2} hidden {args.eval_split}-{args.eval_split} edges")
+          f"{graphs['truth_' + args.eval_split].shape[1] // 2} hidden {args.eval_split}-{args.eval_split} edges; "
+          f"layer {resolve_layer(cfg.layer)} on {cfg.device}")
     log = (lambda line: print(line, file=sys.stderr)) if args.verbose else None  # noqa: E731
     results = {}
     for name, x in features.items():
@@ -401,11 +488,27 @@ def cmd_artist_graph(args):
     return {f: {str(n): v for n, v in r.items()} for f, r in results.items()}
 
 
+def _parse_time(check):
+    """A check that raises ValueError -> an argparse type (its message in argparse's one-line error)."""
+    if check is None:
+        return str
+
+    def kind(value):
+        try:
+            return check(value)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    return kind
+
+
 def add_artist_graph_flags(q):
     """One flag per ArtistGraphConfig field (--early_stop, --undirected, ...), default from the dataclass."""
     for f in dataclasses.fields(ArtistGraphConfig):
         if f.type in (bool, "bool"):
             q.add_argument("--" + f.name, action="store_true", help=f.metadata["help"])
+        elif f.type in (str, "str"):  # --device, --layer
+            q.add_argument("--" + f.name, default=f.default, choices=f.metadata["choices"],
+                           type=_parse_time(f.metadata["kind"]), help=f.metadata["help"])
         else:  # counts >= 1 (early_stop and patience >= 0), rates and margins > 0 (weight decay >= 0)
             kind = {int: non_negative_int if f.name in ("early_stop", "plateau_patience") else positive_int,
                     float: non_negative_float if f.name == "weight_decay" else positive_float}[type(f.default)]
