@@ -59,7 +59,8 @@ sys.path.insert(0, ROOT)
 import data  # noqa: E402
 import model as htcl  # noqa: E402
 from tools.bench_lib import (TINY_BERT, Context, PeakRSS, cpu_model, demo_config, flops_per_sample,  # noqa: E402
-                             gpu_peak_flops, load_average, median_time, sync, threads, tokenizer, torch_threads)
+                             gpu_peak_flops, load_average, long_lyrics, median_time, sync, threads, tokenizer,
+                             torch_threads, write_catalog)
 from tools.released_reference import ReferenceAudioEncoder  # noqa: E402  (the released design, for A/B rows)
 
 # bert-base-multilingual-uncased's architecture (Sec. 3.1.3), built from its config with random

@@ -53,11 +53,13 @@ import torch.nn.functional as F
 from data import load_favourites, seconds_to_frames, split_rows
 from evals import artist_graph, crossmusim, embed_shards, search
 from evals.baselines import BASELINES_HELP, health_lines, with_baselines
-from evals.embeddings import (add_command, catalog_column, embeddings_of, is_artifact, load_inputs, read_impressions,
-                              read_labelled_pairs, row_names, save_embeddings, song_embeddings)
+from evals.embeddings import (add_command, catalog_column, embedding_provenance, embeddings_of,
+                              fraction, is_artifact, load_inputs, non_negative_int, positive_float, positive_int,
+                              read_impressions, read_json, read_labelled_pairs, row_names, save_embeddings,
+                              song_embeddings)
 from evals.metrics import (as_float_tensor, auc, available_cores, macro_f1, markdown_table, mean_std, one_thread,
                            plus_minus, progress_bar)
-from evals.search import build_index, catalog_index, index_path, neighbours, require_faiss
+from evals.search import catalog_index, neighbours, require_faiss
 from model import load_artifact
 
 
@@ -458,9 +460,10 @@ def run_ranking(item_emb, impressions, task="ctr", train_days=range(1, 8), test_
     is_test = ex["day"] == test_day
     train = {k: v[is_train] for k, v in ex.items()}
     test = {k: v[is_test] for k, v in ex.items()}
-    if len(train["label"]) == 0 or len(test["label"]) == 0:
+    if len(train["label"]) == 0 or len(test["label"]) == 0 or test_day in train_days:  # the last: a leak
         raise ValueError(f"ranking {task}: {len(train['label'])} training impressions on days {list(train_days)}, "
-                         f"{len(test['label'])} test impressions on day {test_day}; both must be non-empty")
+                         f"{len(test['label'])} test impressions on day {test_day}; both must be non-empty, "
+                         f"and the test day no training day")
     aucs = [train_din(item_emb, train, test, seed=s, **train_kw)[0] for s in seeds]
     return {"auc": mean_std(aucs), "n_train": len(train["label"]), "n_test": len(test["label"]),
             "positive_rate": float(test["label"].mean()), "per_seed_auc": aucs}
@@ -577,9 +580,8 @@ def report(sources, catalog, favourites=None, impressions=None, pairs=None, out_
     # their digest is its key in results.json.
     saved_path = os.path.join(out_dir, "results.json")
     saved = {}
-    if reuse and os.path.exists(saved_path):
-        with open(saved_path) as f:
-            saved = json.load(f)
+    if reuse and os.path.exists(saved_path):  # checked before any training: a bad file stops the report now
+        saved = read_json(saved_path, "the report's saved results, {digest: result} (--no-reuse ignores it)")
     digests = _job_digests(inputs, **settings) if reuse else {}  # result key -> what the job reads but embeddings
     keys = {}  # (model, result key) -> digest
     cases, fig_pairs = inputs["cases"], inputs["fig_pairs"]
@@ -855,17 +857,13 @@ def cmd_embed(args):
     embs = embed_shards.embed_songs(args, model, tokenizer, catalog, rows, mode, kinds, cache)  # embed_catalog here
     if embs is None:  # --shards under accelerate launch, every rank but 0 (which merges their parts and writes)
         return {"songs": 0, "kinds": kinds, "out": args.out}
+    prov = embedding_provenance(args.artifact, model, mode)  # what search/matching/report/retrieval check
     meta = {"artifact": os.path.abspath(args.artifact), "catalog": os.path.abspath(args.catalog), "mode": mode,
             "split": args.split, "kinds": kinds,
-            "chunk_frames": seconds_to_frames(model.cfg.chunk_seconds) if mode == "chunked" else None}
-    save_embeddings(args.out, [catalog[r].song_id for r in rows], embs, meta)
+            "chunk_frames": seconds_to_frames(prov["chunk_seconds"]) if prov["chunk_seconds"] else None}
+    save_embeddings(args.out, [catalog[r].song_id for r in rows], embs, meta, prov)
     for kind, x in embs.items():  # an index of embeddings written before would now be stale
-        path = index_path(args.out, kind)
-        if args.index == "faiss":
-            require_faiss().write_index(build_index(x), path)
-            print(f"embed: FAISS index of {kind} -> {path}")
-        elif os.path.exists(path):
-            os.remove(path)
+        search.save_or_drop_index(args.out, kind, x, prov if args.index == "faiss" else None)
     print(f"embed: {len(rows)} songs x {', '.join(f'{k} {v.shape[1]}-d' for k, v in embs.items())} -> {args.out}")
     return {"songs": len(rows), "kinds": kinds, "out": args.out}
 
@@ -984,13 +982,15 @@ def cmd_report(args):
 
 
 def cmd_table2(args):
-    per_seed, cosines = [], []
+    per_seed, cosines, seen = [], [], {}
     for folder in args.reports:
         path = os.path.join(folder, "table2.json")
+        if os.path.realpath(folder) in seen:
+            raise SystemExit(f"table2: {folder} is given twice (as {seen[os.path.realpath(folder)]} too)")
+        seen[os.path.realpath(folder)] = folder
         if not os.path.exists(path):
             raise SystemExit(f"table2: {path} not found (run evaluate.py report --out {folder} first)")
-        with open(path) as f:
-            per_seed.append(json.load(f))
+        per_seed.append(read_json(path, "a report's table2.json, {model: {metric: value}}"))
         npz = os.path.join(folder, "figure2.npz")
         cosines.append(dict(np.load(npz)) if os.path.exists(npz) else None)
     try:
@@ -1003,12 +1003,13 @@ def cmd_table2(args):
 
 def _days(s):
     try:
-        if "-" in s:
-            a, b = (int(v) for v in s.split("-"))
-            return list(range(a, b + 1))
-        return [int(v) for v in s.split(",")]
+        a, dash, b = s.partition("-")
+        days = list(range(int(a), int(b) + 1)) if dash else [int(v) for v in s.split(",")]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"days as a range 1-7 or a list 1,2,3; got {s!r}") from None
+        days = []
+    if not days:  # not numbers, or a backwards range (7-1)
+        raise argparse.ArgumentTypeError(f"days as a range 1-7 or a list 1,2,3; got {s!r}")
+    return days
 
 
 class _Parser(argparse.ArgumentParser):
@@ -1062,9 +1063,10 @@ def _add_embed_parser(sub):
     q.add_argument("--split", default="all", choices=["all", "train", "val", "test"], help="which catalog rows")
     q.add_argument("--cache", help="log-mel cache folder (data.py prepare); without it audio is decoded here")
     q.add_argument("--shards", help="log-mel shards (data.py prepare --shards); accelerate launch: each rank its own")
-    q.add_argument("--batch_size", type=int, default=16, help="songs per forward pass")
-    q.add_argument("--index", default="none", choices=["none", "faiss"], help="faiss: also save a FAISS index of "
-                   "each kind (KIND.faiss) for search/matching --index faiss; exact below 1M songs, IVF above")
+    q.add_argument("--batch_size", type=positive_int, default=16, help="songs per forward pass")
+    q.add_argument("--index", default="none", choices=["none", "faiss"],
+                   help="faiss: also save a FAISS index of each kind (KIND.faiss) for `search`/`matching "
+                        "--index faiss`; exact below 1M songs, IVF from 1M on (pip install faiss-cpu)")
 
 
 def _add_probe_parser(sub):
@@ -1075,35 +1077,35 @@ def _add_probe_parser(sub):
                    help="column with train/test; a catalog without it gets a seeded random split (as report)")
     q.add_argument("--train_split", default="train", help="value of the split column that trains the probe")
     q.add_argument("--test_split", default="test", help="value of the split column that scores it")
-    q.add_argument("--random_split", type=float, default=None, metavar="FRACTION",
+    q.add_argument("--random_split", type=fraction, default=None, metavar="FRACTION",
                    help="ignore the split column: each seed holds out this random fraction")
-    q.add_argument("--seeds", type=int, default=5, help="runs; mean ± std is reported")
-    q.add_argument("--hidden", type=int, default=512, help="hidden width; 0 = linear probe")
-    q.add_argument("--epochs", type=int, default=100,
+    q.add_argument("--seeds", type=positive_int, default=5, help="runs; mean ± std is reported")
+    q.add_argument("--hidden", type=non_negative_int, default=512, help="hidden width; 0 = linear probe")
+    q.add_argument("--epochs", type=positive_int, default=100,
                    help=f"training epochs (at least {PROBE_MIN_STEPS} steps on small sets)")
-    q.add_argument("--lr", type=float, default=PROBE_LR, help="AdamW learning rate")
+    q.add_argument("--lr", type=positive_float, default=PROBE_LR, help="AdamW learning rate")
     q.add_argument("--baselines", action="store_true", help=BASELINES_HELP)
 
 
 def _add_matching_parsers(sub):
     q = add_command(sub, "matching", cmd_matching, "next-item HR@K from a favourites log (HTCL matching)")
     q.add_argument("--favourites", required=True, help="CSV user_id,song_id,timestamp")
-    q.add_argument("--triggers", type=int, default=30, help="favourites before the target, the triggers (paper: 30)")
-    q.add_argument("--per_trigger", type=int, default=10, help="neighbours retrieved per trigger (paper: 10)")
-    q.add_argument("--list_size", type=int, default=100, help="K of HR@K (paper: 100)")
+    q.add_argument("--triggers", type=positive_int, default=30, help="favourites before the target, the triggers (paper: 30)")
+    q.add_argument("--per_trigger", type=positive_int, default=10, help="neighbours retrieved per trigger (paper: 10)")
+    q.add_argument("--list_size", type=positive_int, default=100, help="K of HR@K (paper: 100)")
     q.add_argument("--merge", default="best", choices=["best", "round-robin"],
                    help="how candidates become one list (paper silent; our reading: best cosine)")
-    q.add_argument("--seed", type=int, default=0, help="draws each user's target")
+    q.add_argument("--seed", type=non_negative_int, default=0, help="draws each user's target")
     q.add_argument("--index", default="exact", choices=["exact", "faiss"],
                    help="neighbour search: exact cosine in torch, or the FAISS index `embed --index faiss` saved "
                         "(built in memory if absent)")
-    q.add_argument("--nprobe", type=int, default=search.FAISS_NPROBE, help="cells an approximate FAISS index scans")
+    q.add_argument("--nprobe", type=positive_int, default=search.FAISS_NPROBE, help="cells an approximate FAISS index scans")
 
     q = add_command(sub, "matching-benchmark", cmd_matching_benchmark,
                     "time matching on random vectors (default 100k songs x 10k users)", source=False)
-    q.add_argument("--songs", type=int, default=100_000, help="random songs")
-    q.add_argument("--users", type=int, default=10_000, help="random users, 31 favourites each")
-    q.add_argument("--dim", type=int, default=100, help="embedding width")
+    q.add_argument("--songs", type=positive_int, default=100_000, help="random songs")
+    q.add_argument("--users", type=positive_int, default=10_000, help="random users, 31 favourites each")
+    q.add_argument("--dim", type=positive_int, default=100, help="embedding width")
 
 
 def _add_ranking_parser(sub):
@@ -1115,10 +1117,10 @@ def _add_ranking_parser(sub):
     q.add_argument("--test_day", type=int, default=8, help="day whose impressions are scored")
     q.add_argument("--behaviour", default="clicked", choices=["clicked", "favoured"],
                    help="what forms the user's behaviour sequence (songs on earlier days)")
-    q.add_argument("--max_len", type=int, default=50, help="most recent behaviours kept")
-    q.add_argument("--epochs", type=int, default=2, help="DIN training epochs")
-    q.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
-    q.add_argument("--seeds", type=int, default=1, help="runs; mean ± std is reported")
+    q.add_argument("--max_len", type=positive_int, default=50, help="most recent behaviours kept")
+    q.add_argument("--epochs", type=positive_int, default=2, help="DIN training epochs")
+    q.add_argument("--lr", type=positive_float, default=1e-3, help="Adam learning rate")
+    q.add_argument("--seeds", type=positive_int, default=1, help="runs; mean ± std is reported")
     q.add_argument("--freeze_items", action="store_true", help="keep item embeddings fixed (default: fine-tuned)")
 
 
@@ -1127,7 +1129,7 @@ def _add_distance_parser(sub):
     q.add_argument("--pairs", help="CSV anchor,song,label (positive/negative or 1/0)")
     q.add_argument("--impressions", help="derive pairs from an impressions log instead (see pairs_from_impressions)")
     q.add_argument("--out", default="figure2.png", help="PNG path")
-    q.add_argument("--bins", type=int, default=50, help="histogram bins over [-1, 1]")
+    q.add_argument("--bins", type=positive_int, default=50, help="histogram bins over [-1, 1]")
 
 
 def _add_report_parser(sub):
@@ -1137,11 +1139,11 @@ def _add_report_parser(sub):
     q.add_argument("--impressions", help="CSV user_id,song_id,day,clicked,favoured: CTR/CVR AUC, and Figure 2 "
                                          "pairs when --pairs is not given (without both: '-')")
     q.add_argument("--pairs", help="Figure 2 pairs: CSV anchor,song,label, or stage-2 trigger_song_id,rec_song_id")
-    q.add_argument("--triggers", type=int, default=30, help="matching: favourites before the target (paper: 30)")
+    q.add_argument("--triggers", type=positive_int, default=30, help="matching: favourites before the target (paper: 30)")
     q.add_argument("--out", default="report", help="output folder")
-    q.add_argument("--probe_seeds", type=int, default=5, help="probe runs per embedding (mean ± std)")
-    q.add_argument("--ranking_seeds", type=int, default=1, help="DIN runs per embedding; 0 skips the ranking columns")
-    q.add_argument("--workers", type=int, default=0, help="threads that train the probes and DIN models side "
+    q.add_argument("--probe_seeds", type=positive_int, default=5, help="probe runs per embedding (mean ± std)")
+    q.add_argument("--ranking_seeds", type=non_negative_int, default=1, help="DIN runs per embedding; 0 skips the ranking columns")
+    q.add_argument("--workers", type=non_negative_int, default=0, help="threads that train the probes and DIN models side "
                    "by side; results do not depend on it. 0: the available cores, at most 8")
     q.add_argument("--reuse", action=argparse.BooleanOptionalAction, default=True,
                    help="take a probe or DIN result from OUT/results.json when its embeddings and inputs match "

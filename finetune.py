@@ -20,6 +20,7 @@ pretrain.train (the same loop as stage 1); the config -> CLI and preset plumbing
 """
 import random
 from dataclasses import dataclass
+from typing import Literal
 
 import data
 import model as htcl
@@ -31,7 +32,7 @@ from training import parse_config
 class FinetuneConfig(TrainConfig):
     init_from: str = "runs/pretrain/final"  # stage-1 artifact folder
     pairs: str = ""                   # CSV trigger_song_id,rec_song_id (favoured in a "similar songs" channel)
-    init_heads: str = "fresh"         # released code (paper silent): fresh heads, fusion and temperatures; artifact = load all
+    init_heads: Literal["fresh", "artifact"] = "fresh"  # released code (paper silent): fresh heads, fusion and temperatures; artifact = load all
     val_pairs_fraction: float = 0.1   # released code: random 90/10 split (paper silent)
     out_dir: str = "runs/finetune"
     epochs: int = 20                  # released code (paper silent)
@@ -44,15 +45,11 @@ class FinetuneConfig(TrainConfig):
     weight_at: float = 1.0
     use_text: bool = True             # False = HTCL_w/o_text (Table 2): L_aa only
     use_trigger_text: bool = False    # True = released code: L_at over both songs, L_af both ways
-    gradient_checkpointing: str = "inherit"  # inherit (the stage-1 artifact's setting) | on | off, both towers
+    gradient_checkpointing: Literal["inherit", "on", "off"] = "inherit"  # inherit (the stage-1 artifact's setting) | on | off, both towers
 
 
 def main(argv=None):
     cfg = parse_config(FinetuneConfig, "finetune", argv, needs="--init_from STAGE1_ARTIFACT --catalog CATALOG --pairs PAIRS")
-    if cfg.gradient_checkpointing not in ("inherit", "on", "off"):
-        raise SystemExit(f"--gradient_checkpointing must be inherit, on or off, not {cfg.gradient_checkpointing!r}")
-    if cfg.init_heads not in ("fresh", "artifact"):
-        raise SystemExit(f"--init_heads must be fresh or artifact, not {cfg.init_heads!r}")
     model, tokenizer = htcl.load_artifact(cfg.init_from)
     if cfg.init_heads == "fresh":  # released train_stage2.py: only the two encoders come from stage 1
         model.reset_heads(cfg.seed)

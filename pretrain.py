@@ -25,6 +25,7 @@ import math
 import os
 import random
 from dataclasses import asdict, dataclass, field
+from typing import Literal
 
 import torch
 from tqdm.auto import tqdm
@@ -32,8 +33,8 @@ from tqdm.auto import tqdm
 import data
 import model as htcl
 from evals.metrics import collapse_warning, embedding_health, mean_pairwise_cosine
-from training import (CurvePlotter, IntervalLog, NonFiniteGuard, _flatten_toml, _trackers, check_out_dir,
-                      parse_config, resume_progress, save_checkpoint)
+from training import (CurvePlotter, IntervalLog, NonFiniteGuard, TrackerName, _flatten_toml, _trackers,
+                      allowed_values, check_out_dir, parse_config, resume_progress, save_checkpoint)
 
 # -----------------------------------------------------------------------------
 # Config: one dataclass per stage, CLI flags generated from it (training.parse_config).
@@ -54,12 +55,12 @@ class TrainConfig:
     weight_decay: float = 0.0         # Sec. 3.1.3: Adam, none; > 0: AdamW's decoupled decay on the audio encoder and heads
     warmup_ratio: float = 0.05        # NOTE(paper): no schedule in paper or released code; warmup + cosine here
     warmup_epochs: float = 0.0        # > 0: warm up over this many epochs instead of warmup_ratio (CrossMuSim: 1)
-    lr_schedule: str = "cosine"       # cosine (after the warmup) | constant (released code: no schedule)
+    lr_schedule: Literal["cosine", "constant"] = "cosine"  # cosine (after the warmup) | constant (released code: no schedule)
     max_grad_norm: float = 1.0        # NOTE(paper): no clipping in the released code; guards the from-scratch encoder
     seed: int = 3407                  # released code
     max_text_length: int = 512        # BERT's limit; lyrics are truncated (Sec. 2.1)
     max_val_songs: int = 10000        # held-out songs scored each epoch (seeded sample): R@K is N x N, and 10% of 50M songs is too many
-    mixed_precision: str = ""         # "" = whatever `accelerate launch --mixed_precision` says; or no / bf16 / fp16
+    mixed_precision: Literal["", "no", "bf16", "fp16"] = ""  # "" = whatever `accelerate launch --mixed_precision` says; or no / bf16 / fp16
     num_workers: int = 4              # DataLoader workers per process
     log_every: int = 50               # optimizer steps between log lines
     checkpoint_every: int = 2000      # optimizer steps between mid-epoch checkpoints (an epoch at paper scale is ~62k steps); 0 = epoch ends only
@@ -68,7 +69,7 @@ class TrainConfig:
     resume: bool = False              # continue from the last checkpoint in out_dir
     overwrite: bool = False           # empty a non-empty out_dir first; without it (or --resume) such a folder is refused
     max_steps: int = 0                # > 0: stop after this many optimizer steps (smoke runs)
-    report_to: str = "none"           # Accelerate tracker for the curves: none | tensorboard (pip install tensorboard) | wandb | ...
+    report_to: TrackerName = "none"   # Accelerate tracker for the curves: none | tensorboard (pip install tensorboard) | wandb | ...
     # Speed switches (none changes the method but tf32; make_fast says why each default is what it is).
     compile: bool = False             # torch.compile both towers (off until measured on a GPU: see make_fast)
     text_bucket: int = 64             # with --compile: texts padded on to a multiple of this (<= max_text_length)
@@ -82,8 +83,8 @@ class PretrainConfig(TrainConfig):
     # The CrossMuSim variant (presets/crossmusim.toml: the text-guided music similarity paper's
     # training) is this stage with another sampling: each text type its own sample, paired with
     # a random crop of model.chunk_seconds. The defaults are HTCL's (a whole song with its text X_t).
-    samples: str = "song"             # song (HTCL Sec. 2.1) | crossmusim (a crop + one text type per sample)
-    text_types: tuple = ("aspects", "caption", "lyrics")  # CrossMuSim: each text type is its own sample
+    samples: Literal["song", "crossmusim"] = "song"  # song (HTCL Sec. 2.1) | crossmusim (a crop + one text type per sample)
+    text_types: tuple[Literal[data.TEXT_TYPES], ...] = data.TEXT_TYPES  # CrossMuSim: each text type is its own sample
     aspect_column: str = "aspects"    # catalog column of tag keywords (comma separated); absent = no aspect samples
     caption_column: str = "caption"   # catalog column of captions; absent = no caption samples
     max_aspects: int = 5              # CrossMuSim: up to 5 random keywords
@@ -393,8 +394,9 @@ def save_final(accelerator, cfg, net, tokenizer, stage, metrics, say):
 def lr_lambda(total_steps, warmup_steps, schedule="cosine"):
     """LambdaLR's factor at optimizer step `step`: linear warmup over warmup_steps, then a cosine
     down to 0 at total_steps (or constant, as the released code, which has no schedule)."""
-    if schedule not in ("cosine", "constant"):
-        raise SystemExit(f"--lr_schedule must be cosine or constant, not {schedule!r}")
+    allowed = allowed_values(TrainConfig.__annotations__["lr_schedule"])  # declared once, on the field
+    if schedule not in allowed:
+        raise SystemExit(f"--lr_schedule must be one of {', '.join(allowed)}, not {schedule!r}")
 
     def f(step):
         if step < warmup_steps:
@@ -547,6 +549,13 @@ def load_songs(cfg):
                          f"--catalog {cfg.catalog} --cache DIR, then --cache DIR")
     train_rows = data.split_rows(catalog, "train", seed=cfg.seed)
     val_rows = data.split_rows(catalog, "val", seed=cfg.seed)
+    for name, rows in (("train", train_rows), ("val", val_rows)):  # before training, not in validation's torch.cat
+        if not rows:
+            values = sorted({catalog.label(r, "split") for r in range(len(catalog))}) if "split" in catalog.columns \
+                else []
+            raise SystemExit(f"{catalog.path}: no '{name}' songs (split column values: {', '.join(values) or 'none'}"
+                             f"; {len(catalog)} songs); training needs train and val rows: mark some '{name}', or "
+                             f"drop the split column for the seeded 90/10 split")
     if len(val_rows) > cfg.max_val_songs:
         val_rows = sorted(random.Random(cfg.seed).sample(val_rows, cfg.max_val_songs))
     return catalog, cache, train_rows, val_rows

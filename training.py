@@ -17,6 +17,7 @@ and continued. It runs through the stage scripts, e.g.
 import argparse
 import dataclasses
 import glob
+import importlib.util
 import inspect
 import json
 import math
@@ -27,6 +28,7 @@ import sys
 import threading
 import time
 import tomllib
+import typing
 
 import torch
 
@@ -37,13 +39,23 @@ import model as htcl
 
 
 def _flat_fields(cls, prefix=""):
-    """Yield (dotted name, field) for a dataclass, descending into nested dataclass fields."""
+    """Yield (dotted name, default, allowed values or None) for a dataclass, descending into nested
+    dataclass fields. The allowed values are the field's own declaration, typing.Literal[...] (or
+    tuple[Literal[...], ...] for a list of them): the one place an enum-like setting is declared."""
+    hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
         if dataclasses.is_dataclass(default):
             yield from _flat_fields(type(default), prefix + f.name + ".")
         elif f.name != "text_model_config":  # filled in by the model, not a knob
-            yield prefix + f.name, default
+            yield prefix + f.name, default, allowed_values(hints.get(f.name))
+
+
+def allowed_values(hint):
+    """Literal["a", "b"] or tuple[Literal["a", "b"], ...] -> ("a", "b"); anything else -> None."""
+    if typing.get_origin(hint) is tuple and typing.get_args(hint):
+        hint = typing.get_args(hint)[0]
+    return typing.get_args(hint) if typing.get_origin(hint) is typing.Literal else None
 
 
 def _field_comments(cls):
@@ -95,23 +107,49 @@ def exit_with_usage(script, needs):
     raise SystemExit(0 if "ACCELERATE_MIXED_PRECISION" in os.environ else 2)
 
 
+SECTIONS = ("pretrain", "finetune")  # the tables a preset may hold: one per stage's dataclass
+# The range of every number a stage reads: > 0 (counts, sizes, learning rates, lengths), unless
+# listed here. A list field's elements are checked one by one.
+NON_NEGATIVE = ("lr", "text_lr", "audio_lr", "warmup_epochs", "max_grad_norm", "seed", "num_workers",
+                "checkpoint_every", "max_steps", "weight_aa", "weight_af", "weight_at")  # 0 = off (lr 0: frozen)
+FRACTIONS = ("warmup_ratio", "val_pairs_fraction", "model.audio.dropout")  # 0 <= x < 1
+ANY_NUMBER = ("model.logit_scale_init",)  # a log logit scale: any finite number
+NOT_FINITE_OK = ("model.logit_scale_max",)  # inf: no clamp (presets/released.toml)
+
+
+def value_error(name, v):
+    """What is wrong with number v for field `name`, or None."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return None
+    if not math.isfinite(v):
+        return None if name in NOT_FINITE_OK and v > 0 else f"expected a finite number, got {v!r}"
+    if name in ANY_NUMBER:
+        return None
+    if name in FRACTIONS:
+        return None if 0 <= v < 1 else f"expected a fraction, 0 <= x < 1, got {v!r}"
+    if name in NON_NEGATIVE:
+        return None if v >= 0 else f"expected a number >= 0, got {v!r}"
+    return None if v > 0 else f"expected a positive number, got {v!r}"
+
+
 def parse_config(cls, section, argv=None, needs=None):
     """Build `cls` from its defaults, then `--preset FILE.toml` ([section] table), then CLI flags.
     With no argument at all and `needs` given (what the stage cannot run without), print
     usage_hint instead and exit.
 
     Every field (nested ones as --model.audio.layers) becomes a flag with its
-    default in -h; unknown flags and unknown preset keys are errors. Relative paths
-    in a preset are read from its folder (PATH_FIELDS).
+    default in -h; unknown flags, unknown preset keys and unknown preset tables are errors, as
+    are values of the wrong type or outside a Literal field's choices, each naming the file,
+    the table and the key. Relative paths in a preset are read from its folder (PATH_FIELDS).
     """
     if needs and not (sys.argv[1:] if argv is None else argv):
         exit_with_usage(os.path.basename(sys.modules[cls.__module__].__file__), needs)
-    flat = dict(_flat_fields(cls))
+    flat = {name: (default, choices) for name, default, choices in _flat_fields(cls)}
     comments = {**_field_comments(htcl.AudioConfig), **_field_comments(htcl.HTCLConfig), **_field_comments(cls)}
     p = argparse.ArgumentParser(description=sys.modules[cls.__module__].__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", help=f"TOML file whose [{section}] table overrides the defaults")
-    for name, default in flat.items():
+    for name, (default, choices) in flat.items():
         short = name.split(".")[-1]
         why = comments.get(short, "").replace("%", "%%")
         if isinstance(default, bool):
@@ -119,51 +157,104 @@ def parse_config(cls, section, argv=None, needs=None):
                            help=f"{why} (default: {default})")
         elif isinstance(default, tuple):
             p.add_argument("--" + name, nargs="+", type=type(default[0]), default=None, metavar=short.upper(),
-                           help=f"{why} (default: {' '.join(map(str, default))})")
+                           choices=choices, help=f"{why} (default: {' '.join(map(str, default))})")
         else:
-            p.add_argument("--" + name, type=type(default), default=None, metavar=short.upper(),
+            p.add_argument("--" + name, type=type(default), default=None, metavar=short.upper(), choices=choices,
                            help=f"{why} (default: {default!r})")
     args = vars(p.parse_args(argv))
 
     values = {}
     path = args.pop("preset")
     if path:
-        with open(path, "rb") as f:
-            table = tomllib.load(f).get(section, {})
-        for name, v in _flatten_toml(table):
-            if name not in flat:
-                raise SystemExit(f"{path}: [{section}] has unknown key {name!r}")
-            values[name] = tuple(v) if isinstance(flat[name], tuple) else _preset_path(path, name, v)
-    values.update({k: (tuple(v) if isinstance(v, list) else v) for k, v in args.items() if v is not None})
+        values = _read_preset(path, section, flat)
+    for name, v in args.items():
+        if v is not None:
+            wrong = [e for e in map(lambda x: value_error(name, x), v if isinstance(v, list) else [v]) if e]
+            if wrong:
+                p.error(f"argument --{name}: {wrong[0]}")
+            values[name] = tuple(v) if isinstance(v, list) else v
 
     cfg = cls()
     for name, v in values.items():
-        obj, *path, last = [cfg] + name.split(".")
-        for part in path:
+        obj, *parts, last = [cfg] + name.split(".")
+        for part in parts:
             obj = getattr(obj, part)
-        default = getattr(obj, last)
-        if isinstance(default, float) and isinstance(v, int):
-            v = float(v)
-        if type(v) is not type(default):
-            raise SystemExit(f"{name}: expected {type(default).__name__}, got {v!r}")
         setattr(obj, last, v)
+    check_trackers(cfg.report_to)  # a tracker whose package is missing: now, not after the data is loaded
     return cfg
+
+
+def _read_preset(path, section, flat):
+    """A preset's [section] table -> {dotted field: value}, each value checked against its field:
+    a list for a list field, the field's type (an int is taken for a float), a Literal's choices.
+    An error names the file, the table, the key and what was expected."""
+    try:
+        with open(path, "rb") as f:
+            doc = tomllib.load(f)
+    except tomllib.TOMLDecodeError as e:
+        raise SystemExit(f"{path}: not valid TOML: {e}") from None
+    except OSError as e:
+        raise SystemExit(f"--preset {path}: {e.strerror}") from None
+    for key, table in doc.items():
+        if key not in SECTIONS or not isinstance(table, dict):
+            what = f"table [{key}]" if isinstance(table, dict) else f"key {key!r} outside any table"
+            raise SystemExit(f"{path}: unknown {what}; a preset holds the tables {', '.join(f'[{s}]' for s in SECTIONS)}"
+                             f" (and their sub-tables, e.g. [{section}.model])")
+    values = {}
+    for name, v in _flatten_toml(doc.get(section, {})):
+        table, _, key = f"{section}.{name}".rpartition(".")
+        where = f"{path}: [{table}] {key}"
+        if name not in flat:
+            raise SystemExit(f"{path}: [{section}] has unknown key {name!r}" if "." not in name else
+                             f"{where}: unknown key (table [{table}])")
+        default, choices = flat[name]
+        if isinstance(default, tuple):
+            if not isinstance(v, list) or not v:
+                raise SystemExit(f"{where}: expected a non-empty list of {type(default[0]).__name__}, got {v!r}")
+            v = tuple(_preset_value(where, x, default[0], choices, name) for x in v)
+        else:
+            v = _preset_path(path, name, _preset_value(where, v, default, choices, name))
+        values[name] = v
+    return values
+
+
+def _preset_value(where, v, default, choices, name):
+    if isinstance(default, float) and type(v) is int:
+        v = float(v)
+    if type(v) is not type(default):
+        raise SystemExit(f"{where}: expected {type(default).__name__}, got {type(v).__name__} {v!r}")
+    if choices is not None and v not in choices:
+        raise SystemExit(f"{where}: {v!r} is not one of {', '.join(map(repr, choices))}")
+    if value_error(name, v):
+        raise SystemExit(f"{where}: {value_error(name, v)}")
+    return v
 
 
 # -----------------------------------------------------------------------------
 # Logging: trackers, one line per interval, curves.png.
 
 
+# Accelerate's trackers that --report_to accepts (TrainConfig.report_to's Literal), with the
+# package each one needs (optional extras, not in requirements.txt).
+TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow", "comet_ml": "comet_ml",
+                    "aim": "aim", "clearml": "clearml", "dvclive": "dvclive"}
+
+TrackerName = typing.Literal[("none", *TRACKER_PACKAGES)]  # TrainConfig.report_to: checked at parse time
+
+
+def check_trackers(report_to):
+    """A --report_to whose package is not installed stops the run here, saying how to install it."""
+    package = TRACKER_PACKAGES.get(report_to)
+    if package and importlib.util.find_spec(package) is None:
+        raise SystemExit(f"--report_to {report_to} needs the {package} package: pip install {package} "
+                         f"(or --report_to none; curves.png is drawn either way)")
+
+
 def _trackers(report_to):
-    """--report_to -> Accelerate's log_with (None for none); tensorboard is an optional extra."""
+    """--report_to -> Accelerate's log_with (None for none); each tracker is an optional extra."""
     if report_to in ("", "none"):
         return None
-    if report_to == "tensorboard":
-        try:
-            import tensorboard  # noqa: F401  (only to say what is missing, before Accelerate does)
-        except ImportError:
-            raise SystemExit("--report_to tensorboard needs the tensorboard package: pip install tensorboard "
-                             "(or --report_to none; curves.png is drawn either way)") from None
+    check_trackers(report_to)
     return report_to
 
 

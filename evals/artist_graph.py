@@ -32,7 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from evals.embeddings import (KINDS, add_command, align, embeddings_of, load_embeddings, load_inputs,
-                              read_records)
+                              non_negative_float, non_negative_int, positive_float, positive_int, read_records)
 from evals.metrics import as_float_tensor, markdown_table, mean_std, ndcg_at_k, one_thread, plus_minus
 
 
@@ -401,17 +401,30 @@ def read_artist_graph(edges_path, split_path):
         if not aid or aid in index:
             raise ValueError(f"{split_path}: line {line}, column 'artist_id': {'repeated' if aid else 'empty'} "
                              f"artist_id {aid!r}")
+        value = rec["split"].strip()
+        if value not in SPLITS:  # any other value would leave the artist in no graph, unscored
+            raise ValueError(f"{split_path}: line {line}, column 'split': {value!r} for artist {aid!r}; expected "
+                             f"one of {', '.join(SPLITS)} (lower case)")
         index[aid] = len(artists)
         artists.append(aid)
-        split.append(rec["split"].strip())
-    edges = []
+        split.append(value)
+    edges, loops = [], []
     for line, rec in read_records(edges_path, ("artist_a", "artist_b")):
         a, b = rec["artist_a"].strip(), rec["artist_b"].strip()
         for v, col in ((a, "artist_a"), (b, "artist_b")):
             if v not in index:
                 raise ValueError(f"{edges_path}: line {line}, column '{col}': artist '{v}' is not in {split_path}")
+        if a == b:  # an artist is not its own neighbour (message_passing_graphs drops it): said, not silent
+            loops.append(line)
+            continue
         edges.append((index[a], index[b]))
+    if loops:
+        print(f"WARNING {edges_path}: dropped {len(loops)} self-loops (an artist linked to itself), lines "
+              f"{', '.join(map(str, loops[:5]))}{' ...' if len(loops) > 5 else ''}", file=sys.stderr)
     return artists, np.array(split, dtype=object), np.array(edges, dtype=np.int64).reshape(-1, 2)
+
+
+SPLITS = ("train", "val", "test")
 
 
 def artist_features(kind, artists, catalog=None, song_emb=None, artist_column="artist_id", dim=2613, seed=0):
@@ -496,8 +509,10 @@ def add_artist_graph_flags(q):
         elif f.type in (str, "str"):  # --device, --layer
             q.add_argument("--" + f.name, default=f.default, choices=f.metadata["choices"],
                            type=_parse_time(f.metadata["kind"]), help=f.metadata["help"])
-        else:
-            q.add_argument("--" + f.name, type=type(f.default), default=f.default, help=f.metadata["help"])
+        else:  # counts >= 1 (early_stop and patience >= 0), rates and margins > 0 (weight decay >= 0)
+            kind = {int: non_negative_int if f.name in ("early_stop", "plateau_patience") else positive_int,
+                    float: non_negative_float if f.name == "weight_decay" else positive_float}[type(f.default)]
+            q.add_argument("--" + f.name, type=kind, default=f.default, help=f.metadata["help"])
 
 
 def add_parser(subparsers):
@@ -515,16 +530,16 @@ def add_parser(subparsers):
     q.add_argument("--mode", default=None, choices=["full", "chunked"],
                    help="how an --emb artifact is embedded on the fly (default: the artifact's embed_mode)")
     q.add_argument("--cache", help="log-mel cache folder for an --emb artifact")
-    q.add_argument("--batch_size", type=int, default=16,
+    q.add_argument("--batch_size", type=positive_int, default=16,
                    help="songs per forward pass when an --emb artifact is embedded on the fly (the GNN itself "
                         "takes full-graph steps)")
     q.add_argument("--artist_column", default="artist_id", help="catalog column naming a song's artist")
     q.add_argument("--eval_split", default="test", choices=["test", "val"],
                    help="artists scored; their mutual edges are hidden")
-    q.add_argument("--layers", type=int, nargs="+", default=[0, 1, 2, 3, 4], help="GraphSAGE depths compared")
-    q.add_argument("--k", type=int, default=200, help="K of NDCG@K")
-    q.add_argument("--seeds", type=int, default=1, help="training seeds; mean ± std is reported")
-    q.add_argument("--random_dim", type=int, default=2613, help="width of --features random (released: 2613)")
+    q.add_argument("--layers", type=non_negative_int, nargs="+", default=[0, 1, 2, 3, 4], help="GraphSAGE depths compared")
+    q.add_argument("--k", type=positive_int, default=200, help="K of NDCG@K")
+    q.add_argument("--seeds", type=positive_int, default=1, help="training seeds; mean ± std is reported")
+    q.add_argument("--random_dim", type=positive_int, default=2613, help="width of --features random (released: 2613)")
     q.add_argument("--verbose", action="store_true", help="print a line per epoch (losses, lr) on stderr")
     add_artist_graph_flags(q)
     return q

@@ -18,15 +18,15 @@ Command (from the repo root; A = a trained artifact folder, sample_data/crossmus
   python evaluate.py retrieval --catalog sample_data/catalog.csv --emb emb/htcl --tag genre --artifact A \
       [--exclude_same artist_id]
 """
-import json
 import os
 
 import numpy as np
 import torch
 
 from data import split_rows
-from evals.embeddings import (DEVICE, add_command, align, catalog_column, embed_texts, embeddings_of, is_artifact,
-                              load_embeddings, load_inputs)
+from evals.embeddings import (DEVICE, add_command, align, artifact_digest, catalog_column, check_provenance,
+                              embed_texts, embeddings_of, is_artifact, load_embeddings, load_inputs, positive_int,
+                              read_json, read_provenance, song_embeddings_provenance)
 from evals.metrics import as_float_tensor, cosine_topk, map_at_k, markdown_table
 from model import load_artifact
 
@@ -101,18 +101,23 @@ def same_artist_stats(emb, artists, k=100, batch_size=1024, exclude_same=None):
 
 
 def _own_artifact(spec):
-    """The artifact an --emb came from: itself, or the one an `embed` folder's meta.json names."""
+    """The artifact an --emb came from: itself, or the one an `embed` folder's provenance.json (or,
+    written before it existed, meta.json) names."""
     if is_artifact(spec):
         return spec
     meta = os.path.join(spec, "meta.json")
-    if os.path.isdir(spec) and os.path.exists(meta):
-        with open(meta) as f:
-            artifact = json.load(f).get("artifact")
-        return artifact if artifact and is_artifact(artifact) else None
-    return None
+    record = read_provenance(spec) or (read_json(meta, "embed's meta.json") if os.path.isdir(spec) and
+                                       os.path.exists(meta) else {})
+    artifact = record.get("artifact")
+    return artifact if artifact and is_artifact(artifact) else None
 
 
 def cmd_retrieval(args):
+    try:  # a bad --template now, not after every model is embedded
+        args.template.format(value="rock", column="genre")
+    except (KeyError, IndexError, ValueError) as e:
+        raise ValueError(f"--template {args.template!r}: {type(e).__name__} {e}; it may use {{value}} and "
+                         f"{{column}} only") from None
     catalog, cache = load_inputs(args)
     embs = embeddings_of(args, catalog, cache)
     # T2M text tower of each --emb: --artifact for all, else the model's own (an artifact, or the artifact
@@ -120,6 +125,11 @@ def cmd_retrieval(args):
     own = [_own_artifact(s) for s in args.emb]
     fallback = next((a for a in own if a), None)
     towers = {name: args.artifact or a or fallback for name, a in zip(embs, own)}
+    for spec, name in zip(args.emb, embs):  # T2M text and songs must come from the same weights
+        prov = song_embeddings_provenance(spec) if not is_artifact(spec) else None
+        if prov and towers[name] and "artifact_sha256" in prov:
+            check_provenance(prov, {"artifact": towers[name], "artifact_sha256": artifact_digest(towers[name])},
+                             f"--emb {spec}", f"the T2M text tower {towers[name]}", keys=("artifact_sha256",))
     loaded = {}
     text_tower = any(towers.values())
     # songs searched (and searching): the whole catalog, or one split of it
@@ -173,7 +183,7 @@ def add_parser(subparsers):
                     "CrossMuSim: M2M mAP@K, T2M R@1/R@5/mAP@10, same-artist leakage")
     q.add_argument("--tag", action="append", required=True,
                    help="tag column; repeat for several, e.g. genre (coarse), subgenre (fine)")
-    q.add_argument("--k", type=int, default=100, help="K of M2M mAP@K and of the same-artist top K")
+    q.add_argument("--k", type=positive_int, default=100, help="K of M2M mAP@K and of the same-artist top K")
     q.add_argument("--split", default="all", choices=["all", "train", "val", "test"],
                    help="search within these catalog rows only")
     q.add_argument("--artist_column", default=None,

@@ -6,7 +6,9 @@ its 10 s windows. embed_catalog computes either from a trained artifact; `python
 
 Every sub-command takes `--emb SPEC` (repeat it to compare models), SPEC one of
   a folder from `embed`   ids.txt (one song_id a line) + audio.npy, and text.npy / fused.npy
-                          when asked for; --kind picks one (default audio)
+                          when asked for; --kind picks one (default audio); provenance.json
+                          says what made them (see check_provenance): a folder whose artifact
+                          has been retrained since is refused
   NAME.npy                float32 (N, D) with NAME.ids.txt beside it, one song_id a line in
                           row order: how any other model (a baseline) is evaluated
   an artifact folder      pretrain.py / finetune.py output (config.json): embedded on the fly
@@ -18,7 +20,10 @@ Also here, as the other inputs every protocol reads: the readers of the evaluati
 the pieces every sub-command's CLI shares (add_command, load_inputs, embeddings_of, row_names,
 catalog_column).
 """
+import argparse
+import hashlib
 import json
+import math
 import os
 import sys
 
@@ -27,8 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from data import (HOP_LENGTH, MIN_FRAMES, SAMPLE_RATE, Collator, MelCache, SongDataset, load_catalog,
-                  seconds_to_frames)
+from data import (HOP_LENGTH, MAX_FRAMES, MIN_FRAMES, N_FFT, N_MELS, SAMPLE_RATE, TOP_DB, Collator, MelCache,
+                  SongDataset, load_catalog, seconds_to_frames)
 from data import _read_records  # the CSV/JSONL reader whose errors name file, line and column
 from evals.metrics import progress_bar
 from model import load_artifact
@@ -138,16 +143,135 @@ def embed_texts(model, tokenizer, texts, batch_size=64):
     return torch.cat(out).float().cpu().numpy()
 
 
-def save_embeddings(folder, ids, embeddings, meta=None):
-    """folder/ids.txt + folder/{kind}.npy (float32) for each kind; meta -> folder/meta.json."""
+def save_embeddings(folder, ids, embeddings, meta=None, provenance=None):
+    """folder/ids.txt + folder/{kind}.npy (float32) for each kind; meta -> folder/meta.json;
+    provenance (embedding_provenance) -> folder/provenance.json."""
     os.makedirs(folder, exist_ok=True)
     with open(os.path.join(folder, "ids.txt"), "w") as f:
         f.write("".join(f"{i}\n" for i in ids))
     for kind, x in embeddings.items():
         np.save(os.path.join(folder, f"{kind}.npy"), np.asarray(x, dtype=np.float32))
+    for kind in set(KINDS) - set(embeddings):  # another kind from an earlier run would not match these ids
+        if os.path.exists(os.path.join(folder, f"{kind}.npy")):
+            os.remove(os.path.join(folder, f"{kind}.npy"))
     if meta is not None:
         with open(os.path.join(folder, "meta.json"), "w") as f:
             json.dump(meta, f, indent=2)
+    if provenance is not None:
+        write_json(os.path.join(folder, PROVENANCE), {**provenance, "kinds": sorted(embeddings)})
+
+
+# -----------------------------------------------------------------------------
+# Provenance: where an embedding came from. An embedding is only comparable with another one (a
+# query with a catalog, an index with its vectors, T2M text with songs) made by the same weights,
+# from the same log-mels, in the same embed mode. `embed` writes FOLDER/provenance.json, and
+# `embed --index faiss` KIND.faiss.json beside each index:
+#   {"artifact": abs path, "artifact_sha256": sha256(model.safetensors bytes + config.json bytes),
+#    "mel": {sample_rate, n_fft, hop_length, n_mels, max_frames, top_db}, "embed_mode": full|chunked,
+#    "chunk_seconds": float or null (full), "kinds": [...] (folder) / "kind" + "embeddings_sha256" (index)}
+# check_provenance(a, b) is the one comparison search, matching, report and retrieval use.
+
+PROVENANCE = "provenance.json"
+_DIGESTS = {}  # (path, size, mtime_ns) of both files -> digest: an artifact is hashed once a process
+
+
+def mel_settings():
+    """The log-mel front end every embedding of this code base is computed from (data.py)."""
+    return {"sample_rate": SAMPLE_RATE, "n_fft": N_FFT, "hop_length": HOP_LENGTH, "n_mels": N_MELS,
+            "max_frames": MAX_FRAMES, "top_db": TOP_DB}
+
+
+def artifact_digest(folder):
+    """sha256 of an artifact's model.safetensors then config.json: its weights and its config."""
+    paths = [os.path.join(folder, "model.safetensors"), os.path.join(folder, "config.json")]
+    key = tuple((p, os.stat(p).st_size, os.stat(p).st_mtime_ns) for p in paths)
+    if key not in _DIGESTS:
+        h = hashlib.sha256()
+        for p in paths:
+            with open(p, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    h.update(block)
+        _DIGESTS[key] = h.hexdigest()
+    return _DIGESTS[key]
+
+
+def embedding_provenance(folder, model, mode=None, chunk_seconds=None):
+    """What an embedding of artifact `folder` (loaded as `model`) in `mode` depends on.
+    mode None: the artifact's embed_mode; chunk_seconds None: the artifact's chunk_seconds."""
+    mode = mode or model.cfg.embed_mode
+    chunk = None if mode == "full" else float(chunk_seconds or model.cfg.chunk_seconds)
+    return {"artifact": os.path.abspath(folder), "artifact_sha256": artifact_digest(folder), "mel": mel_settings(),
+            "embed_mode": mode, "chunk_seconds": chunk}
+
+
+def read_json(path, what="a JSON object", expect=dict):
+    """A JSON file -> its value; a truncated or malformed file, or one of another type, is one error
+    naming the file."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            value = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno}); "
+                         f"expected {what}") from None
+    if not isinstance(value, expect):
+        raise ValueError(f"{path}: holds a JSON {type(value).__name__}, expected {what}")
+    return value
+
+
+def write_json(path, value):
+    """Written to a temporary file, then renamed: a reader never sees half a file."""
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        json.dump(value, f, indent=1)
+    os.replace(path + ".tmp", path)
+
+
+def read_provenance(spec):
+    """provenance.json of an `embed` folder (or NAME.provenance.json beside NAME.npy) -> dict or None."""
+    if not os.path.isdir(spec) and not spec.endswith(".npy"):
+        return None  # random[:D]: made here, from no artifact
+    path = os.path.join(spec, PROVENANCE) if os.path.isdir(spec) else spec[:-len(".npy")] + ".provenance.json"
+    return read_json(path, "an embedding provenance record") if os.path.exists(path) else None
+
+
+PROVENANCE_KEYS = ("artifact_sha256", "mel", "embed_mode", "chunk_seconds", "kind")
+
+
+def check_provenance(a, b, a_name, b_name, keys=PROVENANCE_KEYS):
+    """Refuse two embedding sources that disagree on what they were made from: one line naming both
+    sides and the first setting that differs. A key that either side does not record is not compared."""
+    for key in keys:
+        if key in a and key in b and a[key] != b[key]:
+            if key == "artifact_sha256":
+                what = (f"were made by different weights: {a_name} by {a.get('artifact', '?')} "
+                        f"(sha256 {a[key][:12]}), {b_name} by {b.get('artifact', '?')} (sha256 {b[key][:12]})")
+            else:
+                what = f"differ in {key}: {a[key]} ({a_name}) vs {b[key]} ({b_name})"
+            raise ValueError(f"{a_name} and {b_name} {what}; re-run `evaluate.py embed` so both come from "
+                             f"the same artifact and settings")
+
+
+def song_embeddings_provenance(spec):
+    """The provenance of saved embeddings (checked not stale) -> dict, or None where none is recorded.
+    A folder written before provenance.json existed: the mode its meta.json names, nothing more."""
+    prov = read_provenance(spec)
+    if prov is not None:
+        check_not_stale(spec, prov)
+        return prov
+    meta_path = os.path.join(spec, "meta.json") if os.path.isdir(spec) else ""
+    meta = read_json(meta_path, "embed's meta.json") if os.path.exists(meta_path) else {}
+    if not meta.get("mode"):
+        return None
+    frames = meta.get("chunk_frames")
+    return {"embed_mode": meta["mode"], "chunk_seconds": frames * HOP_LENGTH / SAMPLE_RATE if frames else None}
+
+
+def check_not_stale(spec, prov):
+    """An `embed` folder whose artifact has since been retrained (or replaced) at the same path is
+    refused: its vectors no longer belong to the model its provenance names."""
+    art = prov.get("artifact")
+    if art and is_artifact(art) and "artifact_sha256" in prov:
+        check_provenance(prov, {"artifact": art, "artifact_sha256": artifact_digest(art)},
+                         f"{spec} (embedded)", f"the artifact now at {art}", keys=("artifact_sha256",))
 
 
 def read_ids(path):
@@ -243,6 +367,14 @@ def song_embeddings(spec, catalog, kind="audio", mode=None, cache=None, batch_si
               f"save them once with `embed` to skip this")
         return embed_catalog(model, tokenizer, catalog, mode=mode, kinds=(kind,), cache=cache,
                              batch_size=batch_size)[kind]
+    prov = song_embeddings_provenance(spec)
+    if prov:
+        if kind not in prov.get("kinds", [kind]):
+            raise ValueError(f"{spec}: its {PROVENANCE} records kinds {', '.join(prov['kinds'])}, not {kind}; "
+                             f"re-run embed with --{kind}")
+        if mode and prov.get("embed_mode") and mode != prov["embed_mode"]:
+            raise ValueError(f"--mode {mode} asks for {mode} embeddings, but {spec} holds {prov['embed_mode']} "
+                             f"ones ({PROVENANCE}); leave out --mode or re-run embed --mode {mode}")
     ids, x = load_embeddings(spec, kind)
     return align(ids, x, [s.song_id for s in catalog.songs], spec)
 
@@ -351,6 +483,45 @@ def read_labelled_pairs(path, catalog, seed=0):
 
 
 # -----------------------------------------------------------------------------
+# Value checks for the command lines, at parse time: a bad sign or type is argparse's one-line
+# usage error naming the flag, before any file is read.
+
+
+def _bounded(kind, low, name):
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {name}, got {text!r}") from None
+        if not (value >= low) or (kind is float and not math.isfinite(value)):
+            raise argparse.ArgumentTypeError(f"expected {name}, got {text!r}")
+        return value
+    parse.__name__ = name  # argparse names the type in its message
+    return parse
+
+
+positive_int = _bounded(int, 1, "a positive integer")
+non_negative_int = _bounded(int, 0, "an integer >= 0")
+
+
+def positive_float(text):
+    value = _bounded(float, 0.0, "a positive number")(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
+non_negative_float = _bounded(float, 0.0, "a number >= 0")
+
+
+def fraction(text):
+    value = positive_float(text)
+    if value >= 1:
+        raise argparse.ArgumentTypeError(f"expected a fraction between 0 and 1, got {text!r}")
+    return value
+
+
+# -----------------------------------------------------------------------------
 # The command line every sub-command shares: it loads the catalog and every --emb once.
 
 
@@ -411,5 +582,5 @@ def add_command(subparsers, name, fn, help, source=True):
                        help="an artifact embedded on the fly: whole song (HTCL) or mean of 10 s chunks "
                             "(CrossMuSim); default: the mode the artifact was trained for")
         q.add_argument("--cache", help="log-mel cache folder (data.py prepare) for artifacts")
-        q.add_argument("--batch_size", type=int, default=16, help="songs per forward pass when embedding")
+        q.add_argument("--batch_size", type=positive_int, default=16, help="songs per forward pass when embedding")
     return q

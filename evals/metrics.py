@@ -222,9 +222,9 @@ def collapse_warning(emb, reference=None, name="audio embeddings", reference_nam
     return (f"WARNING: the {name} look collapsed: participation ratio {pr:.1f}, mean pairwise cosine "
             f"{cos:.2f}{ref} (rule: mean cosine >= {COLLAPSE_MEAN_COSINE} and participation ratio <= "
             f"{COLLAPSE_MAX_PR:g}, or mean cosine >= {COLLAPSE_TOTAL_MEAN_COSINE}: what varies between songs lies "
-            f"in a few directions around one they share). "
-            f"Likely causes: " + "; ".join(COLLAPSE_CAUSES) + ". Compare with the untrained encoder: "
-            f"evaluate.py probe/report --baselines")
+            "in a few directions around one they share). "
+            "Likely causes: " + "; ".join(COLLAPSE_CAUSES) + ". Compare with the untrained encoder: "
+            "evaluate.py probe/report --baselines")
 
 
 def available_cores():

@@ -27,17 +27,21 @@ Similar songs from Python (the search sub-command does this):
       print(f"{score:.3f}  {song.song_id}  {song.title} - {song.artists}")
 """
 import csv
+import hashlib
 import json
 import math
 import os
+import sys
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from data import Collator, song_mel
-from evals.embeddings import (DEVICE, _encode_audio, add_command, embed_catalog, is_artifact, load_embeddings,
-                              load_inputs, read_ids, row_name)
+from data import Collator, seconds_to_frames, song_mel
+from evals.embeddings import (DEVICE, _encode_audio, add_command, check_provenance, embed_catalog,
+                              embedding_provenance, is_artifact, load_embeddings, load_inputs, positive_int,
+                              read_ids, read_json, read_provenance, row_name, song_embeddings_provenance,
+                              write_json)
 from evals.metrics import as_float_tensor, cosine_topk, markdown_table
 from model import load_artifact
 
@@ -90,13 +94,41 @@ def index_path(spec, kind="audio"):
     return os.path.join(spec, f"{kind}.faiss") if os.path.isdir(spec) else spec[:-len(".npy")] + ".faiss"
 
 
-def load_index(path, n, dim, nprobe=FAISS_NPROBE):
-    """A saved index, checked against the embeddings it claims to hold (n rows of dim)."""
+def _sha256(x):
+    return hashlib.sha256(np.ascontiguousarray(x, dtype=np.float32).tobytes()).hexdigest()
+
+
+def save_or_drop_index(folder, kind, x, provenance=None):
+    """With provenance: FOLDER/KIND.faiss and its record KIND.faiss.json (the embeddings' provenance,
+    the kind, and the sha256 of the vectors it holds). Without: a stale index of before is removed."""
+    path = index_path(folder, kind)
+    if provenance is None:
+        for p in (path, path + ".json"):
+            if os.path.exists(p):
+                os.remove(p)
+        return
+    require_faiss().write_index(build_index(x), path)
+    write_json(path + ".json", {**provenance, "kind": kind, "embeddings_sha256": _sha256(x)})
+    print(f"embed: FAISS index of {kind} -> {path}")
+
+
+def load_index(path, n, dim, nprobe=FAISS_NPROBE, emb=None, provenance=None, kind="audio"):
+    """A saved index, checked against the embeddings it claims to hold (n rows of dim) and, where
+    its KIND.faiss.json says, against their bytes (emb) and their provenance."""
     faiss = require_faiss()
     index = faiss.read_index(path)
     if (index.ntotal, index.d) != (n, dim):
         raise ValueError(f"{path}: the index holds {index.ntotal} x {index.d} vectors but its embeddings are "
                          f"{n} x {dim}; rebuild it with `embed --index faiss`")
+    record = read_json(path + ".json", "an index provenance record") if os.path.exists(path + ".json") else None
+    if record is None:
+        print(f"warning: {path} has no {os.path.basename(path)}.json: it cannot be checked against its embeddings; "
+              f"rebuild it with `embed --index faiss`", file=sys.stderr)
+    else:
+        if emb is not None and record.get("embeddings_sha256") not in (None, _sha256(emb)):
+            raise ValueError(f"{path} indexes other vectors than {os.path.dirname(path) or '.'}/{kind}.npy holds "
+                             f"(sha256 differs): rebuild it with `embed --index faiss`")
+        check_provenance(record, {**(provenance or {}), "kind": kind}, path, "its embeddings")
     if hasattr(faiss, "try_extract_index_ivf") and faiss.try_extract_index_ivf(index) is not None:
         faiss.extract_index_ivf(index).nprobe = nprobe
     return index
@@ -109,7 +141,7 @@ def catalog_index(spec, catalog, emb, nprobe=FAISS_NPROBE):
     if saved and os.path.exists(saved):
         ids = read_ids(os.path.join(spec, "ids.txt") if os.path.isdir(spec) else spec[:-len(".npy")] + ".ids.txt")
         if ids == [s.song_id for s in catalog.songs]:
-            return load_index(saved, *emb.shape, nprobe=nprobe)
+            return load_index(saved, *emb.shape, nprobe=nprobe, emb=emb, provenance=read_provenance(spec))
         print(f"matching: {saved} indexes other songs or another order than {catalog.path}; building one here")
     return build_index(emb, nprobe=nprobe)
 
@@ -154,28 +186,22 @@ def search(query_emb, key_emb, k=10, exclude=None, index=None):
 
 
 @torch.no_grad()
-def embed_audio_files(model, paths, mode="full", batch_size=16):
+def embed_audio_files(model, paths, mode=None, batch_size=16, chunk_seconds=None):
     """Audio files, no catalog row or text needed -> (len(paths), D) float32 normalized audio
     embeddings: the computation embed_catalog does (eval mode, first 120 s, padded batches with a
-    mask), so a catalog song's own file gets its catalog embedding back."""
+    mask, the same mode and window), so a catalog song's own file gets its catalog embedding back.
+    mode / chunk_seconds None: the artifact's own (model.cfg.embed_mode, model.cfg.chunk_seconds)."""
     model.eval()
+    mode = mode or model.cfg.embed_mode
+    chunk_frames = seconds_to_frames(chunk_seconds or model.cfg.chunk_seconds)
     device = next(model.parameters()).device
     collate = Collator(tokenizer=None)  # mels only: padding and masks, no tokenizer needed
     out = []
     for start in range(0, len(paths), batch_size):
         batch = collate([{"mel": song_mel(p)} for p in paths[start:start + batch_size]])
         mel, mask = batch["mel"].to(device), batch["padding_mask"].to(device)
-        out.append(F.normalize(_encode_audio(model, mel, mask, mode, batch_size), dim=-1))
+        out.append(F.normalize(_encode_audio(model, mel, mask, mode, batch_size, chunk_frames), dim=-1))
     return torch.cat(out).float().cpu().numpy()
-
-
-def _saved_meta(spec):
-    """meta.json of an `embed` folder ({} for NAME.npy or when absent)."""
-    path = os.path.join(spec, "meta.json") if os.path.isdir(spec) else ""
-    if not os.path.exists(path):
-        return {}
-    with open(path) as f:
-        return json.load(f)
 
 
 def parse_queries(queries, song_ids, source):
@@ -215,7 +241,8 @@ def write_search_results(path, records):
 
 
 def _search_keys(args, catalog, cache, model):
-    """The songs searched -> (song_ids, (N, D) embeddings, saved index path or None, meta)."""
+    """The songs searched -> (song_ids, (N, D) embeddings, saved index path or None, provenance or None).
+    The provenance says how the queries must be embedded: by the same weights, in the same mode."""
     if args.emb:
         if is_artifact(args.emb):
             raise ValueError(f"--emb {args.emb}: an artifact folder; pass it as --model, or give --emb the "
@@ -225,10 +252,31 @@ def _search_keys(args, catalog, cache, model):
         if unknown:
             raise ValueError(f"{args.emb}: {len(unknown)} embedded songs are not in {catalog.path}, e.g. "
                              f"{', '.join(unknown[:5])}; was it embedded from another catalog?")
-        return ids, x, index_path(args.emb), _saved_meta(args.emb)
+        return ids, x, index_path(args.emb), song_embeddings_provenance(args.emb)
     print(f"{args.model}: embedding {len(catalog)} songs; save them once with `embed` and pass --emb to skip this")
     x = embed_catalog(*model, catalog, cache=cache, batch_size=args.batch_size)["audio"]
-    return [s.song_id for s in catalog.songs], x, None, {}
+    return [s.song_id for s in catalog.songs], x, None, embedding_provenance(args.model, model[0])
+
+
+def _embed_file_queries(args, model, files, keys, prov):
+    """The audio-file queries, embedded as the searched songs were: same weights (refused otherwise,
+    naming both), same mel settings, same mode and window; and of the same width."""
+    if not args.model:
+        raise ValueError(f"--query {files[0]}: an audio file; embedding it needs --model ARTIFACT (the model "
+                         f"that made {args.emb})")
+    mode, chunk = (prov.get("embed_mode"), prov.get("chunk_seconds")) if prov else (None, None)
+    mine = embedding_provenance(args.model, model[0], mode, chunk)
+    if prov:
+        check_provenance(prov, mine, f"--emb {args.emb}", f"--model {args.model}")
+    elif args.emb:
+        print(f"warning: {args.emb} records no provenance (embedded before provenance.json existed, or not by "
+              f"`embed`): the queries are embedded by {args.model} in its own mode ({mine['embed_mode']}), "
+              f"unchecked", file=sys.stderr)
+    width = model[0].cfg.embed_dim
+    if keys.shape[1] != width:
+        raise ValueError(f"--emb {args.emb} holds {keys.shape[1]}-d embeddings but --model {args.model} makes "
+                         f"{width}-d ones: not the model that embedded them")
+    return embed_audio_files(model[0], files, mine["embed_mode"], args.batch_size, mine["chunk_seconds"])
 
 
 def score_digits(scores, least=4, most=7):
@@ -249,31 +297,23 @@ def cmd_search(args):
         require_faiss()  # missing: say so now, not after embedding the catalog
     catalog, cache = load_inputs(args)
     model = load_artifact(args.model, DEVICE, text=False) if args.model else None  # (model, None): audio only
-    ids, keys, saved_index, meta = _search_keys(args, catalog, cache, model)
+    ids, keys, saved_index, prov = _search_keys(args, catalog, cache, model)
     row_of = {i: r for r, i in enumerate(ids)}
     queries = parse_queries(args.query, row_of, args.emb or catalog.path)
     files = [q for kind, q in queries if kind == "file"]
-    file_emb = None
-    if files:
-        if not args.model:
-            raise ValueError(f"--query {files[0]}: an audio file; embedding it needs --model ARTIFACT (the model "
-                             f"that made {args.emb})")
-        if meta.get("artifact") and os.path.abspath(args.model) != meta["artifact"]:
-            print(f"search: warning: {args.emb} was embedded by {meta['artifact']}, the queries by "
-                  f"{os.path.abspath(args.model)}; their cosines mean nothing unless it is the same model")
-        file_emb = iter(embed_audio_files(model[0], files, meta.get("mode", "full"), args.batch_size))
+    file_emb = iter(_embed_file_queries(args, model, files, keys, prov)) if files else None
     query_emb = np.stack([next(file_emb) if kind == "file" else keys[row_of[q]] for kind, q in queries])
     exclude = np.array([row_of[q] if kind == "song" else -1 for kind, q in queries])
     index = None
     if args.index == "faiss":
         if saved_index and os.path.exists(saved_index):
-            index = load_index(saved_index, *keys.shape, nprobe=args.nprobe)
+            index = load_index(saved_index, *keys.shape, nprobe=args.nprobe, emb=keys, provenance=prov)
         else:
             print(f"search: building a FAISS index of {len(ids)} songs in memory"
                   + (f" (save it with `embed --index faiss`: no {saved_index})" if saved_index else ""))
             index = build_index(keys, nprobe=args.nprobe)
     scores, rows = search(query_emb, keys, args.k, exclude, index)
-    artifact = args.model or meta.get("artifact")  # the model's name: its run folder (row_name)
+    artifact = args.model or (prov or {}).get("artifact")  # the model's name: its run folder (row_name)
     print(f"search: model {row_name(artifact)} ({artifact})" if artifact else f"search: embeddings {args.emb}")
     digits = score_digits(scores[rows >= 0])
     records = []
@@ -305,14 +345,14 @@ def add_parser(subparsers):
                    "and the catalog when --emb is not given")
     q.add_argument("--emb", help="embeddings saved by `embed` (a folder, or NAME.npy + NAME.ids.txt): the songs "
                    "searched, instead of embedding the catalog again")
-    q.add_argument("--k", type=int, default=10, help="results per query")
+    q.add_argument("--k", type=positive_int, default=10, help="results per query")
     q.add_argument("--index", default="exact", choices=["exact", "faiss"],
                    help="exact: cosine top-k in torch; faiss: the index saved by `embed --index faiss` (built in "
                         "memory if absent; pip install faiss-cpu)")
-    q.add_argument("--nprobe", type=int, default=FAISS_NPROBE,
+    q.add_argument("--nprobe", type=positive_int, default=FAISS_NPROBE,
                    help=f"cells an approximate FAISS index (>= {FAISS_APPROX_FROM:,} songs) scans per query")
     q.add_argument("--cache", help="log-mel cache folder (data.py prepare) for embedding the catalog")
-    q.add_argument("--batch_size", type=int, default=16, help="songs per forward pass when embedding")
+    q.add_argument("--batch_size", type=positive_int, default=16, help="songs per forward pass when embedding")
     q.add_argument("--out", help="also write one row per (query, rank) to this .csv or .json file")
     return q
 

@@ -10,8 +10,32 @@
 #   bash sample_data/crossmusim.sh
 # Writes runs/crossmusim/ (results.json: {model: {metric: value}}); reuses runs/demo/cache and
 # runs/demo/pretrain. Each command is printed before it runs.
+# An earlier run's training is never deleted unless --force is given (bash sample_data/crossmusim.sh -h).
 set -euo pipefail
+
+usage() {
+    cat <<'EOF'
+usage: bash sample_data/crossmusim.sh [--force] [-h | --help]
+The CrossMuSim variant on sample_data: trains it (runs/crossmusim/train/), embeds it and HTCL's
+stage 1, and scores both and random vectors with evaluate.py retrieval (runs/crossmusim/).
+  --force      replace an earlier run in runs/crossmusim/ (without it, an earlier
+               runs/crossmusim/train/ stops the script before it does anything)
+  -h, --help   this text
+EOF
+}
+FORCE=0
+for arg in "$@"; do  # every argument is read before any work
+    case "$arg" in
+        -h | --help) usage; exit 0 ;;
+        --force) FORCE=1 ;;
+        *) echo "crossmusim.sh: unknown argument '$arg'" >&2; usage >&2; exit 2 ;;
+    esac
+done
 cd "$(dirname "$0")/.."
+if [ -e runs/crossmusim/train ] && [ "$FORCE" != 1 ]; then
+    echo "crossmusim.sh: runs/crossmusim/train holds an earlier run; pass --force to replace it, or move it away" >&2
+    exit 2
+fi
 
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"  # as in demo.sh: tiny matrices, busy machines
 export TOKENIZERS_PARALLELISM=false
@@ -25,7 +49,9 @@ run python data.py prepare --catalog sample_data/catalog.csv --cache runs/demo/c
 if [ ! -f runs/demo/pretrain/final/config.json ]; then
     run $LAUNCH pretrain.py --preset sample_data/preset.toml  # demo.sh's stage 1
 fi
-rm -rf "$OUT/train"  # a fresh run (pretrain.py would otherwise append to its log)
+if [ "$FORCE" = 1 ] && [ -e "$OUT" ]; then  # a fresh run (pretrain.py would otherwise append to its log)
+    echo "--force: removing the earlier run in $OUT"; rm -rf "$OUT"
+fi
 run $LAUNCH pretrain.py --preset sample_data/crossmusim.toml
 run python evaluate.py embed --artifact "$OUT/train/final" --catalog sample_data/catalog.csv \
     --cache runs/demo/cache --out "$OUT/emb/crossmusim"  # chunked: the artifact's embed_mode

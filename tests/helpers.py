@@ -144,3 +144,16 @@ def demo_cache_in(tmp_path_factory):
         run(sys.executable, "data.py", "prepare", "--catalog", "sample_data/catalog.csv", "--cache", cache)
         done.touch()
     return cache
+
+
+def save_tiny_artifact(folder, seed=0, **cfg):
+    """A tiny HTCL artifact (8-d embeddings) on TINY_BERT's tokenizer; cfg: HTCLConfig fields
+    (embed_mode, chunk_seconds). Different seeds, different weights."""
+    from transformers import AutoTokenizer
+    torch.manual_seed(seed)
+    config = htcl.HTCLConfig(audio=htcl.AudioConfig(conv_channels=16, hidden=16, layers=1, heads=2, ffn=32,
+                                                    pos_conv_kernel=5, pos_conv_groups=2),
+                             text_model=TINY_BERT, text_pretrained=False, proj_dims=(12, 8), fusion_dims=(8, 8),
+                             **cfg)
+    htcl.save_artifact(htcl.HTCL(config), AutoTokenizer.from_pretrained(TINY_BERT), str(folder))
+    return str(folder)

@@ -993,3 +993,26 @@ def test_cli_pairs_from_column_writes_train_pairs_that_finetune_keeps_all_of(tmp
     # the whole catalog's pairs: the three that touch s2 (test) or s7 (val) are the ones dropped
     kept, dropped = data.drop_held_out_pairs(data.column_pairs(c, "album"), c)
     assert dropped == 3 and sorted(tuple(sorted(p)) for p in kept) == [(0, 1), (3, 4)]
+
+
+CATALOG = os.path.join(ROOT, "sample_data", "catalog.csv")
+FAVOURITES = os.path.join(ROOT, "sample_data", "favourites.csv")
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["prepare", "--num_workers", "-1"], "--num_workers"), (["prepare", "--max_bad", "-1"], "--max_bad"),
+    (["prepare", "--max_bad", "2"], "--max_bad"),
+    (["mine-pairs", "--window", "0"], "--window"), (["mine-pairs", "--window", "1"], "--window"),
+    (["mine-pairs", "--max_pairs_per_user", "-2"], "--max_pairs_per_user"), (["mine-pairs", "--seed", "-1"], "--seed"),
+    (["pairs-from-column", "--max_pairs_per_group", "0"], "--max_pairs_per_group")])
+def test_numbers_of_the_wrong_sign_or_size_are_usage_errors_before_any_work(tmp_path, capsys, argv, flag):
+    """Bugs checked: prepare --num_workers -1 wrote part of a cache, then died in DataLoader;
+    --window 0 was an AssertionError, --max_pairs_per_user -2 numpy's 'negative dimensions'."""
+    io = {"prepare": ["--catalog", CATALOG, "--cache", str(tmp_path / "cache")],
+          "mine-pairs": ["--favourites", FAVOURITES, "--catalog", CATALOG, "--out", str(tmp_path / "p.csv")],
+          "pairs-from-column": ["--catalog", CATALOG, "--column", "artist_id", "--out", str(tmp_path / "p.csv")]}[argv[0]]
+    with pytest.raises(SystemExit) as e:
+        data.main([argv[0], *io, *argv[1:]])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and f"argument {flag}" in err and ": expected " in err, err
+    assert os.listdir(tmp_path) == []

@@ -1,20 +1,24 @@
 """Tests of training.py, shared by both stages: presets (released, CrossMuSim, small) parse into
 the stage configs, command-line paths stay relative to the working directory, no-argument runs
-print the demo command, curves are drawn off the training thread, and trackers fail cleanly.
+print the demo command, curves are drawn off the training thread, and trackers fail cleanly; a
+preset or flag error names the file, table and key, and enum-like settings are declared once.
 
     OMP_NUM_THREADS=1 python -m pytest -q tests/test_training.py
 """
 import importlib.util
+import json
 import math
 import os
 import sys
 
 import pytest
 
-from tests.helpers import ROOT
-import json
-from tests.own_songs import stage1_argv, write_world
+import finetune
 import pretrain
+import training
+
+from tests.helpers import ROOT
+from tests.own_songs import stage1_argv, write_world
 
 
 def test_released_preset_parses_into_both_stage_configs():
@@ -149,3 +153,100 @@ def test_a_used_out_dir_is_refused_in_one_line_or_emptied_with_overwrite_never_a
     # an empty folder (as mkdtemp makes) is no used run
     (tmp_path / "empty").mkdir()
     pretrain.main(stage1_argv(catalog, cache, tmp_path / "empty", "--max_steps", "1"))
+
+
+def _parse(tmp_path, text, cls=pretrain.PretrainConfig, section="pretrain"):
+    path = tmp_path / "p.toml"
+    path.write_text(text)
+    return training.parse_config(cls, section, ["--preset", str(path)])
+
+
+@pytest.mark.parametrize("text, message", [
+    ("[pretrain]\nepochs = 3\n[pretrian]\nlr = 1.0\n", r"p.toml: unknown table \[pretrian\]; a preset holds the "
+                                                       r"tables \[pretrain\], \[finetune\]"),
+    ("epochs = 3\n", r"p.toml: unknown key 'epochs' outside any table"),
+    ("[pretrain]\nepochs = \n", r"p.toml: not valid TOML: "),
+    ("[pretrain.model]\nproj_dims = 100\n", r"p.toml: \[pretrain.model\] proj_dims: expected a non-empty list of "
+                                            r"int, got 100"),
+    ("[pretrain]\ntext_types = \"lyrics\"\n", r"p.toml: \[pretrain\] text_types: expected a non-empty list of str"),
+    ("[pretrain.model]\nproj_dims = [100, 50.5]\n", r"\[pretrain.model\] proj_dims: expected int, got float 50.5"),
+    ("[pretrain]\nepochs = \"3\"\n", r"p.toml: \[pretrain\] epochs: expected int, got str '3'"),
+    ("[pretrain]\nresume = 1\n", r"p.toml: \[pretrain\] resume: expected bool, got int 1"),
+    ("[pretrain.model.audio]\nlayers = 2.0\n", r"p.toml: \[pretrain.model.audio\] layers: expected int, got float"),
+    ("[pretrain]\nlr_schedule = \"cosin\"\n", r"p.toml: \[pretrain\] lr_schedule: 'cosin' is not one of 'cosine', "
+                                              r"'constant'"),
+    ("[pretrain]\ntext_types = [\"lyrics\", \"chorus\"]\n", r"\[pretrain\] text_types: 'chorus' is not one of"),
+    ("[pretrain.model]\nwidth = 3\n", r"p.toml: \[pretrain.model\] width: unknown key"),
+    ("[pretrain]\nepoch = 3\n", r"p.toml: \[pretrain\] has unknown key 'epoch'")])
+def test_preset_errors_name_the_file_table_key_and_expected_type(tmp_path, text, message):
+    """Bugs checked: a scalar for a list field was a TypeError traceback (or a string split into
+    letters), malformed TOML did not name the file, a wrong scalar type named neither file nor
+    table, and a misspelled [pretrian] table was dropped silently."""
+    with pytest.raises(SystemExit, match=message):
+        _parse(tmp_path, text)
+
+
+def test_a_valid_preset_still_parses_with_ints_taken_for_floats(tmp_path):
+    cfg = _parse(tmp_path, "[pretrain]\nlr = 1\ntext_types = [\"lyrics\"]\n[pretrain.model]\nproj_dims = [8, 4]\n"
+                           "[finetune]\ninit_heads = \"artifact\"\n")
+    assert cfg.lr == 1.0 and isinstance(cfg.lr, float) and cfg.text_types == ("lyrics",)
+    assert cfg.model.proj_dims == (8, 4)
+    fine = _parse(tmp_path, "[finetune]\ninit_heads = \"artifact\"\n", finetune.FinetuneConfig, "finetune")
+    assert fine.init_heads == "artifact"
+    with pytest.raises(SystemExit, match=r"\[finetune\] init_heads: 'fresh_heads' is not one of 'fresh', 'artifact'"):
+        _parse(tmp_path, "[finetune]\ninit_heads = \"fresh_heads\"\n", finetune.FinetuneConfig, "finetune")
+
+
+@pytest.mark.parametrize("cls, argv, choices", [
+    (finetune.FinetuneConfig, ["--init_heads", "all"], "'fresh', 'artifact'"),
+    (pretrain.PretrainConfig, ["--lr_schedule", "linear"], "'cosine', 'constant'"),
+    (pretrain.PretrainConfig, ["--text_types", "lyrics", "chorus"], "'aspects', 'caption', 'lyrics'"),
+    (pretrain.PretrainConfig, ["--report_to", "wandbb"], "'none', 'tensorboard', 'wandb'")])
+def test_enum_settings_are_checked_at_parse_time(cls, argv, choices, capsys):
+    """Bug checked: a typo in --report_to was accelerate's traceback once training started."""
+    with pytest.raises(SystemExit) as e:
+        training.parse_config(cls, "x", argv)
+    assert e.value.code == 2 and f"invalid choice: '{argv[-1]}' (choose from {choices}" in capsys.readouterr().err
+
+
+def test_enum_choices_are_declared_once_on_the_fields():
+    fields = {name: choices for name, _, choices in training._flat_fields(finetune.FinetuneConfig)}
+    assert fields["init_heads"] == ("fresh", "artifact") and fields["lr_schedule"] == ("cosine", "constant")
+    assert fields["report_to"] == ("none", *training.TRACKER_PACKAGES)
+    pre = {name: choices for name, _, choices in training._flat_fields(pretrain.PretrainConfig)}
+    import data
+    assert pre["text_types"] == data.TEXT_TYPES
+
+
+def test_report_to_a_tracker_that_is_not_installed_stops_at_parse_time(monkeypatch):
+    """Bug checked: --report_to wandb without wandb only warned, and trained without curves."""
+    monkeypatch.setitem(sys.modules, "wandb", None)  # as if not installed
+    with pytest.raises(SystemExit, match=r"--report_to wandb needs the wandb package: pip install wandb"):
+        training.parse_config(pretrain.PretrainConfig, "pretrain", ["--report_to", "wandb"])
+    assert training.parse_config(pretrain.PretrainConfig, "pretrain", ["--report_to", "none"]).report_to == "none"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--epochs", "-1"], "argument --epochs: expected a positive number, got -1"),
+    (["--global_batch", "0"], "argument --global_batch: expected a positive number, got 0"),
+    (["--lr", "-0.001"], "argument --lr: expected a number >= 0, got -0.001"),
+    (["--lr", "nan"], "argument --lr: expected a finite number, got nan"),
+    (["--warmup_ratio", "1.5"], "argument --warmup_ratio: expected a fraction, 0 <= x < 1, got 1.5"),
+    (["--num_workers", "-1"], "argument --num_workers: expected a number >= 0, got -1"),
+    (["--model.proj_dims", "100", "0"], "argument --model.proj_dims: expected a positive number, got 0"),
+    (["--model.audio.dropout", "1.0"], "argument --model.audio.dropout: expected a fraction"),
+    (["--model.chunk_seconds", "0"], "argument --model.chunk_seconds: expected a positive number, got 0.0")])
+def test_numbers_of_the_wrong_sign_or_size_are_usage_errors(argv, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        training.parse_config(pretrain.PretrainConfig, "pretrain", argv)
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_preset_numbers_are_checked_as_flags_are(tmp_path):
+    with pytest.raises(SystemExit, match=r"p.toml: \[pretrain\] keep_checkpoints: expected a positive number, got 0"):
+        _parse(tmp_path, "[pretrain]\nkeep_checkpoints = 0\n")
+    with pytest.raises(SystemExit, match=r"p.toml: \[pretrain.model\] fusion_dims: expected a positive number, got -4"):
+        _parse(tmp_path, "[pretrain.model]\nfusion_dims = [8, -4]\n")
+    cfg = _parse(tmp_path, "[pretrain]\nmax_grad_norm = 0\nmax_steps = 0\n[pretrain.model]\nlogit_scale_max = inf\n"
+                           "logit_scale_init = -1.0\n")
+    assert cfg.max_grad_norm == 0 and cfg.model.logit_scale_max == float("inf") and cfg.model.logit_scale_init == -1

@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import sys
 from pathlib import Path
 
@@ -173,20 +174,58 @@ def convert_released(ckpt, text_model, out, heads=12, conv_strides=(2, 2, 2), se
     return out
 
 
+def _positive_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+ARTIFACT_FILES = ("config.json", "model.safetensors")
+
+
+def prepare_out(out, overwrite=False):
+    """--out must be new or empty, or (with overwrite) an earlier artifact, which main replaces once the
+    conversion succeeded. A folder holding anything else is refused: its files would end up inside
+    the artifact."""
+    if not os.path.exists(out) or (os.path.isdir(out) and not os.listdir(out)):
+        return
+    if not os.path.isdir(out):
+        raise ConversionError(f"--out {out}: exists and is not a folder")
+    if not all(os.path.exists(os.path.join(out, f)) for f in ARTIFACT_FILES):
+        found = sorted(os.listdir(out))
+        raise ConversionError(f"--out {out}: not empty and not an artifact ({', '.join(found[:3])}"
+                              f"{' ...' if len(found) > 3 else ''}); give a new or empty folder")
+    if not overwrite:
+        raise ConversionError(f"--out {out}: holds an artifact already; pass --overwrite to replace it")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("ckpt", help="model-N.pth saved by the released train_stage1.py or train_stage2.py")
     p.add_argument("--text_model", required=True,
                    help="the BERT it was trained from (hub name or local folder): its config and tokenizer")
     p.add_argument("--out", required=True, help="artifact folder to write")
-    p.add_argument("--heads", type=int, default=12, help="attention heads (not in the weights; released: 12)")
-    p.add_argument("--conv_strides", type=int, nargs="+", default=[2, 2, 2],
+    p.add_argument("--overwrite", action="store_true", help="replace an artifact already in --out (a folder "
+                   "holding anything else is always refused)")
+    p.add_argument("--heads", type=_positive_int, default=12, help="attention heads (not in the weights; released: 12)")
+    p.add_argument("--conv_strides", type=_positive_int, nargs="+", default=[2, 2, 2],
                    help="conv stem strides (not in the weights; released: 2 2 2)")
     args = p.parse_args(argv)
+    out, tmp = args.out, os.path.normpath(args.out) + ".converting"  # the old artifact stays until this works
     try:
-        out = convert_released(args.ckpt, args.text_model, args.out, args.heads, args.conv_strides)
+        prepare_out(out, args.overwrite)
+        shutil.rmtree(tmp, ignore_errors=True)
+        convert_released(args.ckpt, args.text_model, tmp, args.heads, args.conv_strides)
+        shutil.rmtree(out, ignore_errors=True)
+        os.replace(tmp, out)
     except (ConversionError, OSError) as e:
         raise SystemExit(f"convert_released: {e}")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # a failed conversion leaves nothing behind
     model, _ = load_artifact(out)  # read back strictly: what was written is what evaluate.py will load
     with open(os.path.join(out, "config.json")) as f:
         info = json.load(f)["training"]
