@@ -301,7 +301,21 @@ class TextEncoder(nn.Module):
         return m.is_activation_checkpointing if hasattr(m, "activation_checkpointing_enable") else m.is_gradient_checkpointing
 
     def forward(self, tokens):
+        """tokens -> (B, H). On CPU a batch of ragged texts (a few lyrics among short titles) runs as two
+        groups of similar length, each padded to its own longest: each row's output is the same (the
+        mask makes padding exact), and the padded compute, most of a CPU step, is not spent.
+        Not on a GPU (it would wait for the lengths) nor under torch.compile (static shapes)."""
         mask = tokens.get("attention_mask")  # (B, L); None: no token padded (the model then builds no mask)
+        if mask is not None and mask.device.type == "cpu" and not torch.compiler.is_compiling():
+            groups = length_groups(mask)
+            if groups is not None:
+                outs = [self._forward({k: v[idx, :n] for k, v in tokens.items()}) for idx, n in groups]
+                order = torch.cat([idx for idx, _ in groups])  # (B,): batch row of each output row
+                return torch.cat(outs)[torch.argsort(order)]  # (B, H), back in batch order
+        return self._forward(tokens)
+
+    def _forward(self, tokens):
+        mask = tokens.get("attention_mask")
         if mask is not None and self.mask_4d:
             tokens = {**tokens, "attention_mask": mask.bool()[:, None, None, :]}  # (B, 1, 1, L), True = attend
         out = self.model(**tokens)
@@ -314,6 +328,24 @@ class TextEncoder(nn.Module):
             return h.mean(1)  # (B, H)
         m = mask.to(h.dtype)[..., None]  # (B, L, 1)
         return (h * m).sum(1) / m.sum(1).clamp(min=1)  # (B, H)
+
+
+def length_groups(mask, min_saving=0.3):
+    """A right-padded attention mask (B, L) -> [(rows, length)] for two groups of rows, the shorter
+    texts and the longer ones, split where the padded tokens are fewest; None when the split saves
+    less than min_saving of the tokens, or the padding is not on the right (then no trimming is exact)."""
+    lengths = mask.sum(1)  # (B,)
+    B, L = mask.shape
+    if B < 2 or not torch.equal(mask.cumprod(1).sum(1), lengths):  # ones not a prefix: left padding
+        return None
+    sorted_len, order = torch.sort(lengths, stable=True)
+    k = torch.arange(1, B, device=mask.device)  # the first k sorted rows form the short group
+    cost = k * sorted_len[k - 1] + (B - k) * sorted_len[-1]  # tokens computed with the split at k
+    best = int(torch.argmin(cost))
+    if cost[best] > (1 - min_saving) * B * L:
+        return None
+    k = best + 1
+    return [(order[:k], max(1, int(sorted_len[k - 1]))), (order[k:], int(sorted_len[-1]))]
 
 
 # -----------------------------------------------------------------------------

@@ -356,6 +356,21 @@ def test_the_epoch_line_warns_of_collapsed_audio_embeddings_and_not_of_spread_on
             assert "learning rate too high" in said and "(untrained encoder: " in said
 
 
+def test_text_lr_0_freezes_the_text_tower_and_weight_decay_spares_text_and_temperatures():
+    import pretrain
+    m = tiny_model()
+    m.freeze_unused(stage=1)
+    opt = pretrain.build_optimizer(m, pretrain.PretrainConfig(text_lr=0.0, weight_decay=0.05), "cpu")
+    assert type(opt) is torch.optim.AdamW
+    decay_of = {id(p): g["weight_decay"] for g in opt.param_groups for p in g["params"]}
+    for name, p in m.named_parameters():
+        if name.startswith("text_encoder."):
+            assert not p.requires_grad and id(p) not in decay_of, name  # frozen: no gradient, no state
+        elif p.requires_grad:
+            assert decay_of[id(p)] == (0.0 if name.startswith("logit_scale.") else 0.05), name
+    assert type(pretrain.build_optimizer(tiny_model(), pretrain.PretrainConfig(), "cpu")) is torch.optim.Adam  # paper: no decay
+
+
 @pytest.mark.parametrize("splits, missing", [(["train", "test", "train"], "val"), (["val", "test", "Train"], "train")])
 def test_a_split_column_without_val_or_train_rows_stops_before_training(tmp_path, splits, missing, monkeypatch):
     """Bug checked: with no val rows stage 1 trained a whole epoch, then died in torch.cat."""
