@@ -154,6 +154,16 @@ def test_a_collapsed_embedding_is_warned_about_and_a_healthy_one_is_not():
     h = metrics.embedding_health(offset)
     assert h["mean_cosine"] >= metrics.COLLAPSE_MEAN_COSINE and h["participation_ratio"] > metrics.COLLAPSE_MAX_PR, h
     assert metrics.collapse_warning(offset) is None
+    # The real-music corpus's collapse at lr 1e-3 (ratio 1.8-2.6, mean cosine 0.44-0.58) is warned;
+    # the same spectrum around a weaker shared direction (the demo's stage 1: 2.5, 0.25) is not.
+    corpus = _spread(shared=0.7)
+    h = metrics.embedding_health(corpus)
+    assert 0.44 <= h["mean_cosine"] <= 0.58 and h["participation_ratio"] <= 2.6, h
+    assert metrics.collapse_warning(corpus)
+    demo1 = _spread(shared=0.5, spread=0.8)
+    h = metrics.embedding_health(demo1)
+    assert 0.2 <= h["mean_cosine"] <= 0.3 and h["participation_ratio"] <= 2.6, h
+    assert metrics.collapse_warning(demo1) is None
     # Near-total collapse: one vector plus isotropic noise has a high participation ratio, and is warned.
     total = np.eye(100)[0] + 0.02 * rng.standard_normal((400, 100))
     assert metrics.participation_ratio(total) > 50 and metrics.collapse_warning(total)
