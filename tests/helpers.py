@@ -157,3 +157,19 @@ def save_tiny_artifact(folder, seed=0, **cfg):
                              **cfg)
     htcl.save_artifact(htcl.HTCL(config), AutoTokenizer.from_pretrained(TINY_BERT), str(folder))
     return str(folder)
+
+
+def sample_songs_cache(tmp, n):
+    """The first n songs of sample_data in a catalog (no split column, so the seeded 90/10 split)
+    and its log-mel cache under `tmp` -> (catalog path, cache folder)."""
+    import data
+    with open(os.path.join(SAMPLE, "catalog.csv"), newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))[:n]
+    path = tmp / "catalog.csv"
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["song_id", "audio", "title", "artists", "lyrics"])
+        w.writerows([[r["song_id"], os.path.join(SAMPLE, r["audio"]), r["title"], r["artists"], r["lyrics"]]
+                     for r in rows])
+    data.prepare(str(path), str(tmp / "cache"))
+    return path, tmp / "cache"

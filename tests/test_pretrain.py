@@ -19,7 +19,8 @@ import torch
 import data
 import model as htcl
 
-from tests.helpers import PRESET, ROOT, SAMPLE, TINY_BERT, _pair_batch, _stage_loss, read_log, run, tiny_model
+from tests.helpers import (PRESET, ROOT, SAMPLE, TINY_BERT, _pair_batch, _stage_loss, read_log, run,
+                           sample_songs_cache, tiny_model)
 from tests.own_songs import stage1_argv, write_world
 import pretrain
 from evals import metrics
@@ -386,20 +387,7 @@ def test_a_split_column_without_val_or_train_rows_stops_before_training(tmp_path
 @pytest.fixture(scope="module")
 def small_world(tmp_path_factory):
     """20 songs of sample_data in a log-mel cache; no split column, so the seeded 90/10 split."""
-    import csv
-
-    import data
-    tmp = tmp_path_factory.mktemp("world")
-    with open(os.path.join(ROOT, "sample_data", "catalog.csv"), newline="", encoding="utf-8") as f:
-        rows = list(csv.DictReader(f))[:20]
-    path = tmp / "catalog.csv"
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f)
-        w.writerow(["song_id", "audio", "title", "artists", "lyrics"])
-        w.writerows([[r["song_id"], os.path.join(ROOT, "sample_data", r["audio"]), r["title"], r["artists"],
-                      r["lyrics"]] for r in rows])
-    data.prepare(str(path), str(tmp / "cache"))
-    return path, tmp / "cache"
+    return sample_songs_cache(tmp_path_factory.mktemp("world"), 20)
 
 
 def test_resuming_from_an_epoch_end_checkpoint_starts_the_next_epoch(tmp_path, small_world):
