@@ -15,9 +15,8 @@ The rest lives in evals/; this command line dispatches its sub-commands there:
   evals/crossmusim.py    CrossMuSim M2M mAP@100, T2M R@1/R@5/mAP@10, same-artist leakage -> retrieval
   evals/artist_graph.py  Grotschla et al. (MuRS 2024) GraphSAGE artist similarity NDCG@200 -> artist-graph
   evals/search.py        similar songs for audio files or song ids, exact or FAISS       -> search
-  evals/metrics.py       the shared metrics (recall_at_k, map_at_k, ndcg_at_k, auc, macro_f1)
-  evals/embeddings.py    what `--emb SPEC` reads (repeat it to compare models): an `embed` folder,
-                         NAME.npy + NAME.ids.txt, an artifact folder, or random[:D]; and the log readers
+  evals/metrics.py, evals/embeddings.py: the shared metrics; what `--emb SPEC` reads (repeat it to
+                         compare models: an `embed` folder, NAME.npy + .ids.txt, an artifact, random[:D])
 
 Commands (from the repo root, on the bundled synthetic world; A = a trained artifact folder):
   python evaluate.py embed --artifact A --catalog sample_data/catalog.csv --out emb/htcl --text --fused
@@ -30,9 +29,8 @@ Commands (from the repo root, on the bundled synthetic world; A = a trained arti
       --favourites sample_data/favourites.csv --impressions sample_data/impressions.csv --out report/
   python evaluate.py table2 runs/table2/s3407/report runs/table2/s3408/report --out runs/table2  # over seeds
 Every sub-command prints a Markdown table and its wall time; --json FILE saves the numbers; -h shows
-every option with its default. Flags are spelled with underscores (--batch_size); the dashed
-spellings (--batch-size) are still accepted. A bad file, row, key or value stops the command line
-with one `Error: ...` line naming it (exit 1), as data.py does.
+every option with its default. Flags: --batch_size (--batch-size still accepted). A bad file, row,
+key or value stops the command line with one `Error: ...` line naming it (exit 1), as data.py does.
 """
 import argparse
 import hashlib
@@ -70,15 +68,13 @@ _SEEDED_INIT = threading.Lock()
 
 
 # -----------------------------------------------------------------------------
-# Semantic tasks (HTCL Sec. 3.1.3): a single-layer MLP on frozen embeddings,
-# accuracy for genre and for language.
-
+# Semantic tasks (HTCL Sec. 3.1.3): a single-layer MLP on frozen embeddings, accuracy for genre
+# and for language (report --label: any catalog column).
 
 # The probe's optimizer. The probes were most of the demo report's time (1000 steps at lr 1e-3
-# per label, model and seed). At 3x the lr, 300 steps give the same accuracy on the demo's 6
-# (model, label) probes within 0.010 (0.015 with fused AdamW; one of its 66 test songs is 0.015;
-# std over seeds 0.00-0.045), in 0.3 of the time; 200 steps at lr 1e-3 moved genre ACC by -0.043
-# and +0.049 (docs/EXPERIMENTS.md).
+# per label, model and seed). At 3x the lr, 300 steps give the same accuracy on the demo's 6 probes
+# within 0.010 (0.015 fused; one of 66 test songs is 0.015; std over seeds 0.00-0.045) in 0.3 of
+# the time; 200 steps at lr 1e-3 moved genre ACC by -0.043 and +0.049 (docs/EXPERIMENTS.md).
 PROBE_LR = 3e-3
 PROBE_MIN_STEPS = 300
 
@@ -542,21 +538,21 @@ def pairs_from_impressions(imp):
 
 def report(sources, catalog, favourites=None, impressions=None, pairs=None, out_dir="report", kind="audio",
            mode=None, cache=None, probe_seeds=(0, 1, 2, 3, 4), ranking_seeds=(0,), ranking_epochs=2,
-           n_triggers=30, workers=None, reuse=True):
-    """sources: {name: embedding spec}; favourites / impressions / pairs: paths or None.
-    Writes out_dir/table2.md (ACC genre, ACC language, HR@100, CTR AUC, CVR AUC, as in HTCL
-    Table 2; "-" where a protocol is skipped, with the reason as a footnote; no ranking with
-    ranking_seeds=()) and out_dir/figure2.png (from pairs, else from impressions) with its cosines in
-    out_dir/figure2.npz ({model}/pos, {model}/neg: for pooling runs, see table2_over_seeds) and
-    out_dir/table2.json (the same numbers: {model: {acc_genre: [mean, std], hr@100: ..., ...}}).
-    Prints a line per protocol and model, and each protocol's total time. The probes and DIN
-    models train on `workers` threads (default: the available cores, at most 8). With reuse, a
+           n_triggers=30, workers=None, reuse=True, labels=("genre", "language")):
+    """sources: {name: embedding spec}; favourites / impressions / pairs: paths or None; labels: the
+    columns probed. Writes out_dir/table2.md (ACC genre, ACC language, HR@100, CTR AUC, CVR AUC, as in
+    HTCL Table 2; "-" where a protocol is skipped, with the reason as a footnote; no ranking with
+    ranking_seeds=()), out_dir/figure2.png (from pairs, else impressions), its cosines in figure2.npz
+    ({model}/pos, {model}/neg: for pooling runs, see table2_over_seeds), out_dir/table2.json (the same
+    numbers: {model: {acc_genre: [mean, std], hr@100: ..., ...}}). Prints a line per protocol and
+    model, and each protocol's total time. The probes and DIN models train on `workers` threads
+    (default: the available cores, at most 8). With reuse, a
     probe or DIN result already in out_dir/results.json for the same embedding matrix (byte for
     byte) and the same labels, split, impressions and settings is taken from there: adding a
     model to a report trains only its own jobs (demo.sh evaluates stage 1 while stage 2 trains).
     Returns the Markdown table with its footnotes."""
     os.makedirs(out_dir, exist_ok=True)
-    inputs = _report_inputs(catalog, favourites, impressions, pairs, n_triggers, ranking_seeds)
+    inputs = _report_inputs(catalog, favourites, impressions, pairs, n_triggers, ranking_seeds, labels)
     settings = dict(probe_seeds=probe_seeds, ranking_seeds=ranking_seeds, ranking_epochs=ranking_epochs)
     times = []  # (protocol, seconds), appended from several threads (list.append is atomic)
 
@@ -623,21 +619,22 @@ def report(sources, catalog, favourites=None, impressions=None, pairs=None, out_
         with open(saved_path + ".tmp", "w") as f:
             json.dump(saved, f, indent=0)
         os.replace(saved_path + ".tmp", saved_path)
-    results = {name: {k: res[k] for k in REPORT_COLUMNS if k in res} for name, res in results.items()}  # not job order
-    table = _write_report(out_dir, results, cosines, inputs["skipped"])
+    columns = [f"acc_{c}" for c in labels] + REPORT_COLUMNS
+    results = {name: {k: res[k] for k in columns if k in res} for name, res in results.items()}  # not job order
+    table = _write_report(out_dir, results, cosines, inputs["skipped"], labels)
     print("\n".join(health_lines({name: embs[name] for name in sources})[0]))  # collapse measures
     _print_times(times)
     return table
 
 
-def _report_inputs(catalog, favourites, impressions, pairs, n_triggers, ranking_seeds):
+def _report_inputs(catalog, favourites, impressions, pairs, n_triggers, ranking_seeds, label_columns):
     """What the report's protocols read -> {"split", "labels", "cases", "imp", "fig_pairs", "skipped"};
     skipped: Table 2 column -> why it shows "-"."""
     split, split_note = probe_split(catalog)
     skipped = {}
-    for column, title in (("genre", "ACC genre"), ("language", "ACC lang")):
+    for column in label_columns:
         if column not in catalog.columns:
-            skipped[title] = f"{catalog.path} has no '{column}' column"
+            skipped[ACC_TITLES.get(column, f"ACC {column}")] = f"{catalog.path} has no '{column}' column"
     if split_note:
         print("report: " + split_note)
     cases = imp = None
@@ -660,8 +657,7 @@ def _report_inputs(catalog, favourites, impressions, pairs, n_triggers, ranking_
     else:
         fig_pairs = None
         skipped["Fig. 2 AUC"] = "neither --pairs nor --impressions given"
-    labels = {c: [catalog.label(r, c) for r in range(len(catalog))] for c in ("genre", "language")
-              if c in catalog.columns}
+    labels = {c: [catalog.label(r, c) for r in range(len(catalog))] for c in label_columns if c in catalog.columns}
     return {"split": split, "labels": labels, "cases": cases, "imp": imp, "fig_pairs": fig_pairs, "skipped": skipped}
 
 
@@ -687,21 +683,24 @@ def _job_digests(inputs, probe_seeds, ranking_seeds, ranking_epochs):
     return digests
 
 
-REPORT_HEADER = ["Model", "ACC genre", "ACC lang", "HR@100", "CTR AUC", "CVR AUC", "Fig. 2 AUC"]
-REPORT_COLUMNS = ["acc_genre", "acc_language", "hr@100", "ctr_auc", "cvr_auc", "fig2_auc"]
+REPORT_HEADER = ["HR@100", "CTR AUC", "CVR AUC", "Fig. 2 AUC"]  # after Model and an ACC column per label
+REPORT_COLUMNS = ["hr@100", "ctr_auc", "cvr_auc", "fig2_auc"]
 
 
-def _write_report(out_dir, results, cosines, skipped):
+ACC_TITLES = {"genre": "ACC genre", "language": "ACC lang"}  # Table 2's names; another column: ACC COLUMN
+
+
+def _write_report(out_dir, results, cosines, skipped, labels=("genre", "language")):
     """table2.md (the table, with a footnote per "-"), table2.json and figure2.npz -> the table's text."""
     rows = []
     for name, res in results.items():
         row = [name]
-        row += [plus_minus(res[f"acc_{c}"]) if f"acc_{c}" in res else "-" for c in ("genre", "language")]
+        row += [plus_minus(res[f"acc_{c}"]) if f"acc_{c}" in res else "-" for c in labels]
         row.append(f"{100 * res['hr@100']:.2f}%" if "hr@100" in res else "-")
         row += [plus_minus(res[f"{t}_auc"]) if f"{t}_auc" in res else "-" for t in ("ctr", "cvr")]
         row.append(f"{res['fig2_auc']:.4f}" if "fig2_auc" in res else "-")
         rows.append(row)
-    table = markdown_table(REPORT_HEADER, rows)
+    table = markdown_table(["Model"] + [ACC_TITLES.get(c, f"ACC {c}") for c in labels] + REPORT_HEADER, rows)
     if skipped:
         table += "\n\n" + "\n".join(f"- {column} \"-\": {why}" for column, why in skipped.items())
     with open(os.path.join(out_dir, "table2.md"), "w") as f:
@@ -975,7 +974,8 @@ def cmd_report(args):
     sources = dict(zip(row_names(args.emb), args.emb))
     table = report(sources, catalog, args.favourites, args.impressions, args.pairs, args.out, args.kind, args.mode,
                    cache, probe_seeds=range(args.probe_seeds), ranking_seeds=range(args.ranking_seeds),
-                   n_triggers=args.triggers, workers=args.workers, reuse=args.reuse)
+                   n_triggers=args.triggers, workers=args.workers, reuse=args.reuse,
+                   labels=tuple(args.label or ("genre", "language")))
     print(table)
     print(f"report: {args.out}/table2.md" + (f", {args.out}/figure2.png" if args.pairs or args.impressions else ""))
     return {"table": table}
@@ -1140,6 +1140,7 @@ def _add_report_parser(sub):
                                          "pairs when --pairs is not given (without both: '-')")
     q.add_argument("--pairs", help="Figure 2 pairs: CSV anchor,song,label, or stage-2 trigger_song_id,rec_song_id")
     q.add_argument("--triggers", type=positive_int, default=30, help="matching: favourites before the target (paper: 30)")
+    q.add_argument("--label", action="append", help="catalog column(s) to probe (default: genre, language, as Table 2)")
     q.add_argument("--out", default="report", help="output folder")
     q.add_argument("--probe_seeds", type=positive_int, default=5, help="probe runs per embedding (mean ± std)")
     q.add_argument("--ranking_seeds", type=non_negative_int, default=1, help="DIN runs per embedding; 0 skips the ranking columns")

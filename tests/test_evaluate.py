@@ -645,3 +645,21 @@ def test_ranking_refuses_a_test_day_that_is_also_a_training_day():
            "clicked": np.array([1, 0, 1, 0], dtype=bool), "favoured": np.array([0, 0, 1, 0], dtype=bool)}
     with pytest.raises(ValueError, match=r"test impressions on day 3; .* and the test day no training day"):
         ev.run_ranking(np.eye(4, dtype=np.float32), imp, "ctr", train_days=[1, 2, 3], test_day=3)
+
+
+def test_report_probes_the_label_columns_asked_for_by_their_own_names(tmp_path):
+    """An own catalog's labels need not be called genre and language: --label names the columns
+    probed, and a column under another name gives the same accuracy as under Table 2's."""
+    pytest.importorskip("matplotlib")
+    _write_world(tmp_path)
+    text = (tmp_path / "catalog.csv").read_text()
+    header, rest = text.split("\n", 1)
+    (tmp_path / "styled.csv").write_text(header.replace("genre", "style") + "\n" + rest)
+    common = ["--emb", str(tmp_path / "e.npy"), "--probe_seeds", "1", "--ranking_seeds", "0"]
+    ev.main(["report", "--catalog", str(tmp_path / "catalog.csv"), "--out", str(tmp_path / "a"), *common])
+    ev.main(["report", "--catalog", str(tmp_path / "styled.csv"), "--out", str(tmp_path / "b"), *common,
+             "--label", "style", "--label", "language"])
+    a, b = (json.loads((tmp_path / d / "table2.json").read_text())["e"] for d in ("a", "b"))
+    assert set(a) == {"acc_genre", "acc_language"} and set(b) == {"acc_style", "acc_language"}
+    assert b["acc_style"] == a["acc_genre"] and b["acc_language"] == a["acc_language"]
+    assert (tmp_path / "b" / "table2.md").read_text().startswith("| Model | ACC style | ACC lang | HR@100 |")
