@@ -29,19 +29,25 @@ from tests.own_songs import TINY_BERT, write_songs
 def search_world(tiny_world, tmp_path_factory):
     """Eight short, distinct songs, their catalog, and tiny_world's artifact; plus a copy of one
     song's file outside the catalog."""
-    d = tmp_path_factory.mktemp("search")
-    rng = np.random.default_rng(5)
+    def song(i, t):
+        return 0.3 * np.sign(np.sin(2 * np.pi * (150 + 90 * i) * t)) * (1 + np.sin(2 * np.pi * (0.5 + i) * t))
+    d = _write_songs(tmp_path_factory.mktemp("search"), song, lambda i: 1.5 + 0.25 * i, seed=5)
+    return {"dir": d, "catalog": str(d / "catalog.csv"), "model": str(tiny_world / "artifact")}
+
+
+def _write_songs(d, song, seconds, seed):
+    """Eight noisy WAV songs song(i, t) of seconds(i) s, their catalog, and a copy of s3 as my_song.wav."""
+    rng = np.random.default_rng(seed)
     os.makedirs(d / "audio")
     rows = []
     for i in range(8):
-        t = np.arange(int((1.5 + 0.25 * i) * 16000)) / 16000
-        x = 0.3 * np.sign(np.sin(2 * np.pi * (150 + 90 * i) * t)) * (1 + np.sin(2 * np.pi * (0.5 + i) * t))
-        sf.write(d / "audio" / f"s{i}.wav", (x + 0.02 * rng.standard_normal(len(t))).astype(np.float32), 16000)
+        t = np.arange(int(seconds(i) * 16000)) / 16000
+        x = song(i, t) + 0.02 * rng.standard_normal(len(t))
+        sf.write(d / "audio" / f"s{i}.wav", x.astype(np.float32), 16000)
         rows.append(f"s{i},audio/s{i}.wav,song {i},artist {i % 3},la la\n")
     (d / "catalog.csv").write_text("song_id,audio,title,artists,lyrics\n" + "".join(rows))
-    import shutil
     shutil.copy(d / "audio" / "s3.wav", d / "my_song.wav")
-    return {"dir": d, "catalog": str(d / "catalog.csv"), "model": str(tiny_world / "artifact")}
+    return d
 
 
 def _brute_force_top(keys, query, k, leave_out=None):
@@ -240,18 +246,10 @@ def chunk_world(tmp_path_factory):
     """Eight songs of 4-7.5 s whose 2 s windows differ from each other (a sweep): their
     chunked embeddings differ from their whole-song ones. A chunked artifact (2 s windows),
     and a copy of song s3's file outside the catalog."""
-    d = tmp_path_factory.mktemp("chunks")
-    rng = np.random.default_rng(3)
-    os.makedirs(d / "audio")
-    rows = []
-    for i in range(8):
-        t = np.arange(int((4 + 0.5 * i) * 16000)) / 16000
+    def song(i, t):
         freq = 150 + 60 * i + 40 * t  # a rising tone: each window its own pitch
-        x = 0.3 * np.sign(np.sin(2 * np.pi * freq * t)) * (1 + np.sin(2 * np.pi * (0.3 + 0.2 * i) * t))
-        sf.write(d / "audio" / f"s{i}.wav", (x + 0.02 * rng.standard_normal(len(t))).astype(np.float32), 16000)
-        rows.append(f"s{i},audio/s{i}.wav,song {i},artist {i % 3},la la\n")
-    (d / "catalog.csv").write_text("song_id,audio,title,artists,lyrics\n" + "".join(rows))
-    shutil.copy(d / "audio" / "s3.wav", d / "my_song.wav")
+        return 0.3 * np.sign(np.sin(2 * np.pi * freq * t)) * (1 + np.sin(2 * np.pi * (0.3 + 0.2 * i) * t))
+    d = _write_songs(tmp_path_factory.mktemp("chunks"), song, lambda i: 4 + 0.5 * i, seed=3)
     art = save_tiny_artifact(d / "chunked", embed_mode="chunked", chunk_seconds=2.0)
     return {"dir": d, "catalog": str(d / "catalog.csv"), "model": art, "query": str(d / "my_song.wav")}
 
