@@ -12,8 +12,8 @@ Needs (Debian 12):
       fretsonfire-songs-muldjord fretsonfire-songs-sectoid pushover-data planetblupi-music-ogg
   pip install music21
 Run:
-  python tools/make_music_corpus.py --out /work/corpus            # ~10 min on 2 cores
-  python data.py prepare --catalog /work/corpus/catalog.csv --cache /work/corpus/cache
+  python tools/make_music_corpus.py --out ~/corpus                 # ~26 min on 2 busy cores (music21 parsing)
+  python data.py prepare --catalog ~/corpus/catalog.csv --cache ~/corpus/cache
 
 Writes to --out (audio is never part of the repo):
   clips/*.flac    16 kHz mono excerpts of --clip_seconds, non-overlapping within a work
