@@ -405,3 +405,29 @@ def test_resuming_from_an_epoch_end_checkpoint_starts_the_next_epoch(tmp_path, s
     rows = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
     assert [r["epoch"] for r in rows if "val_loss" in r] == [0, 1]  # epoch 0 once, then epoch 1
     assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4]
+
+
+def test_the_collapse_warning_is_judged_on_the_last_epoch_not_on_an_early_low_rank_phase(world, tmp_path, capsys,
+                                                                                        monkeypatch):
+    """Early epochs of a healthy run can look collapsed (the demo's stage 1 does for 7 of 12): the
+    warning waits for the last validation, and does fire when that one is collapsed."""
+    catalog, cache = world
+    real = pretrain.embed_songs
+    for name, plan in (("recovers", (2, None)), ("ends_collapsed", (None, 2))):
+        calls = []
+
+        def planted(accelerator, model, loader):
+            audio, text = real(accelerator, model, loader)
+            calls.append(len(audio))
+            if len(calls) == 1:  # the start: the untrained encoder's own
+                return audio, text
+            return _spread(len(audio), plan[len(calls) - 2], seed=len(calls)), text
+        monkeypatch.setattr(pretrain, "embed_songs", planted)
+        pretrain.main(stage1_argv(catalog, cache, tmp_path / name, "--lr", "0", "--text_lr", "0", "--epochs", "2"))
+        out = capsys.readouterr()
+        said = out.out + out.err
+        assert len(calls) == 3  # the start, then each epoch's validation
+        assert ("look collapsed" in said) == (name == "ends_collapsed"), (name, said[-2000:])
+        if name == "ends_collapsed":
+            assert "epoch 1: WARNING" in said and "epoch 0: WARNING" not in said
+
