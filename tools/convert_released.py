@@ -203,8 +203,12 @@ def prepare_out(out, overwrite=False):
         raise ConversionError(f"--out {out}: holds an artifact already; pass --overwrite to replace it")
 
 
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The docstring as written, and each option's default."""
+
+
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=_HelpFormatter)
     p.add_argument("ckpt", help="model-N.pth saved by the released train_stage1.py or train_stage2.py")
     p.add_argument("--text_model", required=True,
                    help="the BERT it was trained from (hub name or local folder): its config and tokenizer")

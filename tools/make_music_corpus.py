@@ -185,8 +185,12 @@ def score_works(style, spec, rng, render_dir, clip, min_excerpts):
     return out
 
 
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The docstring as written, and each option's default."""
+
+
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=_HelpFormatter)
     p.add_argument("--out", required=True, help="output folder (outside the repo)")
     p.add_argument("--clip_seconds", type=float, default=12.0, help="excerpt length")
     p.add_argument("--clips_per_style", type=int, default=55, help="about this many excerpts per style")
