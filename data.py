@@ -1092,17 +1092,22 @@ def _shard_arg(s):
     return i, n
 
 
-def _at_least(low, kind=int, high=None):
-    """An argparse type: a number of `kind` in [low, high]; anything else is a one-line usage error."""
+def number_type(low, kind=int, high=None, name=None, open_low=False, open_high=False):
+    """An argparse type: a finite number of `kind` in [low, high] (an end left out where open_low /
+    open_high); anything else is a one-line usage error naming the flag. The one such check of
+    every command line (evaluate.py's and the tools' positive_int etc. are built from it)."""
+    name = name or f"{kind.__name__} >= {low}" + (f" and <= {high}" if high is not None else "")
+
     def parse(s):
         try:
             v = kind(s)
         except ValueError:
             v = None
-        if v is None or v != v or v < low or (high is not None and v > high):
-            raise argparse.ArgumentTypeError(f"expected {kind.__name__} >= {low}"
-                                             + (f" and <= {high}" if high is not None else "") + f", got {s!r}")
+        if (v is None or not math.isfinite(v) or v < low or (open_low and v == low)
+                or (high is not None and (v > high or (open_high and v == high)))):
+            raise argparse.ArgumentTypeError(f"expected {name}, got {s!r}")
         return v
+    parse.__name__ = name  # argparse names the type in its message
     return parse
 
 
@@ -1116,24 +1121,24 @@ def main(argv=None):
     q.add_argument("--cache", help="cache folder (memory-mapped, random access: the demo, stage 2, embed)")
     q.add_argument("--shards", help="folder or s3:// / gs:// URL: WebDataset tar shards instead (shards.py; "
                                     "paper-scale stage 1, streamed)")
-    q.add_argument("--shard_size_mb", type=_at_least(1e-3, float), default=1000.0,  # shards.DEFAULT_SHARD_BYTES
+    q.add_argument("--shard_size_mb", type=number_type(1e-3, float), default=1000.0,  # shards.DEFAULT_SHARD_BYTES
                    help="with --shards: the size of a shard of full 120 s songs, MB (default %(default)g)")
     q.add_argument("--shard", type=_shard_arg, default=(0, 1),
                    help="i/n: this machine's part of n (default 0/1): rows [i*N//n, (i+1)*N//n) of --cache, "
                         "shards [i*S//n, (i+1)*S//n) of --shards; the last part to finish writes index.json")
-    q.add_argument("--num_workers", type=_at_least(0), default=0, help="decoding processes (default 0: in-process)")
-    q.add_argument("--max_bad", "--max-bad", type=_at_least(0, float, 1), default=0.01,
+    q.add_argument("--num_workers", type=number_type(0), default=0, help="decoding processes (default 0: in-process)")
+    q.add_argument("--max_bad", "--max-bad", type=number_type(0, float, 1), default=0.01,
                    help="fail (exit 1) when more than this fraction of songs cannot be decoded (default 0.01)")
     q = sub.add_parser("mine-pairs", allow_abbrev=False, help="co-occurrence pairs for HTCL_w_CF",
                        description="Mine (trigger, rec) pairs from users' favourite sequences (Table 2, HTCL_w_CF).")
     q.add_argument("--favourites", required=True, help="user log CSV: user_id,song_id,timestamp")
     q.add_argument("--catalog", required=True, help="catalog CSV/JSONL")
     q.add_argument("--out", required=True, help="output pairs CSV: trigger_song_id,rec_song_id")
-    q.add_argument("--window", type=_at_least(2), default=5, help="favourites per sliding window (default 5)")
+    q.add_argument("--window", type=number_type(2), default=5, help="favourites per sliding window (default 5)")
     q.add_argument("--split", default="train", choices=["train", "val", "test", "all"],
                    help="keep pairs whose two songs are in this split (default train, like pairs.csv)")
-    q.add_argument("--max_pairs_per_user", type=_at_least(1), default=None, help="subsample heavy users (default: no cap)")
-    q.add_argument("--seed", type=_at_least(0), default=3407)
+    q.add_argument("--max_pairs_per_user", type=number_type(1), default=None, help="subsample heavy users (default: no cap)")
+    q.add_argument("--seed", type=number_type(0), default=3407)
     q = sub.add_parser("pairs-from-column", allow_abbrev=False, help="stage-2 pairs of songs sharing a column",
                        description="Stage-2 pairs without a user log: songs with the same value of --column "
                                    "(a work or album id), of the train split by default.")
@@ -1142,8 +1147,8 @@ def main(argv=None):
     q.add_argument("--out", required=True, help="output pairs CSV: trigger_song_id,rec_song_id")
     q.add_argument("--split", default="train", choices=["train", "val", "test", "all"],
                    help="keep pairs whose two songs are in this split (default train: what stage 2 trains on)")
-    q.add_argument("--max_pairs_per_group", type=_at_least(1), default=None, help="seeded sample per value (default: all)")
-    q.add_argument("--seed", type=_at_least(0), default=3407)
+    q.add_argument("--max_pairs_per_group", type=number_type(1), default=None, help="seeded sample per value (default: all)")
+    q.add_argument("--seed", type=number_type(0), default=3407)
     args = p.parse_args(argv)
 
     if args.command == "prepare":

@@ -20,10 +20,8 @@ Also here, as the other inputs every protocol reads: the readers of the evaluati
 the pieces every sub-command's CLI shares (add_command, load_inputs, embeddings_of, row_names,
 catalog_column).
 """
-import argparse
 import hashlib
 import json
-import math
 import os
 import sys
 
@@ -34,6 +32,7 @@ from torch.utils.data import DataLoader
 
 from data import (HOP_LENGTH, MAX_FRAMES, MIN_FRAMES, N_FFT, N_MELS, SAMPLE_RATE, TOP_DB, Collator, MelCache,
                   SongDataset, load_catalog, seconds_to_frames)
+from data import number_type  # the one argparse check of a number's sign and size
 from data import _read_records  # the CSV/JSONL reader whose errors name file, line and column
 from evals.metrics import progress_bar
 from model import load_artifact
@@ -487,38 +486,11 @@ def read_labelled_pairs(path, catalog, seed=0):
 # usage error naming the flag, before any file is read.
 
 
-def _bounded(kind, low, name):
-    def parse(text):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {name}, got {text!r}") from None
-        if not (value >= low) or (kind is float and not math.isfinite(value)):
-            raise argparse.ArgumentTypeError(f"expected {name}, got {text!r}")
-        return value
-    parse.__name__ = name  # argparse names the type in its message
-    return parse
-
-
-positive_int = _bounded(int, 1, "a positive integer")
-non_negative_int = _bounded(int, 0, "an integer >= 0")
-
-
-def positive_float(text):
-    value = _bounded(float, 0.0, "a positive number")(text)
-    if value == 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
-    return value
-
-
-non_negative_float = _bounded(float, 0.0, "a number >= 0")
-
-
-def fraction(text):
-    value = positive_float(text)
-    if value >= 1:
-        raise argparse.ArgumentTypeError(f"expected a fraction between 0 and 1, got {text!r}")
-    return value
+positive_int = number_type(1, name="a positive integer")
+non_negative_int = number_type(0, name="an integer >= 0")
+positive_float = number_type(0.0, float, name="a positive number", open_low=True)
+non_negative_float = number_type(0.0, float, name="a number >= 0")
+fraction = number_type(0.0, float, 1.0, name="a fraction between 0 and 1", open_low=True, open_high=True)
 
 
 # -----------------------------------------------------------------------------

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, for `import model`
+from evals.embeddings import positive_int  # noqa: E402  (the command lines' one check of a count)
 from model import HTCL, AudioConfig, HTCLConfig, clean_state_dict, load_artifact, save_artifact  # noqa: E402
 
 # Released module path -> ours, for the audio encoder (models/audio_model.py's AudioModel). {i}: an index.
@@ -174,16 +175,6 @@ def convert_released(ckpt, text_model, out, heads=12, conv_strides=(2, 2, 2), se
     return out
 
 
-def _positive_int(text):
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
-
-
 ARTIFACT_FILES = ("config.json", "model.safetensors")
 
 
@@ -215,8 +206,8 @@ def main(argv=None):
     p.add_argument("--out", required=True, help="artifact folder to write")
     p.add_argument("--overwrite", action="store_true", help="replace an artifact already in --out (a folder "
                    "holding anything else is always refused)")
-    p.add_argument("--heads", type=_positive_int, default=12, help="attention heads (not in the weights; released: 12)")
-    p.add_argument("--conv_strides", type=_positive_int, nargs="+", default=[2, 2, 2],
+    p.add_argument("--heads", type=positive_int, default=12, help="attention heads (not in the weights; released: 12)")
+    p.add_argument("--conv_strides", type=positive_int, nargs="+", default=[2, 2, 2],
                    help="conv stem strides (not in the weights; released: 2 2 2)")
     args = p.parse_args(argv)
     out, tmp = args.out, os.path.normpath(args.out) + ".converting"  # the old artifact stays until this works
