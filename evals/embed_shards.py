@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader
 
 import shards
 from data import Collator
-from evals.embeddings import DEVICE, embed_batches, embed_catalog
+from evals.embeddings import DEVICE, artifact_digest, embed_batches, embed_catalog
 
 PART_WAIT_SECONDS = 5.0  # rank 0 polls for the other ranks' parts (no collective: no barrier timeout)
 
@@ -54,9 +54,7 @@ def embed_songs(args, model, tokenizer, catalog, rows, mode, kinds, cache):
 
 def job_key(artifact, url, rows, mode, kinds):
     """What a part was embedded from: a part of another job is never merged."""
-    weights = [(f, os.path.getsize(os.path.join(artifact, f)), os.path.getmtime(os.path.join(artifact, f)))
-               for f in sorted(os.listdir(artifact)) if os.path.isfile(os.path.join(artifact, f))]
-    h = hashlib.sha1(json.dumps([os.path.abspath(artifact), weights, str(url), mode, list(kinds)]).encode())
+    h = hashlib.sha1(json.dumps([artifact_digest(artifact), str(url), mode, list(kinds)]).encode())  # as provenance
     h.update(np.asarray(rows, dtype=np.int64).tobytes())
     return h.hexdigest()[:20]
 
